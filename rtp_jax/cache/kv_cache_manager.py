@@ -1,0 +1,187 @@
+"""Per-request block tables over a shared `BlockPool`, with prefix reuse (vLLM v1's KVCacheManager design).
+
+Contract with the scheduler, for one request:
+1. New (or re-added after preemption) request: `n = get_computed_blocks(rid, tokens)` looks up the cached
+   prefix, takes references on the hits and assigns them to `rid`. `n` is a multiple of `block_size` and
+   always < len(tokens), so at least the last token is computed and produces logits.
+2. Every step: `allocate_slots(rid, tokens, num_computed, num_new)`. True: `rid` now holds
+   `ceil((num_computed + num_new) / block_size)` blocks. False: nothing changed; the scheduler preempts
+   someone (or, right after step 1, calls `free(rid)` to give the hits back) and retries later.
+3. Finish, abort or preempt: `free(rid)`.
+
+Blocks whose tokens all lie within `num_computed + num_new` are registered in the prefix cache at the
+`allocate_slots` call that covers them, before the step writes their K/V. A later request in the same batch
+may hit them; this is sound because the jitted step writes every sequence's new K/V for a layer before that
+layer's attention reads the cache.
+
+Invariants (see tests/rtp_jax/test_block_manager.py): a request never holds a block twice; a block is held
+by several requests only when it is a cached full block of an identical token prefix; ref counts equal
+holdings; the null block (id 0) is never held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rtp_jax.cache.block_pool import BlockPool, KVCacheBlock
+from rtp_jax.cache.hashing import BlockHash, hash_block_tokens
+
+
+@dataclass
+class _RequestBlocks:
+    """What one request holds. `block_hashes[i]` is the chain hash of `blocks[i]`'s full token block.
+
+    `len(block_hashes)` counts the leading blocks already hashed (and offered to the cache); it never
+    exceeds `len(blocks)`, and only full blocks are hashed.
+    """
+
+    extra: tuple = ()
+    blocks: list[KVCacheBlock] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)
+
+
+class KVCacheManager:
+    """Allocates KV-cache blocks to requests and reuses cached prefixes across them."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self._requests: dict[str, _RequestBlocks] = {}
+        # Token counts for metrics: hit rate = prefix_cache_hits / prefix_cache_queries.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # ---- queries -------------------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """All blocks, the null block included."""
+        return self.block_pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks allocatable now (evictable cached blocks count as free)."""
+        return self.block_pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable blocks held by requests, in [0, 1]."""
+        return self.block_pool.usage
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether `request_id` holds an entry (possibly with zero blocks)."""
+        return request_id in self._requests
+
+    def block_table(self, request_id: str) -> list[int]:
+        """Block ids of `request_id` in token order. KeyError for an unknown request."""
+        return [b.block_id for b in self._state(request_id).blocks]
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def get_computed_blocks(self, request_id: str, token_ids: Sequence[int], extra: tuple = ()) -> int:
+        """Prefix-cache lookup for a request that holds no blocks; returns how many tokens are cached.
+
+        Hits are referenced and become the request's first blocks. The result is a multiple of
+        `block_size` and < len(token_ids). `extra` salts every block hash of the request (LoRA id, ...)
+        and is kept for its later registrations. 0 when prefix caching is off.
+        """
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} already holds blocks; free it before a new lookup")
+        state = _RequestBlocks(extra=tuple(extra))
+        self._requests[request_id] = state
+        if not self.enable_prefix_caching:
+            return 0
+        # (len - 1) // block_size full blocks at most: the last token must be computed for its logits.
+        max_hit_blocks = max(len(token_ids) - 1, 0) // self.block_size
+        hits, hashes = self._longest_cached_prefix(token_ids, max_hit_blocks, state.extra)
+        self.block_pool.touch(hits)
+        state.blocks.extend(hits)
+        state.block_hashes.extend(hashes)
+        num_computed = len(hits) * self.block_size
+        self.prefix_cache_queries += len(token_ids)
+        self.prefix_cache_hits += num_computed
+        return num_computed
+
+    def allocate_slots(
+        self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, num_new_tokens: int
+    ) -> bool:
+        """Make `request_id` hold blocks for `num_computed_tokens + num_new_tokens` tokens.
+
+        Returns False, changing nothing, when the pool lacks free blocks. On success, blocks that are
+        full within those tokens get hashed and registered for reuse. `token_ids` must hold at least that
+        many tokens; `num_computed_tokens` must cover any prefix hits the request received.
+        """
+        if num_computed_tokens < 0 or num_new_tokens < 0:
+            raise ValueError(
+                f"token counts must be >= 0, got num_computed_tokens={num_computed_tokens}, "
+                f"num_new_tokens={num_new_tokens}"
+            )
+        total = num_computed_tokens + num_new_tokens
+        if len(token_ids) < total:
+            raise ValueError(f"token_ids has {len(token_ids)} tokens, fewer than the {total} to allocate for")
+        state = self._requests.get(request_id)
+        held = len(state.blocks) if state is not None else 0
+        missing = max(self.num_blocks_needed(total) - held, 0)
+        if missing > self.block_pool.num_free_blocks:
+            return False
+        if state is None:
+            state = self._requests[request_id] = _RequestBlocks()
+        state.blocks.extend(self.block_pool.get_new_blocks(missing))
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(state, token_ids, total // self.block_size)
+        return True
+
+    def free(self, request_id: str) -> None:
+        """Release every block of `request_id` (finish, abort, preempt). Unknown ids are a no-op.
+
+        Blocks go back tail-first so that, of a freed sequence, the end is evicted before its prefix:
+        a prefix is what other requests are most likely to share.
+        """
+        state = self._requests.pop(request_id, None)
+        if state is not None:
+            self.block_pool.free_blocks(reversed(state.blocks))
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop all cached hashes (e.g. after a weight update). Held blocks stay allocated. Returns True."""
+        self.block_pool.reset_prefix_cache()
+        return True
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    def _state(self, request_id: str) -> _RequestBlocks:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise KeyError(f"unknown request {request_id!r}") from None
+
+    def _longest_cached_prefix(
+        self, token_ids: Sequence[int], max_blocks: int, extra: tuple
+    ) -> tuple[list[KVCacheBlock], list[BlockHash]]:
+        """Cached blocks for the leading full blocks of `token_ids`, stopping at the first miss."""
+        hits: list[KVCacheBlock] = []
+        hashes: list[BlockHash] = []
+        parent: BlockHash | None = None
+        bs = self.block_size
+        for i in range(max_blocks):
+            parent = hash_block_tokens(parent, tuple(token_ids[i * bs : (i + 1) * bs]), extra)
+            block = self.block_pool.get_cached_block(parent)
+            if block is None:
+                break
+            hits.append(block)
+            hashes.append(parent)
+        return hits, hashes
+
+    def _cache_full_blocks(self, state: _RequestBlocks, token_ids: Sequence[int], num_full: int) -> None:
+        """Hash blocks [len(block_hashes), num_full) of the request and offer them to the cache."""
+        bs = self.block_size
+        for i in range(len(state.block_hashes), num_full):
+            parent = state.block_hashes[-1] if state.block_hashes else None
+            block_hash = hash_block_tokens(parent, tuple(token_ids[i * bs : (i + 1) * bs]), state.extra)
+            state.block_hashes.append(block_hash)
+            self.block_pool.cache_full_block(state.blocks[i], block_hash)
