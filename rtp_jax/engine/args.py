@@ -1,0 +1,119 @@
+"""EngineArgs: the user-facing engine options, shared by `LLM(...)`, the CLI and the server.
+
+`build_engine(args)` resolves the model, loads config, tokenizer and weights, and assembles the
+LLMEngine; everything else in the package receives already-built objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rtp_jax.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from rtp_jax.engine.core import EngineCore
+from rtp_jax.engine.llm_engine import LLMEngine
+from rtp_jax.loader import iter_weights, load_model_config, resolve_model_path
+from rtp_jax.models.params import load_state, random_state
+from rtp_jax.tokenizer import Tokenizer
+
+_LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    tokenizer: str | None = None
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    attention_backend: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "bfloat16")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def engine_config(self, model: ModelConfig) -> EngineConfig:
+        on_gpu = jax.default_backend() == "gpu"
+        max_len = self.max_model_len or model.max_position_embeddings
+        max_seqs = self.max_num_seqs or (256 if on_gpu else 64)
+        budget = self.max_num_batched_tokens or max(2048 if on_gpu else 512, max_seqs)
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(self.block_size, self.gpu_memory_utilization, self.num_kv_blocks,
+                              self.enable_prefix_caching),
+            scheduler=SchedulerConfig(max_len, budget, max_seqs),
+            parallel=ParallelConfig(self.data_parallel_size, self.pipeline_parallel_size,
+                                    self.expert_parallel_size, self.tensor_parallel_size),
+            dtype=self.dtype,
+            attention_backend=self.attention_backend,
+            seed=self.seed,
+        )
+
+    # ---- CLI ------------------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("engine")
+        g.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2)")
+        g.add_argument("--tokenizer", default=None)
+        g.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32", "float16"])
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--max-num-seqs", type=int, default=None)
+        g.add_argument("--block-size", type=int, default=16)
+        g.add_argument("--num-kv-blocks", type=int, default=None)
+        g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
+        g.add_argument("--load-format", default="auto", choices=list(_LOAD_FORMATS))
+        g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1)
+        g.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1)
+        g.add_argument("--ep", "--expert-parallel-size", dest="expert_parallel_size", type=int, default=1)
+        g.add_argument("--dp", "--data-parallel-size", dest="data_parallel_size", type=int, default=1)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    @classmethod
+    def from_kwargs(cls, **kw: Any) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(names)}")
+        return cls(**kw)
+
+
+def build_engine(args: EngineArgs) -> LLMEngine:
+    """Loads model, tokenizer and weights and returns a ready LLMEngine."""
+    path = resolve_model_path(args.model)
+    model_config = load_model_config(path)
+    tokenizer = Tokenizer.from_path(resolve_model_path(args.tokenizer) if args.tokenizer else path)
+    config = args.engine_config(model_config)
+    dtype = jnp.dtype(config.dtype)
+    if args.load_format == "dummy":
+        graphdef, state = random_state(model_config, dtype, seed=args.seed)
+    else:
+        graphdef, state = load_state(model_config, dtype, iter_weights(path, model_config))
+    return LLMEngine(EngineCore(config, graphdef, state), tokenizer)

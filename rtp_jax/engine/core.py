@@ -1,0 +1,201 @@
+"""EngineCore: requests of token ids in, new token ids (and logprobs) out, one step at a time.
+
+    core = EngineCore(config, graphdef, state)
+    core.add_request(request)          # validated; raises ValueError for bad input, engine unaffected
+    while core.has_unfinished():
+        for out in core.step(): ...    # EngineCoreOutput deltas for the requests that progressed
+    core.finish_request(id, status)    # abort, or stop on a stop string found by the detokenizer
+
+The core owns the scheduler, the KV block pool and the runner. It is single-threaded: the server runs it
+on its own thread and talks to it through `serve/`'s queues.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rtp_jax.cache import KVCacheManager
+from rtp_jax.config import EngineConfig
+from rtp_jax.engine.request import Logprob, PositionLogprobs, Request, RequestStatus
+from rtp_jax.engine.runner import HostLogprobs, ModelRunner, StepResult
+from rtp_jax.engine.scheduler import Scheduler, ScheduledSeq
+from rtp_jax.engine.step import allocate_kv_caches
+from rtp_jax.models.attention import select_attention_backend
+
+_CPU_KV_BYTES = 2 << 30  # without device memory stats (CPU), cap the KV pool at 2 GiB
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step added to one request."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[PositionLogprobs] = field(default_factory=list)
+    new_prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+def _kv_bytes_per_block(config: EngineConfig) -> int:
+    m = config.model
+    itemsize = jnp.dtype(config.dtype).itemsize
+    return 2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * itemsize
+
+
+def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> int:
+    """Blocks that fit in `gpu_memory_utilization` of device memory after the weights (already placed).
+
+    On devices without memory stats (CPU) the pool is capped at what `max_num_seqs` full-length
+    sequences need, and at 2 GiB.
+    """
+    if config.cache.num_blocks is not None:
+        return config.cache.num_blocks
+    sc, per_block = config.scheduler, _kv_bytes_per_block(config)
+    blocks_per_seq = -(-sc.max_model_len // config.cache.block_size)
+    stats = (device or jax.devices()[0]).memory_stats()
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] * config.cache.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        # Leave room for activations and logits of the largest step.
+        free -= 4 * sc.max_num_batched_tokens * config.model.hidden_size * 4 * 16
+        free -= sc.max_num_seqs * config.model.vocab_size * 4 * 4
+        num_blocks = int(free // per_block)
+    else:
+        num_blocks = min(_CPU_KV_BYTES // per_block, sc.max_num_seqs * blocks_per_seq + 1)
+    if num_blocks < blocks_per_seq + 1:
+        raise ValueError(
+            f"the KV cache fits {max(num_blocks, 0)} blocks of {config.cache.block_size} tokens, fewer than "
+            f"one max_model_len ({sc.max_model_len}) sequence needs; lower max_model_len or raise "
+            f"gpu_memory_utilization"
+        )
+    return num_blocks
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State) -> None:
+        self.config = config
+        m, cc, sc = config.model, config.cache, config.scheduler
+        self.num_blocks = plan_num_blocks(config)
+        self.kv = KVCacheManager(self.num_blocks, cc.block_size, enable_prefix_caching=cc.enable_prefix_caching)
+        self.scheduler = Scheduler(sc, self.kv)
+        self.attention_backend, attn_fn = select_attention_backend(config.attention_backend)
+        kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks, cc.block_size, m.num_kv_heads,
+                                       m.head_dim, jnp.dtype(config.dtype))
+        self.runner = ModelRunner(
+            graphdef, state, kv_caches, block_size=cc.block_size, num_blocks=self.num_blocks,
+            max_blocks_per_seq=-(-sc.max_model_len // cc.block_size),
+            max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
+            attn_fn=attn_fn,
+        )
+        self.requests: dict[str, Request] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self.num_steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def draw_seed(self) -> int:
+        return int(self._rng.integers(0, 2**63))
+
+    def validate(self, prompt_token_ids: list[int]) -> None:
+        m, sc = self.config.model, self.config.scheduler
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(prompt_token_ids) >= sc.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens, but max_model_len is {sc.max_model_len} "
+                f"(the prompt plus at least one generated token must fit)"
+            )
+        bad = [t for t in prompt_token_ids if not (isinstance(t, (int, np.integer)) and 0 <= t < m.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {m.vocab_size}), got {bad[:3]}")
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.validate(request.prompt_token_ids)
+        request.prompt_token_ids = [int(t) for t in request.prompt_token_ids]
+        if request.params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                       stop_reason: int | str | None = None) -> None:
+        """Aborts (or stops) a request and frees its KV blocks at once; unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.is_finished:
+            req.stop_reason = stop_reason
+            self.scheduler.finish(req, status)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
+            return []
+        seqs = sched.seqs
+        tables = [self.kv.block_table(s.request.request_id) for s in seqs]
+        result = self.runner.execute(seqs, tables, [s.request.seed for s in seqs])
+        self.scheduler.advance(sched)
+        self.num_steps += 1
+        return self._process(seqs, result)
+
+    def _process(self, seqs: tuple[ScheduledSeq, ...], result: StepResult) -> list[EngineCoreOutput]:
+        outputs: dict[str, EngineCoreOutput] = {}
+        now = time.monotonic()
+        for i, first, count in result.prompt_lp_spans:
+            req = seqs[i].request
+            out = outputs.setdefault(req.request_id, EngineCoreOutput(req.request_id))
+            row0 = sum(c for j, _, c in result.prompt_lp_spans if j < i)
+            for r in range(row0, row0 + count):
+                target = req.prompt_token_ids[first + 1 + r - row0]
+                entry = _position_logprobs(result.prompt_logprobs, r, target, req.params.prompt_logprobs or 0)
+                req.prompt_logprobs.append(entry)
+                out.new_prompt_logprobs.append(entry)
+        for i, s in enumerate(seqs):
+            req = s.request
+            if not s.samples:
+                continue
+            token = int(result.tokens[i])
+            req.output_token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            out = outputs.setdefault(req.request_id, EngineCoreOutput(req.request_id))
+            out.new_token_ids.append(token)
+            if req.params.logprobs is not None:
+                entry = _position_logprobs(result.logprobs, i, token, req.params.logprobs)
+                req.logprobs.append(entry)
+                out.new_logprobs.append(entry)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.scheduler.finish(req, status)
+                self.requests.pop(req.request_id, None)
+                out.finish_reason, out.stop_reason = req.finish_reason, req.stop_reason
+        return list(outputs.values())
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        n_out = len(req.output_token_ids)
+        if n_out >= req.params.min_tokens and token in req.stop_token_ids():
+            req.stop_reason = None if token in req.eos_token_ids else token
+            return RequestStatus.FINISHED_STOPPED
+        if req.params.max_tokens is not None and n_out >= req.params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.config.scheduler.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+
+def _position_logprobs(lp: HostLogprobs | None, row: int, target: int, num_top: int) -> PositionLogprobs:
+    """The target token's Logprob first, then the top `num_top` alternatives at one scored position."""
+    assert lp is not None  # the step computed logprobs because this request asked for them
+    entry: PositionLogprobs = {target: Logprob(float(lp.target[row]), rank=int(lp.rank[row]))}
+    for k in range(num_top):
+        entry.setdefault(int(lp.top_ids[row, k]), Logprob(float(lp.top[row, k]), rank=k + 1))
+    return entry

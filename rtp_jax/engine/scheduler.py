@@ -1,0 +1,115 @@
+"""FCFS continuous batching under a token budget, with chunked prefill and recompute preemption.
+
+Each step the running requests go first (one decode token each, or the next chunk of an unfinished
+prefill), then waiting requests are admitted while the token budget, `max_num_seqs` and free KV blocks
+allow. When a running request cannot get a block, the most recently admitted running request is
+preempted: its blocks are freed and it rejoins the front of the queue, to be recomputed later from
+its prompt plus the tokens it had already produced.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from rtp_jax.cache import KVCacheManager
+from rtp_jax.config import SchedulerConfig
+from rtp_jax.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence in this step: tokens [start, start + num_new_tokens) of its `all_token_ids`."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens, so this step samples the next one."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    seqs: tuple[ScheduledSeq, ...]
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Marks a request finished (or aborted) and returns its blocks to the pool at once."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted: list[str] = []
+
+        for req in list(self.running):
+            if req not in self.running or budget == 0:
+                continue  # preempted earlier in this loop, or no budget left for it this step
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req.request_id, req.all_token_ids,
+                                             req.num_computed_tokens, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new))
+                budget -= num_new
+
+        # Admitting new work right after a preemption would just thrash the pool.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            tokens = req.all_token_ids
+            req.num_computed_tokens = self.kv.get_computed_blocks(req.request_id, tokens)
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(req.request_id, tokens, req.num_computed_tokens, num_new):
+                self.kv.free(req.request_id)  # drop the prefix hits too: it waits holding nothing
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new))
+            budget -= num_new
+        return SchedulerOutput(tuple(seqs), tuple(preempted))
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """Records that the step ran: scheduled tokens now have their KV in the cache."""
+        for s in out.seqs:
+            s.request.num_computed_tokens = s.start + s.num_new_tokens

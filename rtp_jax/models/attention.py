@@ -1,0 +1,124 @@
+"""The one attention call every model layer makes, and the paged KV-cache write.
+
+The backend (Pallas kernel on GPU, pure-JAX reference elsewhere) is chosen once at start-up by
+`select_attention_backend` and closed over by the jitted step; models only see `AttentionFn`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.ragged_paged_attention import ragged_paged_attention_reference
+
+
+class AttentionMetadata(NamedTuple):
+    """Ragged batch layout shared by all layers of one step (a pytree of device arrays).
+
+    slot_mapping:    int32[T] flat cache slot (block * block_size + offset) of each token's new K/V;
+                     padding tokens hold an out-of-range slot so their writes are dropped
+    kv_lens:         int32[S] context length of each sequence after this step (0 for padded slots)
+    block_tables:    int32[S, max_blocks] KV blocks of each sequence (padding entries: block 0)
+    query_start_loc: int32[S+1] cumulative query offsets of the sequences in the flat token axis
+    num_seqs:        int32[] number of valid sequences
+    """
+
+    slot_mapping: jax.Array
+    kv_lens: jax.Array
+    block_tables: jax.Array
+    query_start_loc: jax.Array
+    num_seqs: jax.Array
+
+
+class AttentionFn(Protocol):
+    def __call__(
+        self,
+        q: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        md: AttentionMetadata,
+        *,
+        sm_scale: float,
+        sliding_window: int | None,
+        soft_cap: float | None,
+    ) -> jax.Array: ...
+
+
+def write_kv(
+    k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Scatters this step's K/V into the paged cache.
+
+    k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]; k, v: [T, kv_heads, head_dim].
+    Out-of-range slots (padding tokens) are dropped rather than clamped, so they never clobber
+    a real block.
+    """
+    shape = k_cache.shape
+    flat = (shape[0] * shape[1], shape[2], shape[3])
+    k_cache = k_cache.reshape(flat).at[slot_mapping].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.reshape(flat).at[slot_mapping].set(v.astype(v_cache.dtype), mode="drop")
+    return k_cache.reshape(shape), v_cache.reshape(shape)
+
+
+def _reference_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    md: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> jax.Array:
+    return ragged_paged_attention_reference(
+        q, k_cache, v_cache, md.kv_lens, md.block_tables, md.query_start_loc, md.num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+    )
+
+
+def _pallas_attention(tuning: dict[str, Any]) -> AttentionFn:
+    from kernels_pallas import ragged_paged_attention  # GPU only: imported when selected
+
+    def attn(
+        q: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        md: AttentionMetadata,
+        *,
+        sm_scale: float,
+        sliding_window: int | None,
+        soft_cap: float | None,
+    ) -> jax.Array:
+        return ragged_paged_attention(
+            q, k_cache, v_cache, md.kv_lens, md.block_tables, md.query_start_loc, md.num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, **tuning,
+        )
+
+    return attn
+
+
+def select_attention_backend(name: str = "auto", **tuning: Any) -> tuple[str, AttentionFn]:
+    """Returns (backend name, attention function). "auto" is the Pallas kernel on GPU, else the reference."""
+    if name == "auto":
+        name = "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
+    if name == "reference":
+        return name, _reference_attention
+    if name == "pallas":
+        return name, _pallas_attention(tuning)
+    raise ValueError(f"attention_backend must be 'auto', 'reference' or 'pallas', got {name!r}")
+
+
+def _pallas_available() -> bool:
+    import kernels_pallas
+
+    return hasattr(kernels_pallas, "ragged_paged_attention")
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with float32 statistics. x: [..., D], weight: [D]."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # HF casts back to the activation dtype before the weight multiply; match it for bf16 parity.
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
