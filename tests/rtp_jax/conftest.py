@@ -1,0 +1,24 @@
+"""Shared fixtures for rtp_jax tests: tiny HF checkpoints, built once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hf_models import write_tiny_hf_model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory `tiny_hf_model(family, sharded=False, dtype="float32", seed=0) -> Path`, cached per session."""
+    cache: dict[tuple[str, bool, str, int], Path] = {}
+
+    def make(family: str, sharded: bool = False, dtype: str = "float32", seed: int = 0) -> Path:
+        key = (family, sharded, dtype, seed)
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"tiny-{family}-{'sharded' if sharded else 'single'}-{dtype}")
+            cache[key] = write_tiny_hf_model(directory, family, seed=seed, dtype=dtype, sharded=sharded)
+        return cache[key]
+
+    return make
