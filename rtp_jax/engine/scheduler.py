@@ -47,6 +47,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # total, for metrics and tests
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -70,6 +71,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def schedule(self) -> SchedulerOutput:

@@ -1,0 +1,147 @@
+"""Engine-level properties: batching, chunked prefill and preemption never change a request's output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rtp_jax import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llama_path(tiny_hf_model: Callable[..., Path]) -> Path:
+    return tiny_hf_model("llama")
+
+
+def _prompts(n: int, seed: int = 1) -> list[dict[str, list[int]]]:
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, 512, int(rng.integers(3, 90))).tolist()} for _ in range(n)]
+
+
+def test_batched_chunked_preempted_equals_alone(llama_path: Path) -> None:
+    """Greedy and seeded-sampling outputs of each request alone equal its outputs inside a batch of
+    mixed-length requests run with chunked prefill (16-token budget) and a KV pool so small that the
+    scheduler must preempt (and later recompute) running requests."""
+    prompts = _prompts(8)
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True) if i % 2 == 0
+        else SamplingParams(temperature=0.9, top_p=0.9, seed=100 + i, max_tokens=24, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    alone_llm = LLM(str(llama_path), dtype="float32", max_model_len=128)
+    alone = [alone_llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+
+    # 8 blocks of 16 tokens hold one full-length sequence, far less than 8 requests need at once.
+    tight = LLM(str(llama_path), dtype="float32", max_model_len=128, max_num_batched_tokens=16,
+                max_num_seqs=8, num_kv_blocks=10, enable_prefix_caching=False)
+    batched = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
+
+    assert tight.engine.core.scheduler.num_preemptions > 0, "the test must force preemption"
+    assert batched == alone
+    assert tight.engine.core.kv.num_free_blocks == 10 - 1, "every block returns to the pool"
+
+
+def test_prefix_cache_hit_gives_same_output(llama_path: Path) -> None:
+    """A second request sharing a long prefix reuses cached blocks and still produces the same tokens."""
+    llm = LLM(str(llama_path), dtype="float32", max_model_len=128)
+    prompt = _prompts(1, seed=7)[0]["prompt_token_ids"][:3] + list(range(100, 160))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+    hits_before = llm.engine.core.kv.prefix_cache_hits
+    second = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.engine.core.kv.prefix_cache_hits - hits_before >= 48
+    assert first == second
+
+
+def test_n_sequences_and_seeds(llama_path: Path) -> None:
+    """n=3 returns three sequences; a seeded request repeats exactly; different seeds differ."""
+    llm = LLM(str(llama_path), dtype="float32", max_model_len=128)
+    p = {"prompt_token_ids": [5, 6, 7, 8]}
+    sp = SamplingParams(temperature=1.0, n=3, seed=3, max_tokens=12, ignore_eos=True)
+    a = llm.generate(p, sp, use_tqdm=False)[0]
+    b = llm.generate(p, sp, use_tqdm=False)[0]
+    assert [c.index for c in a.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len({tuple(c.token_ids) for c in a.outputs}) == 3
+
+
+def test_stop_conditions(llama_path: Path) -> None:
+    """max_tokens gives 'length'; a stop token id or a stop string ends with 'stop' and the stop text
+    is removed from the output; EOS stops unless ignore_eos."""
+    llm = LLM(str(llama_path), dtype="float32", max_model_len=128)
+    p = {"prompt_token_ids": [11, 12, 13]}
+    free = llm.generate(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
+    out = free.outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 20
+
+    stop_tok = out.token_ids[5]
+    first = out.token_ids.index(stop_tok)
+    by_id = llm.generate(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                           stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_tok
+    assert by_id.token_ids == out.token_ids[: first + 1]
+
+    text = out.text
+    stop_str = text[len(text) // 2: len(text) // 2 + 3]
+    assert len(stop_str) == 3
+    by_str = llm.generate(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop_str]),
+                          use_tqdm=False)[0].outputs[0]
+    assert by_str.finish_reason == "stop" and by_str.stop_reason == stop_str
+    assert by_str.text == text[: text.index(stop_str)]
+
+    eos = llm.get_tokenizer().eos_token_ids[0]
+    forced = llm.generate(p, SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[], min_tokens=0,
+                                            ignore_eos=False), use_tqdm=False)[0].outputs[0]
+    assert eos not in forced.token_ids[:-1]
+
+
+def test_logprobs_structure(llama_path: Path) -> None:
+    """logprobs=k gives, per generated token, a dict holding the sampled token plus the top k, ranks from 1;
+    prompt_logprobs starts with None and then holds each actual prompt token."""
+    llm = LLM(str(llama_path), dtype="float32", max_model_len=128)
+    prompt = [20, 21, 22, 23, 24]
+    o = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                     prompt_logprobs=2, ignore_eos=True), use_tqdm=False)[0]
+    c = o.outputs[0]
+    assert len(c.logprobs) == 4
+    for tok, entry in zip(c.token_ids, c.logprobs, strict=True):
+        assert tok in entry and entry[tok].rank == 1  # greedy picks the most likely token
+        assert 3 <= len(entry) <= 4
+        assert all(v.logprob <= 0 for v in entry.values())
+    assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)))
+    assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(prompt)
+    for tok, entry in zip(prompt[1:], o.prompt_logprobs[1:], strict=True):
+        assert tok in entry and 2 <= len(entry) <= 3
+
+
+def test_bad_input_raises_and_engine_keeps_serving(llama_path: Path) -> None:
+    """Invalid sampling params name the field; an over-long prompt raises ValueError without queueing
+    anything, and the engine then serves a valid request normally."""
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=1000)
+    llm = LLM(str(llama_path), dtype="float32", max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": list(range(3, 103))}], use_tqdm=False)
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate({"prompt_token_ids": [1, 99999]}, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 3
+
+
+def test_unknown_model_path_says_what_was_expected(tmp_path: Path) -> None:
+    """A path that is neither an HF directory nor a GGUF file gets an error naming what was expected."""
+    with pytest.raises((ValueError, FileNotFoundError), match="config.json"):
+        LLM(str(tmp_path / "nope"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(ValueError):
+        LLM(str(tmp_path / "junk.gguf"))
