@@ -1,0 +1,337 @@
+"""GPU benchmark of the Pallas ragged paged attention kernel (kernels_pallas).
+
+For each case (decode grid, mixed batches, prefill chunks): check the compiled kernel against the
+pure-JAX reference, then time (median after warm-up) our kernel over a small tuning sweep, the
+reference under XLA, JAX's own Pallas `paged_attention` (decode, tuned) and cuDNN flash attention
+(prefill, dense causal of the same shape). Bytes and FLOPs are reported against the machine's
+measured copy bandwidth and bf16 matmul rate.
+
+    python bench/attention.py [--only decode,mixed,prefill] [--quick] [--out DIR]
+
+Writes DIR/attention.json and DIR/attention.md (DIR defaults to $OUT or bench/results) and prints a
+short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from kernels_pallas import ragged_paged_attention, ragged_paged_attention_reference  # noqa: E402
+from kernels_pallas.ragged_paged_attention import default_tuning  # noqa: E402
+from kernels_pallas.testing import relative_error  # noqa: E402
+
+H_Q, H_KV, D, BS = 32, 8, 128, 16
+DTYPE = jnp.bfloat16
+L2_BYTES = 50 * 2**20
+
+
+@dataclass
+class Case:
+    """One benchmarked batch: per-sequence query and context lengths."""
+
+    kind: str  # decode | mixed | prefill
+    name: str
+    q_lens: list[int]
+    kv_lens: list[int]
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Fewest bytes: each sequence's K and V read once (q/out are < 1% for decode)."""
+        return sum(self.kv_lens) * H_KV * D * 2 * 2
+
+    @property
+    def flops(self) -> int:
+        """2 matmuls x 2 flops per visible (query, key) pair per head."""
+        lens = zip(self.q_lens, self.kv_lens, strict=True)
+        pairs = sum(sum(kl - ql + 1 + i for i in range(ql)) for ql, kl in lens)
+        return 4 * pairs * H_Q * D
+
+
+def decode_cases(quick: bool) -> list[Case]:
+    grid = [(64, 4096), (256, 512), (8, 32768), (64, 1024), (1, 4096)]
+    if not quick:
+        extra = [(s, c) for s in (1, 8, 64, 256) for c in (512, 4096, 32768)]
+        grid += [g for g in extra if g not in grid]
+    return [Case("decode", f"decode {s}x{c}", [1] * s, [c] * s) for s, c in grid]
+
+
+def mixed_cases() -> list[Case]:
+    return [
+        Case("mixed", "mixed 64 dec@4k + 512 chunk@2k", [1] * 64 + [512], [4096] * 64 + [2048]),
+        Case("mixed", "mixed 128 dec@1k + 4x256 chunks@1k", [1] * 128 + [256] * 4, [1024] * 132),
+    ]
+
+
+def prefill_cases(quick: bool) -> list[Case]:
+    sizes = [512, 2048, 4096, 8192] if quick else [512, 1024, 2048, 4096, 8192]
+    cases = [Case("prefill", f"prefill {n} fresh", [n], [n]) for n in sizes]
+    if not quick:
+        cases.append(Case("prefill", "prefill 4096 chunk@8k", [4096], [8192]))
+        cases.append(Case("prefill", "prefill 4x1024 chunks@2k", [1024] * 4, [2048] * 4))
+    return cases
+
+
+def make_inputs(case: Case, seed: int, copies: int) -> tuple[list[tuple], tuple]:
+    """`copies` independent (q, k_cache, v_cache) sets (so timing rotates past L2) + metadata."""
+    rng = np.random.default_rng(seed)
+    pages = [-(-kl // BS) for kl in case.kv_lens]
+    num_blocks = sum(pages) + 1
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    tables = np.zeros((len(pages), max(pages)), np.int32)
+    off = 0
+    for s, n in enumerate(pages):
+        tables[s, :n] = perm[off : off + n]
+        off += n
+    qsl = np.concatenate([[0], np.cumsum(case.q_lens)]).astype(np.int32)
+    meta = (jnp.asarray(case.kv_lens, jnp.int32), jnp.asarray(tables), jnp.asarray(qsl),
+            jnp.int32(len(case.q_lens)))
+    sets = []
+    key = jax.random.key(seed)
+    for _ in range(copies):
+        key, kq, kk, kv = jax.random.split(key, 4)
+        shape = (num_blocks, BS, H_KV, D)
+        sets.append((jax.random.normal(kq, (qsl[-1], H_Q, D), DTYPE),
+                     jax.random.normal(kk, shape, DTYPE), jax.random.normal(kv, shape, DTYPE)))
+    return sets, meta
+
+
+def time_calls(fn: Callable, sets: list[tuple], iters: int = 10) -> float:
+    """Median seconds per call: one jit runs fn over every input set (launch gaps amortized)."""
+    run = jax.jit(lambda all_sets: [fn(*s) for s in all_sets])
+    jax.block_until_ready(run(sets))
+    jax.block_until_ready(run(sets))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(sets))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / len(sets)
+
+
+def measure_machine() -> dict[str, float]:
+    """Copy bandwidth (read + write bytes) and bf16 matmul rate, measured here."""
+    x = jax.random.normal(jax.random.key(0), (2**31 // 4,), jnp.float32)
+    copy_s = time_calls(lambda a: a * 2, [(x,)], iters=20)  # read + write of 2 GiB, no L2 reuse
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), DTYPE)
+    mm_s = time_calls(lambda a: a @ a, [(a,)], iters=20)
+    return {"copy_bytes_per_s": 2 * x.nbytes / copy_s, "bf16_matmul_flops_per_s": 2 * 8192**3 / mm_s}
+
+
+def ours(case: Case, **tuning: Any) -> Callable:
+    kv_lens, tables, qsl, n = case.meta
+    return lambda q, k, v: ragged_paged_attention(q, k, v, kv_lens, tables, qsl, n,
+                                                  sm_scale=D**-0.5, **tuning)
+
+
+def reference(case: Case) -> Callable:
+    kv_lens, tables, qsl, n = case.meta
+    per_token = tables.shape[1] * BS * H_KV * D * 4 * 2
+    chunk = max(1, min(32, 2**30 // per_token))
+    return lambda q, k, v: ragged_paged_attention_reference(q, k, v, kv_lens, tables, qsl, n,
+                                                            sm_scale=D**-0.5, tokens_per_chunk=chunk)
+
+
+def tuning_sweep(case: Case, quick: bool) -> list[dict[str, Any]]:
+    """Default tuning first, then variants around it (a handful with --quick, a grid without)."""
+    t = sum(case.q_lens)
+    base = default_tuning(t, len(case.q_lens), H_Q // H_KV, max(case.kv_lens), H_KV)
+    if quick:
+        if case.kind == "decode":
+            grid = [dict(base, pages_per_block=16), dict(base, num_warps=8),
+                    dict(base, num_splits=2 * base["num_splits"])]
+        elif case.kind == "mixed":
+            grid = [dict(base, block_q=4, pages_per_block=8)]
+        elif case.q_lens == [4096]:
+            grid = [dict(base, block_q=32, num_warps=8), dict(base, block_q=32, num_warps=8, num_stages=3),
+                    dict(base, pages_per_block=8, num_stages=3)]
+        else:
+            grid = []
+    elif case.kind == "decode":
+        ctx_blocks = max(case.kv_lens) // (BS * 8)
+        grid = [dict(base, num_splits=k, pages_per_block=p, num_warps=w, num_stages=st)
+                for k, p, w, st in itertools.product((1, 2, 4, 8, 16), (8, 16), (4, 8), (2, 3))
+                if k <= max(1, ctx_blocks) and H_KV * len(case.q_lens) * k <= 8192]
+    elif case.kind == "mixed":
+        grid = [dict(base, block_q=bq, num_splits=1, pages_per_block=p, num_warps=w, num_stages=st)
+                for bq, p, w, st in itertools.product((4, 16, 32), (4, 8), (4, 8), (2, 3))]
+    else:
+        grid = [dict(base, block_q=bq, pages_per_block=p, num_warps=w, num_stages=st)
+                for bq, p, w, st in itertools.product((16, 32), (4, 8), (4, 8), (2, 3))]
+    return [base] + [g for g in grid if g != base]
+
+
+def builtin_variants(case: Case) -> list[dict[str, int]]:
+    pages = -(-max(case.kv_lens) // BS)
+    out = []
+    for k, p in itertools.product((1, 2, 4, 8, 16), (4, 8, 16)):
+        if pages % k == 0 and (pages // k) % min(p, pages // k) == 0:
+            out.append(dict(k_splits=k, pages_per_compute_block=p, block_h=16))
+    return out
+
+
+def builtin(case: Case, cfg: dict[str, int]) -> Callable:
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    kv_lens, tables, _, _ = case.meta
+
+    def fn(q, k, v):  # JAX's layout is [kv_heads, pages, page_size, head_dim]
+        return paged_attention(q * D**-0.5, k, v, tables, kv_lens, **cfg)
+
+    return fn
+
+
+def run_case(case: Case, machine: dict[str, float], quick: bool) -> None:
+    copies = int(min(8, max(1, math.ceil(4 * L2_BYTES / max(case.kv_bytes, 1)))))
+    sets, case.meta = make_inputs(case, seed=len(case.name), copies=copies)
+    r = case.results
+    r.update(kv_bytes=case.kv_bytes, flops=case.flops, copies=copies)
+    q, k, v = sets[0]
+    ref = np.asarray(jax.jit(reference(case))(q, k, v), np.float32)
+    best = None
+    r["variants"] = []
+    for cfg in tuning_sweep(case, quick):
+        try:
+            out = np.asarray(jax.jit(ours(case, **cfg))(q, k, v), np.float32)
+            err = relative_error(out, ref)
+            sec = time_calls(ours(case, **cfg), sets)
+        except Exception as e:  # a tuning point that does not compile is recorded, not fatal
+            r["variants"].append(dict(cfg=cfg, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            continue
+        r["variants"].append(dict(cfg=cfg, seconds=sec, rel_err=err))
+        if best is None or sec < best["seconds"]:
+            best = dict(cfg=cfg, seconds=sec, rel_err=err)
+    r["default"] = r["variants"][0]
+    r["best"] = best
+    r["max_rel_err"] = max((v.get("rel_err", 0.0) for v in r["variants"]), default=float("nan"))
+    r["reference_xla_s"] = time_calls(reference(case), sets[:1], iters=3)
+    if case.kind == "decode":
+        bsets = [(q[:, :, :], k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)) for q, k, v in sets]
+        bbest = None
+        for cfg in builtin_variants(case):
+            try:
+                sec = time_calls(builtin(case, cfg), bsets)
+            except Exception as e:
+                print("builtin failed", cfg, type(e).__name__, str(e)[:200])
+                continue
+            if bbest is None or sec < bbest["seconds"]:
+                bbest = dict(cfg=cfg, seconds=sec)
+        if bbest:
+            out = np.asarray(jax.jit(builtin(case, bbest["cfg"]))(*bsets[0]), np.float32)
+            bbest["rel_err"] = relative_error(out, ref)
+        r["jax_builtin"] = bbest
+        del bsets
+    if case.kind == "prefill" and len(case.q_lens) == 1 and case.q_lens[0] == case.kv_lens[0]:
+        n = case.q_lens[0]
+
+        def cudnn(q, k, v):
+            kk = k.reshape(-1, H_KV, D)[:n][None]  # dense causal of the same shape, no paging
+            return jax.nn.dot_product_attention(q[None], kk, v.reshape(-1, H_KV, D)[:n][None],
+                                                is_causal=True, implementation="cudnn")
+
+        try:
+            r["cudnn_s"] = time_calls(cudnn, sets)
+        except Exception as e:
+            r["cudnn_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    for key in ("best",):
+        if r.get(key):
+            sec = r[key]["seconds"]
+            r["tb_s"] = case.kv_bytes / sec / 1e12
+            r["tflop_s"] = case.flops / sec / 1e12
+    del sets
+
+
+def summary_rows(cases: list[Case], machine: dict[str, float]) -> list[str]:
+    bw, fl = machine["copy_bytes_per_s"], machine["bf16_matmul_flops_per_s"]
+    head = ("| case | ours default us | ours best us | best cfg | KV TB/s | %copy | TFLOP/s | %mm | "
+            "ref XLA us | JAX builtin us (TB/s) | cuDNN us (TFLOP/s) | rel err |")
+    rows = [head, "|" + "---|" * 12]
+    for c in cases:
+        r = c.results
+        if not r.get("best"):
+            rows.append(f"| {c.name} | FAILED | | | | | | | | | | |")
+            continue
+        b = r["best"]
+        cfg = ",".join(f"{k[:6]}={v}" for k, v in b["cfg"].items() if k != "lowering")
+        jb = r.get("jax_builtin")
+        jbs = f"{jb['seconds']*1e6:.1f} ({c.kv_bytes/jb['seconds']/1e12:.2f})" if jb else "-"
+        cd = r.get("cudnn_s")
+        cds = f"{cd*1e6:.1f} ({c.flops/cd/1e12:.0f})" if cd else "-"
+        dflt = r["default"].get("seconds")
+        rows.append(
+            f"| {c.name} | {dflt*1e6:.1f} | {b['seconds']*1e6:.1f} | {cfg} | {r['tb_s']:.2f} | "
+            f"{100*c.kv_bytes/b['seconds']/bw:.0f} | {r['tflop_s']:.1f} | "
+            f"{100*c.flops/b['seconds']/fl:.0f} | "
+            f"{r['reference_xla_s']*1e6:.0f} | {jbs} | {cds} | {r['max_rel_err']:.1e} |"
+        )
+    return rows
+
+
+def git_sha() -> str:
+    if os.environ.get("GIT_SHA"):  # the device machine gets the tree without .git
+        return os.environ["GIT_SHA"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="decode,mixed,prefill")
+    ap.add_argument("--quick", action="store_true")
+    default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=default_out)
+    args = ap.parse_args()
+    kinds = args.only.split(",")
+    machine = measure_machine()
+    print(f"copy {machine['copy_bytes_per_s']/1e12:.2f} TB/s, "
+          f"bf16 mm {machine['bf16_matmul_flops_per_s']/1e12:.0f} TFLOP/s", flush=True)
+    cases = (decode_cases(args.quick) if "decode" in kinds else []) + (
+        mixed_cases() if "mixed" in kinds else []) + (prefill_cases(args.quick) if "prefill" in kinds else [])
+    for c in cases:
+        t0 = time.time()
+        try:
+            run_case(c, machine, args.quick)
+        except Exception as e:
+            c.results["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        brief = {k: v for k, v in c.results.items() if k != "variants"}
+        print(f"{c.name}: {time.time()-t0:.0f}s {json.dumps(brief, default=str)[:600]}", flush=True)
+    info = dict(
+        device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version(),
+        git_sha=git_sha(), command=" ".join(sys.argv), machine=machine,
+        shape=dict(num_q_heads=H_Q, num_kv_heads=H_KV, head_dim=D, block_size=BS, dtype="bfloat16"),
+        cases=[dict(kind=c.kind, name=c.name, **c.results) for c in cases],
+    )
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump(info, f, indent=1, default=str)
+    rows = summary_rows(cases, machine)
+    head = (f"# Ragged paged attention on {info['device']}\n\njax {info['jax']}, python {info['python']}, "
+            f"git {info['git_sha']}\n\ncommand: `{info['command']}`\n\nroofline: copy "
+            f"{machine['copy_bytes_per_s']/1e12:.2f} TB/s (read+write), bf16 matmul "
+            f"{machine['bf16_matmul_flops_per_s']/1e12:.0f} TFLOP/s; bf16, {H_Q} q heads, {H_KV} KV heads, "
+            f"head_dim {D}, block {BS}\n\n")
+    with open(os.path.join(args.out, "attention.md"), "w") as f:
+        f.write(head + "\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

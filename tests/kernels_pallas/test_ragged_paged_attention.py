@@ -1,0 +1,128 @@
+"""Pallas ragged paged attention (interpret mode on CPU) against the pure-JAX reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels_pallas import ragged_paged_attention, ragged_paged_attention_reference
+from kernels_pallas.ragged_paged_attention import tile_metadata
+from kernels_pallas.testing import make_ragged_batch, relative_error
+
+# Deterministic and quick: every example recompiles, so keep the count small.
+FAST = settings(max_examples=8, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _check(batch, *, tol: float, sliding_window=None, soft_cap=None, **tuning) -> None:
+    """Kernel == reference on real tokens; padding tokens are exactly zero; no NaN anywhere."""
+    head_dim = batch.q.shape[-1]
+    kwargs = dict(sm_scale=head_dim**-0.5, sliding_window=sliding_window, soft_cap=soft_cap)
+    out = np.asarray(ragged_paged_attention(*batch.args(), interpret=not ON_GPU, **kwargs, **tuning),
+                     np.float32)
+    ref = np.asarray(ragged_paged_attention_reference(*batch.args(), **kwargs), np.float32)
+    real = int(batch.query_start_loc[batch.num_seqs])
+    assert np.isfinite(out).all()
+    assert relative_error(out[:real], ref[:real]) < tol
+    assert not out[real:].any(), "padding tokens must give zeros"
+
+
+@st.composite
+def ragged_batches(draw, mode: str):
+    """Lengths for a decode-only, prefill-only or mixed batch (1..4 sequences)."""
+    n = draw(st.integers(1, 4))
+    kv_lens, q_lens = [], []
+    for _ in range(n):
+        kv = draw(st.integers(1, 70))
+        is_decode = mode == "decode" or (mode == "mixed" and draw(st.booleans()))
+        q = 1 if is_decode else draw(st.integers(1, kv))
+        kv_lens.append(kv)
+        q_lens.append(q)
+    return q_lens, kv_lens
+
+
+def _batch(q_lens, kv_lens, *, group: int, head_dim: int = 32, block_size: int = 8, seed: int = 0,
+           dtype=np.float32, **kw):
+    return make_ragged_batch(np.random.default_rng(seed), q_lens, kv_lens, num_q_heads=2 * group,
+                             num_kv_heads=2, head_dim=head_dim, block_size=block_size, dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
+@FAST
+@given(data=st.data())
+def test_random_ragged_batches_match_reference(mode: str, data: st.DataObject) -> None:
+    """Any ragged batch (with padding tokens, padded slots, stale table entries) equals the oracle."""
+    q_lens, kv_lens = data.draw(ragged_batches(mode))
+    group = data.draw(st.sampled_from([1, 4]))
+    batch = _batch(q_lens, kv_lens, group=group, pad_tokens=data.draw(st.integers(0, 3)),
+                   pad_seqs=data.draw(st.integers(0, 2)), extra_pages=data.draw(st.integers(0, 2)))
+    _check(batch, tol=1e-5, block_q=data.draw(st.sampled_from([1, 4])), pages_per_block=2,
+           num_splits=data.draw(st.sampled_from([1, 3])))
+
+
+@pytest.mark.parametrize("kv_len", [8, 16, 17, 31, 32, 33])
+def test_lengths_at_block_boundaries(kv_len: int) -> None:
+    """Context lengths on and next to page (8) and compute-block (16) boundaries."""
+    batch = _batch([1, kv_len, 3], [kv_len, kv_len, kv_len], group=4)
+    _check(batch, tol=1e-5, block_q=4, pages_per_block=2, num_splits=1)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_mha_gqa_and_head_dims(group: int, head_dim: int) -> None:
+    """MHA, GQA with a power-of-two group and with an odd group (padded), head_dim 64 and 128."""
+    batch = _batch([1, 5, 12], [9, 20, 40], group=group, head_dim=head_dim, pad_tokens=2)
+    _check(batch, tol=1e-5, block_q=4, pages_per_block=2, num_splits=2)
+
+
+@pytest.mark.parametrize("sliding_window,soft_cap", [(5, None), (16, None), (None, 3.0), (7, 10.0)])
+def test_sliding_window_and_soft_cap(sliding_window, soft_cap) -> None:
+    """Sliding window (inside and across blocks) and logit soft-capping, alone and together."""
+    batch = _batch([1, 9, 30], [50, 33, 64], group=4, pad_tokens=1)
+    _check(batch, tol=1e-5, sliding_window=sliding_window, soft_cap=soft_cap, block_q=4,
+           pages_per_block=2, num_splits=3)
+
+
+def test_bf16_inputs() -> None:
+    """bf16 q/K/V: fp32 accumulation keeps the error at bf16 rounding of the output."""
+    batch = _batch([1, 7, 20], [30, 40, 20], group=4, dtype=jnp.bfloat16, pad_tokens=2)
+    _check(batch, tol=1e-2, block_q=4, pages_per_block=2, num_splits=2)
+
+
+def test_default_tuning_decode_and_prefill_shapes() -> None:
+    """The wrapper's default tuning (no knobs passed) is valid for decode- and prefill-shaped calls."""
+    _check(_batch([1] * 4, [40, 3, 17, 64], group=4), tol=1e-5)
+    _check(_batch([24, 40], [30, 40], group=4, block_size=16), tol=1e-5)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(q_lens=st.lists(st.integers(0, 20), min_size=1, max_size=6), block_q=st.sampled_from([1, 2, 4, 8]),
+       pad=st.integers(0, 5))
+def test_tiles_cover_every_real_token_once(q_lens: list[int], block_q: int, pad: int) -> None:
+    """Tile metadata: each real token lies in exactly one tile of its own sequence; bound holds."""
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    num_tokens = int(qsl[-1]) + pad
+    if num_tokens == 0:
+        return
+    meta = np.asarray(tile_metadata(num_tokens, block_q, jnp.asarray(q_lens, jnp.int32) + 3,
+                                    jnp.asarray(qsl), jnp.int32(len(q_lens))))
+    hits = np.zeros(num_tokens, int)
+    for seq, q0, q_end, kv_len in meta:
+        for t in range(q0, min(q0 + block_q, q_end)):
+            assert qsl[seq] <= t < qsl[seq + 1] and kv_len == q_lens[seq] + 3
+            hits[t] += 1
+    assert (hits[: qsl[-1]] == 1).all() and (hits[qsl[-1]:] == 0).all()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_compiled_kernel_on_gpu() -> None:
+    """Compiled (Triton) kernel equals the reference on a bf16 mixed batch with block size 16."""
+    batch = make_ragged_batch(np.random.default_rng(1), [1, 1, 100, 37], [300, 17, 100, 500],
+                              num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                              dtype=jnp.bfloat16, pad_tokens=5, pad_seqs=2)
+    _check(batch, tol=2e-2)
