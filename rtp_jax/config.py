@@ -6,10 +6,8 @@ Nothing here imports jax: configs are built and validated before any device work
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 _DTYPES = ("bfloat16", "float32", "float16")
@@ -80,10 +78,18 @@ class ModelConfig:
             )
         if self.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (expected 'silu')")
+        if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                             f"[1, num_experts={self.num_experts}]")
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """Each expert's hidden size: `moe_intermediate_size`, else (Mixtral, GGUF) `intermediate_size`."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -99,6 +105,13 @@ class ModelConfig:
         sliding = cfg.get("sliding_window")
         if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
             sliding = None  # Qwen configs carry a window size but disable it by default
+        num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        if num_experts:
+            _check_moe_layers(cfg)
+        # Mixtral's experts use `intermediate_size` and always renormalise the top-k weights.
+        moe_inter = int(cfg.get("moe_intermediate_size", 0) or 0) or (
+            int(cfg.get("intermediate_size", 0) or 0) if num_experts else 0)
+        norm_topk = True if arch == "MixtralForCausalLM" else bool(cfg.get("norm_topk_prob", True))
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -117,21 +130,28 @@ class ModelConfig:
             qk_norm=arch.startswith("Qwen3"),
             sliding_window=int(sliding) if sliding else None,
             hidden_act=cfg.get("hidden_act", "silu"),
-            num_experts=int(cfg.get("num_experts", cfg.get("num_local_experts", 0)) or 0),
+            num_experts=num_experts,
             num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0),
-            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            moe_intermediate_size=moe_inter,
+            norm_topk_prob=norm_topk,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
 
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> ModelConfig:
-        with open(path) as f:
-            return cls.from_hf_config(json.load(f))
-
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+
+def _check_moe_layers(cfg: dict[str, Any]) -> None:
+    """Every layer must be sparse: Qwen-MoE's dense interleaving (`decoder_sparse_step` > 1 or
+    `mlp_only_layers`) is not supported, so such configs are rejected rather than mis-loaded."""
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    dense = list(cfg.get("mlp_only_layers") or [])
+    if step != 1 or dense:
+        raise ValueError(
+            f"MoE configs with dense layers (decoder_sparse_step={step}, mlp_only_layers={dense}) are not "
+            f"supported: every layer must be a sparse MoE layer"
+        )
 
 
 @dataclass(frozen=True)
@@ -284,7 +304,7 @@ class SamplingParams:
         _check_range("repetition_penalty", self.repetition_penalty, 0.0, 1e4, lo_open=True)
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        if not is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or not -1 <= self.top_k < 2**31:
             raise ValueError(f"top_k must be an integer, -1 or 0 (disabled) or >= 1, got {self.top_k!r}")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -298,8 +318,8 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
-            if not is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must hold non-negative integers, got {t!r}")
+            if not is_int(t) or not 0 <= t < 2**31:
+                raise ValueError(f"stop_token_ids must hold token ids (integers in [0, 2**31)), got {t!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):

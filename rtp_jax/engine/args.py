@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from rtp_jax.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from rtp_jax.engine.core import EngineCore
+from rtp_jax.engine.core import make_engine_core
 from rtp_jax.engine.llm_engine import LLMEngine
 from rtp_jax.loader import iter_weights, load_model_config, resolve_model_path
 from rtp_jax.models.params import load_state, random_state
 from rtp_jax.tokenizer import Tokenizer
+from sharding.mesh import initialize_distributed_from_env, make_mesh, validate
+from sharding.placement import make_placer
 
 _LOAD_FORMATS = ("auto", "dummy")
 
@@ -28,7 +30,9 @@ _LOAD_FORMATS = ("auto", "dummy")
 class EngineArgs:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     tokenizer: str | None = None
-    dtype: str = "bfloat16"
+    # "auto": bfloat16 on accelerators; float32 on the CPU, where XLA emulates bf16 matmuls slowly and
+    # a 135M model's greedy answers flip on bf16 rounding noise.
+    dtype: str = "auto"
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int | None = None
@@ -45,8 +49,6 @@ class EngineArgs:
     data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype", "bfloat16")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -57,14 +59,16 @@ class EngineArgs:
         max_len = self.max_model_len or model.max_position_embeddings
         max_seqs = self.max_num_seqs or (256 if on_gpu else 64)
         budget = self.max_num_batched_tokens or max(2048 if on_gpu else 512, max_seqs)
+        parallel = ParallelConfig(self.data_parallel_size, self.pipeline_parallel_size,
+                                  self.expert_parallel_size, self.tensor_parallel_size)
+        validate(model, parallel, len(jax.devices()))  # a clear error before any weight is read
         return EngineConfig(
             model=model,
             cache=CacheConfig(self.block_size, self.gpu_memory_utilization, self.num_kv_blocks,
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(max_len, budget, max_seqs),
-            parallel=ParallelConfig(self.data_parallel_size, self.pipeline_parallel_size,
-                                    self.expert_parallel_size, self.tensor_parallel_size),
-            dtype=self.dtype,
+            parallel=parallel,
+            dtype=resolve_dtype(self.dtype),
             attention_backend=self.attention_backend,
             seed=self.seed,
         )
@@ -75,7 +79,7 @@ class EngineArgs:
         g = p.add_argument_group("engine")
         g.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2)")
         g.add_argument("--tokenizer", default=None)
-        g.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32", "float16"])
+        g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
         g.add_argument("--max-model-len", type=int, default=None)
         g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
         g.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -105,15 +109,30 @@ class EngineArgs:
         return cls(**kw)
 
 
+def resolve_dtype(dtype: str) -> str:
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return dtype
+
+
 def build_engine(args: EngineArgs) -> LLMEngine:
-    """Loads model, tokenizer and weights and returns a ready LLMEngine."""
+    """Loads model, tokenizer and weights and returns a ready LLMEngine.
+
+    With a multi-device layout (`--tp/--pp/--ep/--dp`) each weight goes from the host straight to its
+    shards on the mesh; see `sharding.mesh` for the multi-host launch line.
+    """
+    initialize_distributed_from_env()  # before anything asks JAX for devices
     path = resolve_model_path(args.model)
     model_config = load_model_config(path)
     tokenizer = Tokenizer.from_path(resolve_model_path(args.tokenizer) if args.tokenizer else path)
     config = args.engine_config(model_config)
     dtype = jnp.dtype(config.dtype)
+    mesh = make_mesh(config.parallel) if config.parallel.world_size > 1 else None
     if args.load_format == "dummy":
-        graphdef, state = random_state(model_config, dtype, seed=args.seed)
+        graphdef, state = random_state(model_config, dtype, seed=args.seed)  # re-placed by the core
+    elif mesh is not None:
+        place = make_placer(mesh, model_config, config.parallel)
+        graphdef, state = load_state(model_config, dtype, iter_weights(path, model_config), place)
     else:
         graphdef, state = load_state(model_config, dtype, iter_weights(path, model_config))
-    return LLMEngine(EngineCore(config, graphdef, state), tokenizer)
+    return LLMEngine(make_engine_core(config, graphdef, state, mesh), tokenizer)

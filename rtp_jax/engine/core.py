@@ -14,19 +14,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from rtp_jax.cache import KVCacheManager
 from rtp_jax.config import EngineConfig
 from rtp_jax.engine.request import Logprob, PositionLogprobs, Request, RequestStatus
 from rtp_jax.engine.runner import HostLogprobs, ModelRunner, StepResult
-from rtp_jax.engine.scheduler import Scheduler, ScheduledSeq
-from rtp_jax.engine.step import allocate_kv_caches
+from rtp_jax.engine.scheduler import ScheduledSeq, Scheduler
+from rtp_jax.engine.step import PipelineStep, allocate_kv_caches, make_step_fn
 from rtp_jax.models.attention import select_attention_backend
+from rtp_jax.models.params import place_state
+from sharding.attention import shard_attention
+from sharding.mesh import make_mesh, replica_meshes, stage_layers, stage_meshes
+from sharding.placement import kv_cache_shardings, make_placer, split_replicas
+from sharding.rules import param_stage
 
 _CPU_KV_BYTES = 2 << 30  # without device memory stats (CPU), cap the KV pool at 2 GiB
 
@@ -44,9 +51,13 @@ class EngineCoreOutput:
 
 
 def _kv_bytes_per_block(config: EngineConfig) -> int:
-    m = config.model
+    """Bytes one block adds on each device: its stage's layers, its share of the kv heads."""
+    m, pc = config.model, config.parallel
     itemsize = jnp.dtype(config.dtype).itemsize
-    return 2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * itemsize
+    tp = pc.tensor_parallel_size
+    kv_heads = m.num_kv_heads // tp if m.num_kv_heads % tp == 0 else m.num_kv_heads  # else replicated
+    layers = m.num_layers // pc.pipeline_parallel_size
+    return 2 * layers * config.cache.block_size * kv_heads * m.head_dim * itemsize
 
 
 def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> int:
@@ -78,21 +89,37 @@ def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> i
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State) -> None:
+    def __init__(self, config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State,
+                 mesh: Mesh | None = None) -> None:
+        """`mesh`: this replica's devices (dp size 1; see `make_engine_core` for dp > 1). Without one,
+        a multi-device `config.parallel` gets `make_mesh(config.parallel)`. The state is re-placed
+        onto the mesh where it is not there already (loaded weights usually are)."""
         self.config = config
         m, cc, sc = config.model, config.cache, config.scheduler
-        self.num_blocks = plan_num_blocks(config)
+        if mesh is None and config.parallel.world_size > 1:
+            mesh = make_mesh(config.parallel)
+        if mesh is not None and mesh.shape["dp"] != 1:
+            raise ValueError("EngineCore runs one dp replica; use make_engine_core for data parallelism")
+        self.mesh = mesh
+        self.num_blocks = plan_num_blocks(config, None if mesh is None else mesh.devices.flat[0])
         self.kv = KVCacheManager(self.num_blocks, cc.block_size, enable_prefix_caching=cc.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.kv)
         self.attention_backend, attn_fn = select_attention_backend(config.attention_backend)
+        kv_shardings = None
+        if mesh is not None:
+            state = place_state(state, make_placer(mesh, m, config.parallel))
+            kv_shardings = kv_cache_shardings(mesh, m, config.parallel)
         kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks, cc.block_size, m.num_kv_heads,
-                                       m.head_dim, jnp.dtype(config.dtype))
+                                       m.head_dim, jnp.dtype(config.dtype), kv_shardings)
         self.runner = ModelRunner(
             graphdef, state, kv_caches, block_size=cc.block_size, num_blocks=self.num_blocks,
             max_blocks_per_seq=-(-sc.max_model_len // cc.block_size),
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             attn_fn=attn_fn,
         )
+        if mesh is not None:
+            # The runner builds the single-device step; on a mesh it gets the sharded (or staged) one.
+            self.runner._step = _mesh_step_fn(config, graphdef, state, attn_fn, mesh, kv_shardings)
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
         self.num_steps = 0
@@ -190,6 +217,84 @@ class EngineCore:
         if req.num_tokens >= self.config.scheduler.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+def _mesh_step_fn(config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State, attn_fn: Any,
+                  mesh: Mesh, kv_shardings: list[Any]) -> Any:
+    m = config.model
+    stages = stage_meshes(mesh)
+    attn_fns = [shard_attention(attn_fn, sm, m.num_heads, m.num_kv_heads) for sm in stages]
+    if len(stages) == 1:
+        return make_step_fn(graphdef, attn_fns[0], mesh, kv_shardings)
+    pp = len(stages)
+    return PipelineStep(graphdef, state, attn_fns, stages, stage_layers(m.num_layers, pp),
+                        lambda name: param_stage(name, m.num_layers, pp), kv_shardings)
+
+
+class DataParallelEngineCore:
+    """dp replicas, each an EngineCore on its own sub-mesh with its own KV pool and scheduler.
+
+    A new request goes to the replica with the fewest unfinished requests; the caller sees one core
+    (same methods as EngineCore). Replicas step one after another on the host; each step's device
+    work is independent, so no collective crosses replicas.
+    """
+
+    def __init__(self, cores: list[EngineCore]) -> None:
+        self.cores = cores
+        self.config = cores[0].config
+        self.num_blocks = cores[0].num_blocks
+        self.attention_backend = cores[0].attention_backend
+        self._owner: dict[str, EngineCore] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return sum(c.num_steps for c in self.cores)
+
+    def draw_seed(self) -> int:
+        return self.cores[0].draw_seed()
+
+    def validate(self, prompt_token_ids: list[int]) -> None:
+        self.cores[0].validate(prompt_token_ids)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._owner:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        core = min(self.cores, key=lambda c: c.scheduler.num_unfinished)
+        core.add_request(request)
+        self._owner[request.request_id] = core
+
+    def finish_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                       stop_reason: int | str | None = None) -> None:
+        core = self._owner.pop(request_id, None)
+        if core is not None:
+            core.finish_request(request_id, status, stop_reason)
+
+    def has_unfinished(self) -> bool:
+        return any(c.has_unfinished() for c in self.cores)
+
+    def step(self) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for core in self.cores:
+            if core.has_unfinished():
+                outputs.extend(core.step())
+        for out in outputs:
+            if out.finish_reason is not None:
+                self._owner.pop(out.request_id, None)
+        return outputs
+
+
+def make_engine_core(config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State,
+                     mesh: Mesh | None = None) -> EngineCore | DataParallelEngineCore:
+    """One EngineCore, or one per dp replica when `config.parallel.data_parallel_size` > 1."""
+    if config.parallel.world_size > 1 and mesh is None:
+        mesh = make_mesh(config.parallel)
+    if mesh is None or mesh.shape["dp"] == 1:
+        return EngineCore(config, graphdef, state, mesh)
+    state = place_state(state, make_placer(mesh, config.model, config.parallel))  # no-op when loaded so
+    replicas = replica_meshes(mesh)
+    views = split_replicas(state, len(replicas))
+    return DataParallelEngineCore([EngineCore(config, graphdef, v, r) for v, r in zip(views, replicas,
+                                                                                       strict=True)])
 
 
 def _position_logprobs(lp: HostLogprobs | None, row: int, target: int, num_top: int) -> PositionLogprobs:

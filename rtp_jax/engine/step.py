@@ -10,15 +10,20 @@ padded to buckets by the runner so only a handful of programs ever compile.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rtp_jax.engine.sampler import SamplingFlags, SamplingTensors, compute_logprobs, sample
 from rtp_jax.models.attention import AttentionFn, AttentionMetadata
+from rtp_jax.models.rope import rope_tables
+from sharding import compat
+from sharding.pipeline import microbatch_metadata, num_microbatches, token_slice
 
 KVCaches = list[tuple[jax.Array, jax.Array]]
 
@@ -54,33 +59,170 @@ def _logprobs(logits: jax.Array, targets: jax.Array, num_top: int) -> Logprobs:
     return Logprobs(*compute_logprobs(logits, targets, num_top))
 
 
-def make_step_fn(graphdef: nnx.GraphDef, attn_fn: AttentionFn) -> Callable[..., Any]:
+def _sample_outputs(model: Any, hidden: jax.Array, inp: StepInputs, st: SamplingTensors,
+                    flags: SamplingFlags, prompt_top: int) -> StepOutputs:
+    """lm_head at the sampled (and prompt-scored) positions, then sampling and logprobs."""
+    logits = model.compute_logits(hidden[inp.sample_idx])  # [S, V] f32
+    tokens = sample(logits, st, flags)
+    lp = _logprobs(logits, tokens, flags.num_logprobs) if flags.needs_logprobs else None
+    plp = None
+    if inp.prompt_lp_idx.shape[0] > 0:
+        plogits = model.compute_logits(hidden[inp.prompt_lp_idx])
+        plp = _logprobs(plogits, inp.prompt_lp_targets, prompt_top)
+    return StepOutputs(tokens, lp, plp)
+
+
+def _constrain(kv_caches: KVCaches, shardings: Sequence[Any] | None) -> KVCaches:
+    """Pins each new cache to its input sharding, so the donated buffer is updated in place."""
+    if shardings is None:
+        return kv_caches
+    return [(jax.lax.with_sharding_constraint(k, s), jax.lax.with_sharding_constraint(v, s))
+            for (k, v), s in zip(kv_caches, shardings, strict=True)]
+
+
+def _on_mesh(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
+    """Calls (and so traces) `fn` with `mesh` as the context mesh: the MoE block reads it to decide
+    whether to shard experts over ("ep", "tp")."""
+    if mesh is None:
+        return fn
+
+    def call(*args: Any) -> Any:
+        with compat.use_mesh(mesh):
+            return fn(*args)
+
+    return call
+
+
+def make_step_fn(graphdef: nnx.GraphDef, attn_fn: AttentionFn, mesh: Any = None,
+                 kv_shardings: Sequence[Any] | None = None) -> Callable[..., Any]:
     """Returns the jitted step. Flax stays out of the hot loop: the model is re-assembled from its
-    state arrays at trace time only, so each call is a plain jitted function of arrays."""
+    state arrays at trace time only, so each call is a plain jitted function of arrays.
+
+    On a mesh the state and caches arrive sharded; XLA partitions the step from their shardings
+    (and inserts the tensor-parallel all-reduces); `attn_fn` is already wrapped per tp shard.
+    """
 
     def step(state: nnx.State, kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
              flags: SamplingFlags, prompt_top: int) -> tuple[KVCaches, StepOutputs]:
         model = nnx.merge(graphdef, state)
         hidden, kv_caches = model(inp.input_ids, inp.positions, kv_caches, inp.md, attn_fn)
-        logits = model.compute_logits(hidden[inp.sample_idx])  # [S, V] f32
-        tokens = sample(logits, st, flags)
-        lp = _logprobs(logits, tokens, flags.num_logprobs) if flags.needs_logprobs else None
-        plp = None
-        if inp.prompt_lp_idx.shape[0] > 0:
-            plogits = model.compute_logits(hidden[inp.prompt_lp_idx])
-            plp = _logprobs(plogits, inp.prompt_lp_targets, prompt_top)
-        return kv_caches, StepOutputs(tokens, lp, plp)
+        return _constrain(kv_caches, kv_shardings), _sample_outputs(model, hidden, inp, st, flags, prompt_top)
 
-    return jax.jit(step, static_argnums=(4, 5), donate_argnums=(1,))
+    return _on_mesh(jax.jit(step, static_argnums=(4, 5), donate_argnums=(1,)), mesh)
+
+
+def _flat(d: dict[Any, Any], prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], Any]:
+    out: dict[tuple[Any, ...], Any] = {}
+    for k, v in d.items():
+        out |= _flat(v, (*prefix, k)) if isinstance(v, dict) else {(*prefix, k): v}
+    return out
+
+
+def _nest(flat: dict[tuple[Any, ...], Any]) -> dict[Any, Any]:
+    root: dict[Any, Any] = {}
+    for path, v in flat.items():
+        node = root
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return root
+
+
+class PipelineStep:
+    """The step for pipeline parallelism: same call signature as `make_step_fn`'s result.
+
+    Stage s owns layers `layer_ranges[s]` (weights and KV caches on `stage_meshes[s]`); the embedding
+    lives on stage 0, the final norm and lm_head on the last stage (a tied embedding is copied there).
+    The step's tokens are cut into microbatches (`sharding.pipeline`); the host dispatches
+    chunk-major (for each chunk, every stage), and since dispatch is asynchronous, stage s runs chunk
+    m + 1 while stage s + 1 runs chunk m. Each stage is its own jitted program on its own devices;
+    activations move between stages with `device_put`. Stage programs merge the full graphdef with
+    their own arrays plus shape-only placeholders for the rest, so model code runs unchanged.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, attn_fns: Sequence[AttentionFn],
+                 stage_meshes: Sequence[Any], layer_ranges: Sequence[range], stage_of: Callable[[str], int],
+                 kv_shardings: Sequence[Any]) -> None:
+        self.graphdef, self.meshes, self.ranges = graphdef, list(stage_meshes), list(layer_ranges)
+        self.config = nnx.merge(graphdef, state).config
+        flat = _flat(nnx.to_pure_dict(state))
+        self.template = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
+        pp = len(self.meshes)
+        self.own: list[dict[tuple[Any, ...], jax.Array]] = [{} for _ in range(pp)]
+        for path, v in flat.items():
+            self.own[stage_of(".".join(map(str, path)))][path] = v
+        embed = ("model", "embed_tokens", "weight")
+        if self.config.tie_word_embeddings and pp > 1:
+            src = flat[embed]
+            self.own[-1][embed] = jax.device_put(src, NamedSharding(self.meshes[-1], src.sharding.spec))
+        self.replicated = [NamedSharding(m, PartitionSpec()) for m in self.meshes]
+        self.stage_fns = [
+            _on_mesh(jax.jit(self._stage_body(s, attn_fns[s], kv_shardings[r.start:r.stop]),
+                             static_argnums=(5,), donate_argnums=(1,)), self.meshes[s])
+            for s, r in enumerate(self.ranges)
+        ]
+        self.head_fn = _on_mesh(jax.jit(self._head_body, static_argnums=(4, 5)), self.meshes[-1])
+
+    def _model(self, own: dict[tuple[Any, ...], jax.Array]) -> Any:
+        state = jax.tree.map(lambda x: x, self.template)  # a fresh copy: replace_by_pure_dict mutates
+        nnx.replace_by_pure_dict(state, _nest(own))
+        return nnx.merge(self.graphdef, state)
+
+    def _stage_body(self, s: int, attn_fn: AttentionFn, kv_shardings: Sequence[Any]) -> Callable[..., Any]:
+        layers = self.ranges[s]
+
+        def body(own: dict[Any, jax.Array], kv: KVCaches, x: jax.Array | None, inp: StepInputs,
+                 lo: jax.Array, size: int) -> tuple[jax.Array, KVCaches]:
+            model = self._model(own)
+            md = microbatch_metadata(inp.md, lo, size)
+            positions = token_slice(inp.positions, lo, size)
+            if x is None:
+                x = model.model.embed_tokens(token_slice(inp.input_ids, lo, size))
+            inv_freq = jnp.asarray(rope_tables(self.config))
+            new = []
+            for i, cache in zip(layers, kv, strict=True):
+                x, cache = model.model.layers[i](x, positions, inv_freq, cache, md, attn_fn)
+                new.append(cache)
+            return x, _constrain(new, kv_shardings)
+
+        return body
+
+    def _head_body(self, own: dict[Any, jax.Array], hiddens: list[jax.Array], inp: StepInputs,
+                   st: SamplingTensors, flags: SamplingFlags, prompt_top: int) -> StepOutputs:
+        model = self._model(own)
+        hidden = model.model.norm(jnp.concatenate(hiddens, axis=0))
+        return _sample_outputs(model, hidden, inp, st, flags, prompt_top)
+
+    def __call__(self, state: nnx.State, kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
+                 flags: SamplingFlags, prompt_top: int) -> tuple[KVCaches, StepOutputs]:
+        del state  # the stages hold their own parts of it (split once in __init__)
+        t = inp.input_ids.shape[0]
+        chunks = num_microbatches(t, len(self.meshes))
+        size = t // chunks
+        inps = [jax.device_put(inp, r) for r in self.replicated]
+        kv = [list(kv_caches[r.start:r.stop]) for r in self.ranges]
+        hiddens = []
+        for m in range(chunks):
+            x = None
+            for s, fn in enumerate(self.stage_fns):
+                if x is not None:
+                    x = jax.device_put(x, self.replicated[s])
+                x, kv[s] = fn(self.own[s], kv[s], x, inps[s], np.int32(m * size), size)
+            hiddens.append(x)
+        out = self.head_fn(self.own[-1], hiddens, inps[-1], jax.device_put(st, self.replicated[-1]),
+                           flags, prompt_top)
+        return [c for stage in kv for c in stage], out
 
 
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: jnp.dtype, sharding: Any = None) -> KVCaches:
     """One (k, v) pair per layer, each [num_blocks, block_size, kv_heads, head_dim], as separate buffers
-    so the donated step updates each in place."""
+    so the donated step updates each in place. `sharding`: one for all layers, or a list per layer
+    (pipeline stages); each device allocates only its shard."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    per_layer = sharding if isinstance(sharding, (list, tuple)) else [sharding] * num_layers
 
-    def zeros() -> jax.Array:
-        return jnp.zeros(shape, dtype, device=sharding)
+    def zeros(s: Any) -> jax.Array:
+        return jnp.zeros(shape, dtype, device=s)
 
-    return [(zeros(), zeros()) for _ in range(num_layers)]
+    return [(zeros(s), zeros(s)) for s in per_layer]

@@ -12,6 +12,8 @@ MODEL_REGISTRY: dict[str, type[nnx.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": LlamaForCausalLM,  # + models/moe.py SparseMoeBlock (cfg.is_moe)
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
 }
 
 

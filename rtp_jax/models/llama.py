@@ -32,8 +32,8 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("ti,oi->to", x, self.weight.value)
-        return y + self.bias.value if self.bias is not None else y
+        y = jnp.einsum("ti,oi->to", x, self.weight[...])
+        return y + self.bias[...] if self.bias is not None else y
 
 
 class RMSNorm(nnx.Module):
@@ -42,7 +42,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.weight.value, self.eps)
+        return rms_norm(x, self.weight[...], self.eps)
 
 
 class Embedding(nnx.Module):
@@ -50,11 +50,11 @@ class Embedding(nnx.Module):
         self.weight = nnx.Param(_init(rngs, (vocab, dim), dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight.value, ids, axis=0)
+        return jnp.take(self.weight[...], ids, axis=0)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Tied lm_head: h: [N, D] -> float32 logits [N, V]."""
-        return jnp.einsum("nd,vd->nv", h, self.weight.value, preferred_element_type=jnp.float32)
+        return jnp.einsum("nd,vd->nv", h, self.weight[...], preferred_element_type=jnp.float32)
 
 
 class Attention(nnx.Module):
@@ -154,5 +154,5 @@ class LlamaForCausalLM(nnx.Module):
         """hidden: [N, D] -> float32 logits [N, V]."""
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
-        return jnp.einsum("nd,vd->nv", hidden, self.lm_head.weight.value,
+        return jnp.einsum("nd,vd->nv", hidden, self.lm_head.weight[...],
                           preferred_element_type=jnp.float32)

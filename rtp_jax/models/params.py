@@ -3,10 +3,19 @@
 The model's NNX paths spell HF names (`model.layers.0.self_attn.q_proj.weight`), so the mapping is
 `".".join(path)`. Each tensor is cast and placed on its device(s) as it arrives, so the host holds
 one tensor at a time, never a second copy of the model.
+
+MoE checkpoints store one tensor per expert (`model.layers.N.mlp.experts.E.gate_proj.weight`; Mixtral:
+`model.layers.N.block_sparse_moe.experts.E.w1.weight`, w1/w3/w2 = gate/up/down); the model stacks
+them [E, out, in] (`model.layers.N.mlp.experts.gate_proj`). `map_moe_name` maps a checkpoint name to
+(our name, expert index or None, fused half or None); a layer's experts of one projection are
+buffered on the host until all E arrived, then stacked and placed (one projection of one layer at a
+time, never the model). transformers 5's fused `experts.gate_up_proj` [E, 2I, D] and stacked
+`experts.down_proj` [E, D, I] are accepted too.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -57,6 +66,28 @@ def _nest(flat: dict[str, Any]) -> dict[Any, Any]:
     return root
 
 
+_EXPERT = re.compile(r"(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
+_STACKED = re.compile(r"(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")
+_EXPERT_PROJ = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj",
+                "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def map_moe_name(name: str) -> tuple[str, int | None, str | None]:
+    """Checkpoint name -> (our parameter name, expert index or None, "gate_up" when fused or None).
+
+    Non-MoE names come back unchanged; Mixtral's `block_sparse_moe` becomes `mlp`.
+    """
+    m = _EXPERT.fullmatch(name)
+    if m and m[3] in _EXPERT_PROJ:
+        return f"{m[1]}.mlp.experts.{_EXPERT_PROJ[m[3]]}", int(m[2]), None
+    m = _STACKED.fullmatch(name)
+    if m:
+        if m[2] == "gate_up_proj":
+            return f"{m[1]}.mlp.experts.gate_proj", None, "gate_up"
+        return f"{m[1]}.mlp.experts.down_proj", None, None
+    return name.replace(".block_sparse_moe.gate.", ".mlp.gate."), None, None
+
+
 def default_placer(name: str, x: np.ndarray | jax.Array) -> jax.Array:
     del name
     return jax.device_put(x)
@@ -72,21 +103,60 @@ def load_state(
     graphdef, state = abstract_model(cfg, dtype)
     expected = flat_param_shapes(state)
     loaded: dict[str, jax.Array] = {}
-    for name, array in weights:
-        if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
-            continue
-        if name not in expected:
-            raise ValueError(f"checkpoint tensor {name!r} does not belong to a {cfg.architecture} model")
+    experts: dict[str, dict[int, np.ndarray]] = {}  # our stacked name -> expert index -> [out, in]
+
+    def put(name: str, array: np.ndarray, ckpt_name: str) -> None:
         want = expected[name]
         if tuple(array.shape) != tuple(want.shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(array.shape)}, "
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(array.shape)}, "
                              f"expected {tuple(want.shape)} from the model config")
         loaded[name] = place(name, np.asarray(array).astype(want.dtype, copy=False))
+
+    for ckpt_name, array in weights:
+        tied_head = cfg.tie_word_embeddings and ckpt_name == "lm_head.weight"
+        if ckpt_name.endswith(_IGNORED_SUFFIXES) or tied_head:
+            continue
+        name, expert, fused = map_moe_name(ckpt_name) if cfg.is_moe else (ckpt_name, None, None)
+        if name not in expected:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} does not belong to a {cfg.architecture} model")
+        if fused == "gate_up":  # [E, 2I, D]: gate rows first, as transformers 5 chunks them
+            gate, up = np.split(np.asarray(array), 2, axis=1)
+            put(name, gate, ckpt_name)
+            put(name.replace(".gate_proj", ".up_proj"), up, ckpt_name)
+        elif expert is None:
+            put(name, array, ckpt_name)
+        else:
+            per_expert = experts.setdefault(name, {})
+            per_expert[expert] = np.asarray(array)
+            if len(per_expert) == cfg.num_experts:
+                put(name, np.stack([per_expert[e] for e in range(cfg.num_experts)]), ckpt_name)
+                del experts[name]
+    for name, per_expert in experts.items():
+        raise ValueError(f"checkpoint has {len(per_expert)} of {cfg.num_experts} experts for {name!r}")
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
     nnx.replace_by_pure_dict(state, _nest(loaded))
     return graphdef, state
+
+
+def place_state(state: nnx.State, place: Placer) -> nnx.State:
+    """A copy of `state` with every parameter placed by `place(name, array)` (no transfer where an
+    array already is where it should be); `state` itself is left as it was."""
+    flat = {name: place(name, x) for name, x in _flat_values(nnx.to_pure_dict(state)).items()}
+    out = jax.tree.map(lambda x: x, state)  # new containers: replace_by_pure_dict mutates
+    nnx.replace_by_pure_dict(out, _nest(flat))
+    return out
+
+
+def _flat_values(d: dict[Any, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat_values(v, (*prefix, str(k)))
+        else:
+            out[".".join((*prefix, str(k)))] = v
+    return out
 
 
 def random_state(cfg: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:

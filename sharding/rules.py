@@ -1,0 +1,105 @@
+"""Partition rules as data: parameter path (regex) -> logical axes -> mesh axes.
+
+Two tables keep the rules readable and the mesh decisions in one place:
+  PARAM_RULES  HF-style parameter path -> one logical axis name (or None) per array dimension
+  logical_axes(model, parallel) -> {logical axis: mesh axis or None}
+so "kv heads are replicated when there are fewer than tp" is one entry, not a special case per tensor.
+
+Linear weights keep HF's [out, in] layout: column-parallel (q/k/v, gate/up) splits dim 0 on tp,
+row-parallel (o, down) splits dim 1 and XLA inserts the all-reduce. MoE experts are stacked
+[E, out, in] and split on "ep" along E (and on "tp" along the expert's intermediate size).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from jax.sharding import PartitionSpec
+
+from rtp_jax.config import ModelConfig, ParallelConfig
+
+Rule = tuple[str, tuple[str | None, ...]]
+
+# First match wins; paths are `".".join(nnx path)`, i.e. HF names (experts stacked, see models/moe.py).
+PARAM_RULES: tuple[Rule, ...] = (
+    (r"model\.embed_tokens\.weight", ("vocab", None)),
+    (r"lm_head\.weight", ("vocab", None)),
+    (r".*\.self_attn\.q_proj\.weight", ("heads", None)),
+    (r".*\.self_attn\.q_proj\.bias", ("heads",)),
+    (r".*\.self_attn\.[kv]_proj\.weight", ("kv_heads", None)),
+    (r".*\.self_attn\.[kv]_proj\.bias", ("kv_heads",)),
+    (r".*\.self_attn\.o_proj\.weight", (None, "heads")),
+    (r".*\.mlp\.(gate|up)_proj\.weight", ("mlp", None)),
+    (r".*\.mlp\.down_proj\.weight", (None, "mlp")),
+    (r".*\.mlp\.gate\.weight", (None, None)),  # router: tiny, every device routes every token
+    (r".*\.mlp\.experts\.(gate|up)_proj", ("experts", "expert_mlp", None)),
+    (r".*\.mlp\.experts\.down_proj", ("experts", None, "expert_mlp")),
+    (r".*", ()),  # norms and anything else: replicated
+)
+
+# KV cache per layer: [num_blocks, block_size, kv_heads, head_dim].
+KV_CACHE_AXES: tuple[str | None, ...] = (None, None, "kv_heads", None)
+
+
+def logical_axes(mc: ModelConfig, pc: ParallelConfig) -> dict[str, str | None]:
+    """Where each logical axis lives on the mesh for this model and layout."""
+    tp = pc.tensor_parallel_size
+    return {
+        "vocab": "tp",
+        "heads": "tp",
+        "kv_heads": "tp" if mc.num_kv_heads % tp == 0 else None,  # fewer kv heads than tp: replicate
+        "mlp": "tp",
+        "experts": "ep",
+        "expert_mlp": "tp",
+    }
+
+
+def _to_spec(axes: Sequence[str | None], mapping: Mapping[str, str | None], ndim: int) -> PartitionSpec:
+    if axes and len(axes) != ndim:
+        raise ValueError(f"rule has {len(axes)} axes for an array of rank {ndim}")
+    return PartitionSpec(*(None if a is None else mapping[a] for a in axes))
+
+
+def param_spec(name: str, ndim: int, mapping: Mapping[str, str | None],
+               rules: Sequence[Rule] = PARAM_RULES) -> PartitionSpec:
+    for pattern, axes in rules:
+        if re.fullmatch(pattern, name):
+            return _to_spec(axes, mapping, ndim)
+    raise ValueError(f"no partition rule matches {name!r}")
+
+
+def param_specs(shapes: Mapping[str, Sequence[int]], mc: ModelConfig, pc: ParallelConfig,
+                rules: Sequence[Rule] = PARAM_RULES) -> dict[str, PartitionSpec]:
+    """name -> PartitionSpec for every parameter in `shapes`."""
+    mapping = logical_axes(mc, pc)
+    return {name: param_spec(name, len(shape), mapping, rules) for name, shape in shapes.items()}
+
+
+def kv_cache_spec(mc: ModelConfig, pc: ParallelConfig) -> PartitionSpec:
+    return _to_spec(KV_CACHE_AXES, logical_axes(mc, pc), 4)
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def param_stage(name: str, num_layers: int, pp: int) -> int:
+    """Pipeline stage that owns a parameter: its layer's stage; the embedding on the first stage;
+    the final norm and lm_head on the last."""
+    m = _LAYER.match(name)
+    if m:
+        return int(m[1]) // (num_layers // pp)
+    return 0 if name.startswith("model.embed_tokens") else pp - 1
+
+
+def shard_shape(shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """Per-device shape of an array of `shape` under `spec`."""
+    out = []
+    for i, dim in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        div = 1
+        for n in names:
+            div *= axis_sizes.get(n, 1)
+        out.append(dim // div)
+    return tuple(out)
