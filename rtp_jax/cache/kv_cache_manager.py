@@ -109,25 +109,28 @@ class KVCacheManager:
         return num_computed
 
     def allocate_slots(
-        self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, num_new_tokens: int
+        self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, num_new_tokens: int,
+        num_lookahead_tokens: int = 0,
     ) -> bool:
-        """Make `request_id` hold blocks for `num_computed_tokens + num_new_tokens` tokens.
+        """Make `request_id` hold blocks for `num_computed_tokens + num_new_tokens` tokens, plus
+        `num_lookahead_tokens` slots for tokens not sampled yet (multi-step decode writes them).
 
         Returns False, changing nothing, when the pool lacks free blocks. On success, blocks that are
-        full within those tokens get hashed and registered for reuse. `token_ids` must hold at least that
-        many tokens; `num_computed_tokens` must cover any prefix hits the request received.
+        full within the known tokens get hashed and registered for reuse (lookahead slots never are:
+        their tokens are unknown). `token_ids` must hold at least num_computed + num_new tokens;
+        `num_computed_tokens` must cover any prefix hits the request received.
         """
-        if num_computed_tokens < 0 or num_new_tokens < 0:
+        if num_computed_tokens < 0 or num_new_tokens < 0 or num_lookahead_tokens < 0:
             raise ValueError(
                 f"token counts must be >= 0, got num_computed_tokens={num_computed_tokens}, "
-                f"num_new_tokens={num_new_tokens}"
+                f"num_new_tokens={num_new_tokens}, num_lookahead_tokens={num_lookahead_tokens}"
             )
         total = num_computed_tokens + num_new_tokens
         if len(token_ids) < total:
             raise ValueError(f"token_ids has {len(token_ids)} tokens, fewer than the {total} to allocate for")
         state = self._requests.get(request_id)
         held = len(state.blocks) if state is not None else 0
-        missing = max(self.num_blocks_needed(total) - held, 0)
+        missing = max(self.num_blocks_needed(total + num_lookahead_tokens) - held, 0)
         if missing > self.block_pool.num_free_blocks:
             return False
         if state is None:
