@@ -184,9 +184,11 @@ class SchedulerConfig:
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
+    # Pure-decode batches that admit nothing new run this many steps per device call (1 = off).
+    num_decode_steps: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "num_decode_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,7 +20,8 @@ from rtp_jax.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfi
 from rtp_jax.engine.core import make_engine_core
 from rtp_jax.engine.llm_engine import LLMEngine
 from rtp_jax.loader import iter_weights, load_model_config, resolve_model_path
-from rtp_jax.models.params import load_state, random_state
+from rtp_jax.loader.fast import load_model_state, mesh_sharding_for
+from rtp_jax.models.params import default_placer, load_state, random_state
 from rtp_jax.tokenizer import Tokenizer
 from sharding.mesh import initialize_distributed_from_env, make_mesh, validate
 from sharding.placement import make_placer
@@ -40,6 +43,7 @@ class EngineArgs:
     block_size: int = 16
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
+    num_decode_steps: int = 8
     seed: int = 0
     attention_backend: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
@@ -66,7 +70,7 @@ class EngineArgs:
             model=model,
             cache=CacheConfig(self.block_size, self.gpu_memory_utilization, self.num_kv_blocks,
                               self.enable_prefix_caching),
-            scheduler=SchedulerConfig(max_len, budget, max_seqs),
+            scheduler=SchedulerConfig(max_len, budget, max_seqs, self.num_decode_steps),
             parallel=parallel,
             dtype=resolve_dtype(self.dtype),
             attention_backend=self.attention_backend,
@@ -87,6 +91,8 @@ class EngineArgs:
         g.add_argument("--block-size", type=int, default=16)
         g.add_argument("--num-kv-blocks", type=int, default=None)
         g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+        g.add_argument("--num-decode-steps", type=int, default=8,
+                       help="decode steps per device call when no request waits (1 = one step per call)")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
         g.add_argument("--load-format", default="auto", choices=list(_LOAD_FORMATS))
@@ -128,11 +134,23 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     config = args.engine_config(model_config)
     dtype = jnp.dtype(config.dtype)
     mesh = make_mesh(config.parallel) if config.parallel.world_size > 1 else None
+    enable_compilation_cache()
     if args.load_format == "dummy":
         graphdef, state = random_state(model_config, dtype, seed=args.seed)  # re-placed by the core
-    elif mesh is not None:
-        place = make_placer(mesh, model_config, config.parallel)
+    elif path.is_dir():  # safetensors or orbax: parallel reads overlapped with transfers, shard by shard
+        sharding_for = mesh_sharding_for(mesh, model_config, config.parallel) if mesh is not None else None
+        graphdef, state = load_model_state(path, model_config, dtype, sharding_for=sharding_for)
+    else:  # GGUF: dequantized tensor by tensor on the host
+        place = make_placer(mesh, model_config, config.parallel) if mesh is not None else default_placer
         graphdef, state = load_state(model_config, dtype, iter_weights(path, model_config), place)
-    else:
-        graphdef, state = load_state(model_config, dtype, iter_weights(path, model_config))
     return LLMEngine(make_engine_core(config, graphdef, state, mesh), tokenizer)
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a restart skips XLA compiles (accelerators only: CPU
+    programs compile fast). `RTP_JAX_COMPILATION_CACHE` picks the folder; "0" turns it off; a folder
+    the user already configured is kept."""
+    folder = os.environ.get("RTP_JAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "rtp_jax" / "xla"))
+    if folder == "0" or jax.default_backend() == "cpu" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)

@@ -27,7 +27,7 @@ from rtp_jax.config import EngineConfig
 from rtp_jax.engine.request import Logprob, PositionLogprobs, Request, RequestStatus
 from rtp_jax.engine.runner import HostLogprobs, ModelRunner, StepResult
 from rtp_jax.engine.scheduler import ScheduledSeq, Scheduler
-from rtp_jax.engine.step import PipelineStep, allocate_kv_caches, make_step_fn
+from rtp_jax.engine.step import PipelineStep, allocate_kv_caches, make_decode_fn, make_step_fn
 from rtp_jax.models.attention import select_attention_backend
 from rtp_jax.models.params import place_state
 from sharding.attention import shard_attention
@@ -111,18 +111,17 @@ class EngineCore:
             kv_shardings = kv_cache_shardings(mesh, m, config.parallel)
         kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks, cc.block_size, m.num_kv_heads,
                                        m.head_dim, jnp.dtype(config.dtype), kv_shardings)
+        step_fn, decode_fn = _step_fns(config, graphdef, state, attn_fn, mesh, kv_shardings)
         self.runner = ModelRunner(
-            graphdef, state, kv_caches, block_size=cc.block_size, num_blocks=self.num_blocks,
+            state, kv_caches, step_fn, decode_fn, block_size=cc.block_size, num_blocks=self.num_blocks,
             max_blocks_per_seq=-(-sc.max_model_len // cc.block_size),
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
-            attn_fn=attn_fn,
+            bucket_block_tables=self.attention_backend == "reference",
         )
-        if mesh is not None:
-            # The runner builds the single-device step; on a mesh it gets the sharded (or staged) one.
-            self.runner._step = _mesh_step_fn(config, graphdef, state, attn_fn, mesh, kv_shardings)
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
-        self.num_steps = 0
+        self.num_steps = 0  # model steps (a K-step decode call counts K)
+        self.num_device_calls = 0
 
     # ---- requests -------------------------------------------------------------------------------
     def draw_seed(self) -> int:
@@ -168,11 +167,43 @@ class EngineCore:
         if not sched.seqs:
             return []
         seqs = sched.seqs
+        k = self._num_decode_steps(seqs)
         tables = [self.kv.block_table(s.request.request_id) for s in seqs]
-        result = self.runner.execute(seqs, tables, [s.request.seed for s in seqs])
+        result = self.runner.execute(seqs, tables, [s.request.seed for s in seqs], num_decode_steps=k)
         self.scheduler.advance(sched)
-        self.num_steps += 1
+        self.num_steps += k
+        self.num_device_calls += 1
         return self._process(seqs, result)
+
+    def _num_decode_steps(self, seqs: tuple[ScheduledSeq, ...]) -> int:
+        """K > 1 when a multi-step decode gives the same outputs as K single steps and delays nothing:
+        every sequence decodes one token, no request waits for admission, nothing needs per-token host
+        state (penalties and min_tokens bans read the tokens just produced), and K more tokens fit
+        each sequence's blocks and max_model_len."""
+        sc = self.config.scheduler
+        k = sc.num_decode_steps
+        if k <= 1 or not self.runner.can_multi_step:
+            return 1
+        if self.scheduler.waiting and len(self.scheduler.running) < sc.max_num_seqs:
+            return 1
+        reqs = [s.request for s in seqs]
+        if not all(s.num_new_tokens == 1 and s.samples for s in seqs):
+            return 1
+        for r in reqs:
+            p = r.params
+            if (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                    or len(r.output_token_ids) < p.min_tokens):
+                return 1
+        # Tokens past a request's max_tokens are wasted work, so stop at the longest remaining need.
+        remaining = max((r.params.max_tokens or sc.max_model_len) - len(r.output_token_ids) for r in reqs)
+        k = min(k, remaining, min(sc.max_model_len - r.num_tokens for r in reqs))
+        if k <= 1:
+            return 1
+        for s in seqs:
+            r = s.request
+            if not self.kv.allocate_slots(r.request_id, r.token_view(), s.start, 1, num_lookahead_tokens=k - 1):
+                return 1  # blocks already taken stay with the request; they will be used later
+        return k
 
     def _process(self, seqs: tuple[ScheduledSeq, ...], result: StepResult) -> list[EngineCoreOutput]:
         outputs: dict[str, EngineCoreOutput] = {}
@@ -186,25 +217,30 @@ class EngineCore:
                 entry = _position_logprobs(result.prompt_logprobs, r, target, req.params.prompt_logprobs or 0)
                 req.prompt_logprobs.append(entry)
                 out.new_prompt_logprobs.append(entry)
+        num_rows = result.tokens.shape[0]
         for i, s in enumerate(seqs):
             req = s.request
             if not s.samples:
                 continue
-            token = int(result.tokens[i])
-            req.output_token_ids.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now
             out = outputs.setdefault(req.request_id, EngineCoreOutput(req.request_id))
-            out.new_token_ids.append(token)
-            if req.params.logprobs is not None:
-                entry = _position_logprobs(result.logprobs, i, token, req.params.logprobs)
-                req.logprobs.append(entry)
-                out.new_logprobs.append(entry)
-            status = self._check_stop(req, token)
-            if status is not None:
-                self.scheduler.finish(req, status)
-                self.requests.pop(req.request_id, None)
-                out.finish_reason, out.stop_reason = req.finish_reason, req.stop_reason
+            for k in range(num_rows):
+                token = int(result.tokens[k, i])
+                req.output_token_ids.append(token)
+                out.new_token_ids.append(token)
+                if req.params.logprobs is not None:
+                    entry = _position_logprobs(_row(result.logprobs, k), i, token, req.params.logprobs)
+                    req.logprobs.append(entry)
+                    out.new_logprobs.append(entry)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    self.scheduler.finish(req, status)
+                    self.requests.pop(req.request_id, None)
+                    out.finish_reason, out.stop_reason = req.finish_reason, req.stop_reason
+                    break
+                # Decode step k computed the KV of the token it consumed: the next one is k + 1.
+                req.num_computed_tokens = s.start + s.num_new_tokens + k
         return list(outputs.values())
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
@@ -219,16 +255,21 @@ class EngineCore:
         return None
 
 
-def _mesh_step_fn(config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State, attn_fn: Any,
-                  mesh: Mesh, kv_shardings: list[Any]) -> Any:
+def _step_fns(config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State, attn_fn: Any,
+              mesh: Mesh | None, kv_shardings: list[Any] | None) -> tuple[Any, Any]:
+    """(mixed step, multi-step decode or None) for this core's devices."""
+    treedef = jax.tree.structure(state)
+    if mesh is None:
+        return make_step_fn(graphdef, treedef, attn_fn), make_decode_fn(graphdef, treedef, attn_fn)
     m = config.model
     stages = stage_meshes(mesh)
     attn_fns = [shard_attention(attn_fn, sm, m.num_heads, m.num_kv_heads) for sm in stages]
     if len(stages) == 1:
-        return make_step_fn(graphdef, attn_fns[0], mesh, kv_shardings)
+        return (make_step_fn(graphdef, treedef, attn_fns[0], mesh, kv_shardings),
+                make_decode_fn(graphdef, treedef, attn_fns[0], mesh, kv_shardings))
     pp = len(stages)
     return PipelineStep(graphdef, state, attn_fns, stages, stage_layers(m.num_layers, pp),
-                        lambda name: param_stage(name, m.num_layers, pp), kv_shardings)
+                        lambda name: param_stage(name, m.num_layers, pp), kv_shardings), None
 
 
 class DataParallelEngineCore:
@@ -295,6 +336,11 @@ def make_engine_core(config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.St
     views = split_replicas(state, len(replicas))
     return DataParallelEngineCore([EngineCore(config, graphdef, v, r) for v, r in zip(views, replicas,
                                                                                        strict=True)])
+
+
+def _row(lp: HostLogprobs | None, k: int) -> HostLogprobs | None:
+    """Decode step k's logprobs: fields [S, ...]."""
+    return None if lp is None else HostLogprobs(lp.target[k], lp.rank[k], lp.top_ids[k], lp.top[k])
 
 
 def _position_logprobs(lp: HostLogprobs | None, row: int, target: int, num_top: int) -> PositionLogprobs:

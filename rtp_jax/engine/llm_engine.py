@@ -141,30 +141,34 @@ class LLMEngine:
         return list(changed.values())
 
     def _apply(self, seq: _Sequence, co: EngineCoreOutput) -> None:
+        """Adds one core output to its sequence, token by token: a stop string ends the sequence at
+        the token that completes it, even when the core produced more in a multi-step decode."""
         c, parent = seq.completion, seq.parent
         if co.new_prompt_logprobs and parent.prompt_logprobs is not None:
             parent.prompt_logprobs.extend(self._decode_logprobs(co.new_prompt_logprobs))
         if parent.first_token_time is None and co.new_token_ids:
             parent.first_token_time = time.monotonic()
-        c.token_ids.extend(co.new_token_ids)
-        if c.logprobs is not None and co.new_logprobs:
-            c.logprobs.extend(self._decode_logprobs(co.new_logprobs))
-            for tok, lp in zip(co.new_token_ids, co.new_logprobs, strict=True):
-                c.cumulative_logprob = (c.cumulative_logprob or 0.0) + lp[tok].logprob
-        before = len(seq.text)
-        seq.text += seq.detok.add(co.new_token_ids)
+        new_lps = self._decode_logprobs(co.new_logprobs) if c.logprobs is not None else []
+        stops = seq.params.stop
+        for j, tok in enumerate(co.new_token_ids):
+            before = len(seq.text)
+            seq.text += seq.detok.add([tok])
+            c.token_ids.append(tok)
+            if new_lps:
+                c.logprobs.append(new_lps[j])
+                c.cumulative_logprob = (c.cumulative_logprob or 0.0) + new_lps[j][tok].logprob
+            hit = find_stop(seq.text, stops, before) if stops else None
+            if hit is not None:
+                i, s = hit
+                seq.text = seq.text[: i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
+                c.text, c.finish_reason, c.stop_reason = seq.text, "stop", s
+                c.stream_text_len = len(c.text)
+                self.core.finish_request(co.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=s)
+                return
         c.finish_reason, c.stop_reason = co.finish_reason, co.stop_reason
         if c.finished:
             seq.text += seq.detok.flush()
         c.text = seq.text
-        stops = seq.params.stop
-        if stops and not c.finished:
-            hit = find_stop(seq.text, stops, before)
-            if hit is not None:
-                i, s = hit
-                c.text = seq.text[: i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
-                c.finish_reason, c.stop_reason = "stop", s
-                self.core.finish_request(co.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=s)
         c.stream_text_len = len(c.text) if c.finished or not stops else len(c.text) - held_back(c.text, stops)
 
     def _decode_logprobs(self, entries: list[PositionLogprobs | None]) -> list[PositionLogprobs | None]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from rtp_jax.config import SamplingParams
 
@@ -35,6 +37,38 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
+class TokenView(Sequence[int]):
+    """prompt + output as one read-only sequence, without concatenating them (hot path)."""
+
+    __slots__ = ("_prompt", "_output")
+
+    def __init__(self, prompt: list[int], output: list[int]) -> None:
+        self._prompt, self._output = prompt, output
+
+    def __len__(self) -> int:
+        return len(self._prompt) + len(self._output)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        n = len(self._prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            if stop <= n:
+                return self._prompt[start:stop]
+            if start >= n:
+                return self._output[start - n:stop - n]
+            return self._prompt[start:] + self._output[: stop - n]
+        if i < 0:
+            i += len(self)
+        return self._prompt[i] if i < n else self._output[i - n]
+
+
 @dataclass
 class Request:
     """Mutable per-request state owned by the engine core.
@@ -62,6 +96,9 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_view(self) -> TokenView:
+        return TokenView(self.prompt_token_ids, self.output_token_ids)
 
     @property
     def num_tokens(self) -> int:

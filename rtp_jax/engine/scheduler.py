@@ -79,11 +79,12 @@ class Scheduler:
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
 
-        for req in list(self.running):
-            if req not in self.running or budget == 0:
-                continue  # preempted earlier in this loop, or no budget left for it this step
+        # Preemption takes victims from the tail, so walking by index never skips a request.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req.request_id, req.all_token_ids,
+            while not self.kv.allocate_slots(req.request_id, req.token_view(),
                                              req.num_computed_tokens, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -93,11 +94,12 @@ class Scheduler:
             else:
                 seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new))
                 budget -= num_new
+                i += 1
 
         # Admitting new work right after a preemption would just thrash the pool.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            tokens = req.all_token_ids
+            tokens = req.token_view()
             req.num_computed_tokens = self.kv.get_computed_blocks(req.request_id, tokens)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate_slots(req.request_id, tokens, req.num_computed_tokens, num_new):

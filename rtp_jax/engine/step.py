@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rtp_jax.engine.packing import PackSpec, pack, unpack
 from rtp_jax.engine.sampler import SamplingFlags, SamplingTensors, compute_logprobs, sample
 from rtp_jax.models.attention import AttentionFn, AttentionMetadata
 from rtp_jax.models.rope import rope_tables
@@ -93,22 +94,92 @@ def _on_mesh(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
     return call
 
 
-def make_step_fn(graphdef: nnx.GraphDef, attn_fn: AttentionFn, mesh: Any = None,
+def make_step_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mesh: Any = None,
                  kv_shardings: Sequence[Any] | None = None) -> Callable[..., Any]:
-    """Returns the jitted step. Flax stays out of the hot loop: the model is re-assembled from its
-    state arrays at trace time only, so each call is a plain jitted function of arrays.
+    """Returns the step: `step(state_leaves, kv_caches, inputs, sampling, flags, prompt_top)`.
 
-    On a mesh the state and caches arrive sharded; XLA partitions the step from their shardings
-    (and inserts the tensor-parallel all-reduces); `attn_fn` is already wrapped per tp shard.
+    Flax stays out of the hot loop: the state is passed as its flat list of arrays (`treedef` rebuilds
+    it at trace time), and the host inputs travel as two packed buffers (`packing`), so a call costs
+    one small pytree flatten and two copies. On a mesh the state and caches arrive sharded; XLA
+    partitions the step from their shardings (and inserts the tensor-parallel all-reduces);
+    `attn_fn` is already wrapped per tp shard.
     """
 
-    def step(state: nnx.State, kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
-             flags: SamplingFlags, prompt_top: int) -> tuple[KVCaches, StepOutputs]:
-        model = nnx.merge(graphdef, state)
+    def step(leaves: list[jax.Array], kv_caches: KVCaches, ibuf: jax.Array, fbuf: jax.Array,
+             spec: PackSpec, flags: SamplingFlags, prompt_top: int) -> tuple[KVCaches, StepOutputs]:
+        inp, st = unpack(ibuf, fbuf, spec)
+        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         hidden, kv_caches = model(inp.input_ids, inp.positions, kv_caches, inp.md, attn_fn)
         return _constrain(kv_caches, kv_shardings), _sample_outputs(model, hidden, inp, st, flags, prompt_top)
 
-    return _on_mesh(jax.jit(step, static_argnums=(4, 5), donate_argnums=(1,)), mesh)
+    jitted = _on_mesh(jax.jit(step, static_argnums=(4, 5, 6), donate_argnums=(1,)), mesh)
+
+    def call(leaves: list[jax.Array], kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
+             flags: SamplingFlags, prompt_top: int) -> tuple[KVCaches, StepOutputs]:
+        ibuf, fbuf, spec = pack((inp, st))
+        return jitted(leaves, kv_caches, ibuf, fbuf, spec, flags, prompt_top)
+
+    return call
+
+
+class DecodeOutputs(NamedTuple):
+    tokens: jax.Array  # int32[K, S]
+    logprobs: Logprobs | None  # each field [K, S, ...]
+
+
+def make_decode_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mesh: Any = None,
+                   kv_shardings: Sequence[Any] | None = None) -> Callable[..., Any]:
+    """Returns `decode(state_leaves, kv_caches, inputs, sampling, flags, num_steps)`: K decode steps of a
+    pure-decode batch in one call, each step feeding its sampled tokens to the next on device.
+
+    `inputs` holds one token per sequence (row s is sequence s, so T == S) and block tables wide
+    enough for K more tokens. Step i samples with key step `sampling.step + i`, exactly as K single
+    steps would, so outputs are identical; the host discards tokens past a stop.
+    """
+
+    def decode(leaves: list[jax.Array], kv_caches: KVCaches, ibuf: jax.Array, fbuf: jax.Array,
+               spec: PackSpec, flags: SamplingFlags, num_steps: int) -> tuple[KVCaches, DecodeOutputs]:
+        inp, st = unpack(ibuf, fbuf, spec)
+        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        md0 = inp.md
+        num_blocks, block_size = kv_caches[0][0].shape[:2]
+        num_rows = inp.input_ids.shape[0]
+        valid = jnp.arange(num_rows) < md0.num_seqs
+
+        def one_step(i: jax.Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+            kv, tokens, out = carry
+            pos = inp.positions + i
+            block = jnp.take_along_axis(md0.block_tables, (pos // block_size)[:, None], axis=1)[:, 0]
+            md = md0._replace(
+                slot_mapping=jnp.where(valid, block * block_size + pos % block_size, num_blocks * block_size),
+                kv_lens=jnp.where(valid, md0.kv_lens + i, 0),
+            )
+            hidden, kv = model(tokens, pos, kv, md, attn_fn)
+            logits = model.compute_logits(hidden)  # [S, V]: every row is a sequence's last token
+            new = sample(logits, st._replace(step=st.step + i), flags)
+            lp = _logprobs(logits, new, flags.num_logprobs) if flags.needs_logprobs else None
+            out = jax.tree.map(lambda acc, x: acc.at[i].set(x), out, DecodeOutputs(new, lp))
+            return _constrain(kv, kv_shardings), new, out
+
+        lp0 = None
+        if flags.needs_logprobs:
+            k = flags.num_logprobs
+            lp0 = Logprobs(jnp.zeros((num_steps, num_rows), jnp.float32),
+                           jnp.zeros((num_steps, num_rows), jnp.int32),
+                           jnp.zeros((num_steps, num_rows, k), jnp.int32),
+                           jnp.zeros((num_steps, num_rows, k), jnp.float32))
+        out0 = DecodeOutputs(jnp.zeros((num_steps, num_rows), jnp.int32), lp0)
+        kv, _, out = jax.lax.fori_loop(0, num_steps, one_step, (kv_caches, inp.input_ids, out0))
+        return kv, out
+
+    jitted = _on_mesh(jax.jit(decode, static_argnums=(4, 5, 6), donate_argnums=(1,)), mesh)
+
+    def call(leaves: list[jax.Array], kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
+             flags: SamplingFlags, num_steps: int) -> tuple[KVCaches, DecodeOutputs]:
+        ibuf, fbuf, spec = pack((inp, st))
+        return jitted(leaves, kv_caches, ibuf, fbuf, spec, flags, num_steps)
+
+    return call
 
 
 def _flat(d: dict[Any, Any], prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], Any]:

@@ -110,7 +110,10 @@ def load_state(
         if tuple(array.shape) != tuple(want.shape):
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(array.shape)}, "
                              f"expected {tuple(want.shape)} from the model config")
-        loaded[name] = place(name, np.asarray(array).astype(want.dtype, copy=False))
+        if isinstance(array, jax.Array):  # already on a device: cast there, never pull it back
+            loaded[name] = place(name, array.astype(want.dtype))
+        else:
+            loaded[name] = place(name, np.asarray(array).astype(want.dtype, copy=False))
 
     for ckpt_name, array in weights:
         tied_head = cfg.tie_word_embeddings and ckpt_name == "lm_head.weight"

@@ -145,3 +145,33 @@ def test_unknown_model_path_says_what_was_expected(tmp_path: Path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
     with pytest.raises(ValueError):
         LLM(str(tmp_path / "junk.gguf"))
+
+
+def test_multi_step_decode_equals_single_steps(llama_path: Path) -> None:
+    """K decode steps per device call give exactly the tokens and logprobs of one step per call, for
+    greedy and seeded requests, with a stop string ending a sequence in the middle of a K-step call."""
+    prompts = _prompts(5, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=19, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=23, ignore_eos=True, logprobs=0),
+              SamplingParams(temperature=0.7, top_k=20, seed=6, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.8, min_p=0.05, seed=8, max_tokens=17, ignore_eos=True)]
+    runs = {}
+    for k in (1, 8):
+        llm = LLM(str(llama_path), dtype="float32", max_model_len=128, num_decode_steps=k)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[k] = [(o.outputs[0].token_ids, o.outputs[0].text,
+                    [{t: round(lp.logprob, 5) for t, lp in e.items()} for e in o.outputs[0].logprobs or []])
+                   for o in outs]
+        core = llm.engine.core
+        calls = {"steps": core.num_steps, "calls": core.num_device_calls}
+    assert runs[8] == runs[1]
+    assert calls["calls"] * 3 < calls["steps"], f"multi-step decode must have run: {calls}"
+
+    # A stop string reached inside a K-step call still ends the text (and tokens) at its token.
+    text = runs[1][3][1]
+    stop = text[len(text) // 3: len(text) // 3 + 2]
+    llm = LLM(str(llama_path), dtype="float32", max_model_len=128, num_decode_steps=8)
+    out = llm.generate(prompts[3], params[3].replace(stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert out.text == text[: text.index(stop)] and out.finish_reason == "stop"
+    assert len(out.token_ids) < 30

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DENSE, MOE, engine_config, layout
 from jax.sharding import PartitionSpec as P
+from layouts import DENSE, MOE, engine_config, layout
 
 from rtp_jax.config import ModelConfig, ParallelConfig
 from rtp_jax.engine.args import EngineArgs
