@@ -148,14 +148,40 @@ def reference(case: Case) -> Callable:
                                                             sm_scale=D**-0.5, tokens_per_chunk=chunk)
 
 
+def per_head_on_head_major(case: Case, **tuning: Any) -> Callable:
+    """Diagnostic: the per-head kernel on caches laid out [kv_heads, blocks, 16, D] (built-in's layout).
+
+    Not an engine path (the cache layout is fixed); it separates the layout's cost from the kernel's.
+    """
+    from kernels_pallas._paged_common import merge_splits, sanitize_block_tables, tile_metadata
+    from kernels_pallas.ragged_paged_attention import _per_head_attention
+
+    kv_lens, tables, qsl, n = case.meta
+    cfg = {k: v for k, v in tuning.items() if k != "fuse_heads"}
+
+    def fn(q, k, v):  # k, v: [kv_heads, blocks, 16, D]
+        t, bq = q.shape[0], cfg["block_q"]
+        meta = tile_metadata(t, bq, kv_lens, qsl, n)
+        tbl = sanitize_block_tables(tables, kv_lens, BS, cfg["pages_per_block"])
+        q4 = q.reshape(t, H_KV, H_Q // H_KV, D)
+        o, lse = _per_head_attention(meta, tbl, q4, k, v, sm_scale=D**-0.5, sliding_window=None,
+                                     soft_cap=None, interpret=False, lowering="triton", kv_head_major=True,
+                                     **cfg)
+        return (o if lse is None else merge_splits(o, lse)).reshape(t, H_Q, D).astype(q.dtype)
+
+    return fn
+
+
 def tuning_sweep(case: Case, quick: bool) -> list[dict[str, Any]]:
     """Default tuning first, then variants around it (a handful with --quick, a grid without)."""
     t = sum(case.q_lens)
     base = default_tuning(t, len(case.q_lens), H_Q // H_KV, max(case.kv_lens), H_KV)
     if quick:
         if case.kind == "decode":
-            grid = [dict(base, pages_per_block=16), dict(base, num_warps=8),
-                    dict(base, num_splits=2 * base["num_splits"])]
+            legacy = per_head_decode_tuning(len(case.q_lens), max(case.kv_lens))
+            grid = [legacy, dict(base, heads_inner=not base["heads_inner"]), dict(base, num_warps=8),
+                    dict(base, num_splits=2 * base["num_splits"]),
+                    fused_heads_tuning(len(case.q_lens), max(case.kv_lens))]
         elif case.kind == "mixed":
             grid = [dict(base, block_q=4, pages_per_block=8)]
         elif case.q_lens == [4096]:
@@ -174,13 +200,29 @@ def tuning_sweep(case: Case, quick: bool) -> list[dict[str, Any]]:
     else:
         grid = [dict(base, block_q=bq, pages_per_block=p, num_warps=w, num_stages=st)
                 for bq, p, w, st in itertools.product((16, 32), (4, 8), (4, 8), (2, 3))]
-    return [base] + [g for g in grid if g != base]
+    return [base] + [g for i, g in enumerate(grid) if g != base and g not in grid[:i]]
 
 
-def builtin_variants(case: Case) -> list[dict[str, int]]:
+def per_head_decode_tuning(num_seqs: int, max_context: int) -> dict[str, Any]:
+    """The decode default before 2026-11-24 (split >= 1, head-outer grid), for comparison."""
+    splits = int(min(max(1, max_context // 128), max(1, 264 // (H_KV * num_seqs)), 16))
+    return dict(fuse_heads=False, block_q=16 // (H_Q // H_KV), pages_per_block=8, num_splits=splits,
+                num_warps=4, num_stages=2, heads_inner=False)
+
+
+def fused_heads_tuning(num_seqs: int, max_context: int) -> dict[str, Any]:
+    """Opt-in fused-heads kernel with the split count that did best on H100 (~4-8 programs per SM)."""
+    splits = int(min(max(1, max_context // 32), -(-8 * 132 // num_seqs), 256))
+    return dict(fuse_heads=True, block_q=1, pages_per_block=1, num_splits=splits, num_warps=4,
+                num_stages=2, heads_inner=False)
+
+
+def builtin_variants(case: Case, quick: bool) -> list[dict[str, int]]:
+    """JAX built-in configs: the full grid, or with --quick the ones that won before (results json)."""
     pages = -(-max(case.kv_lens) // BS)
     out = []
-    for k, p in itertools.product((1, 2, 4, 8, 16), (4, 8, 16)):
+    grid = ((1, 8), (4, 8), (8, 16)) if quick else itertools.product((1, 2, 4, 8, 16), (4, 8, 16))
+    for k, p in grid:
         if pages % k == 0 and (pages // k) % min(p, pages // k) == 0:
             out.append(dict(k_splits=k, pages_per_compute_block=p, block_h=16))
     return out
@@ -224,7 +266,7 @@ def run_case(case: Case, machine: dict[str, float], quick: bool) -> None:
     if case.kind == "decode":
         bsets = [(q[:, :, :], k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)) for q, k, v in sets]
         bbest = None
-        for cfg in builtin_variants(case):
+        for cfg in builtin_variants(case, quick):
             try:
                 sec = time_calls(builtin(case, cfg), bsets)
             except Exception as e:
@@ -236,6 +278,15 @@ def run_case(case: Case, machine: dict[str, float], quick: bool) -> None:
             out = np.asarray(jax.jit(builtin(case, bbest["cfg"]))(*bsets[0]), np.float32)
             bbest["rel_err"] = relative_error(out, ref)
         r["jax_builtin"] = bbest
+        if quick:  # layout diagnostic: per-head kernel (split x2) on the built-in's head-major layout
+            cfg = dict(per_head_decode_tuning(len(case.q_lens), max(case.kv_lens)))
+            cfg["num_splits"] *= 2
+            try:
+                out = np.asarray(jax.jit(per_head_on_head_major(case, **cfg))(*bsets[0]), np.float32)
+                sec = time_calls(per_head_on_head_major(case, **cfg), bsets)
+                r["per_head_head_major"] = dict(cfg=cfg, seconds=sec, rel_err=relative_error(out, ref))
+            except Exception as e:
+                r["per_head_head_major"] = dict(cfg=cfg, error=f"{type(e).__name__}: {str(e)[:300]}")
         del bsets
     if case.kind == "prefill" and len(case.q_lens) == 1 and case.q_lens[0] == case.kv_lens[0]:
         n = case.q_lens[0]
@@ -257,28 +308,37 @@ def run_case(case: Case, machine: dict[str, float], quick: bool) -> None:
     del sets
 
 
+def _per_head_best(r: dict[str, Any]) -> float | None:
+    """Fastest timed variant of the per-head kernel (fuse_heads=False), seconds."""
+    secs = [v["seconds"] for v in r.get("variants", []) if "seconds" in v and not v["cfg"].get("fuse_heads")]
+    return min(secs, default=None)
+
+
 def summary_rows(cases: list[Case], machine: dict[str, float]) -> list[str]:
     bw, fl = machine["copy_bytes_per_s"], machine["bf16_matmul_flops_per_s"]
     head = ("| case | ours default us | ours best us | best cfg | KV TB/s | %copy | TFLOP/s | %mm | "
-            "ref XLA us | JAX builtin us (TB/s) | cuDNN us (TFLOP/s) | rel err |")
-    rows = [head, "|" + "---|" * 12]
+            "per-head kernel best us | ref XLA us | JAX builtin us (TB/s) | cuDNN us (TFLOP/s) | rel err |")
+    rows = [head, "|" + "---|" * 13]
     for c in cases:
         r = c.results
         if not r.get("best"):
-            rows.append(f"| {c.name} | FAILED | | | | | | | | | | |")
+            rows.append(f"| {c.name} | FAILED | | | | | | | | | | | |")
             continue
         b = r["best"]
-        cfg = ",".join(f"{k[:6]}={v}" for k, v in b["cfg"].items() if k != "lowering")
+        cfg = ",".join(f"{k[:6]}={int(v)}" for k, v in b["cfg"].items() if k != "lowering")
         jb = r.get("jax_builtin")
         jbs = f"{jb['seconds']*1e6:.1f} ({c.kv_bytes/jb['seconds']/1e12:.2f})" if jb else "-"
         cd = r.get("cudnn_s")
         cds = f"{cd*1e6:.1f} ({c.flops/cd/1e12:.0f})" if cd else "-"
         dflt = r["default"].get("seconds")
+        ph = _per_head_best(r)
+        phs = f"{ph*1e6:.1f} ({c.kv_bytes/ph/1e12:.2f})" if ph else "-"
         rows.append(
-            f"| {c.name} | {dflt*1e6:.1f} | {b['seconds']*1e6:.1f} | {cfg} | {r['tb_s']:.2f} | "
-            f"{100*c.kv_bytes/b['seconds']/bw:.0f} | {r['tflop_s']:.1f} | "
-            f"{100*c.flops/b['seconds']/fl:.0f} | "
-            f"{r['reference_xla_s']*1e6:.0f} | {jbs} | {cds} | {r['max_rel_err']:.1e} |"
+            f"| {c.name} | {dflt*1e6 if dflt else float('nan'):.1f} | {b['seconds']*1e6:.1f} | {cfg} | "
+            f"{c.kv_bytes/b['seconds']/1e12:.2f} | {100*c.kv_bytes/b['seconds']/bw:.0f} | "
+            f"{c.flops/b['seconds']/1e12:.1f} | "
+            f"{100*c.flops/b['seconds']/fl:.0f} | {phs} | "
+            f"{r.get('reference_xla_s', float('nan'))*1e6:.0f} | {jbs} | {cds} | {r['max_rel_err']:.1e} |"
         )
     return rows
 
@@ -313,24 +373,28 @@ def main() -> None:
             c.results["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         brief = {k: v for k, v in c.results.items() if k != "variants"}
         print(f"{c.name}: {time.time()-t0:.0f}s {json.dumps(brief, default=str)[:600]}", flush=True)
+        write_outputs(args.out, cases, machine)  # after every case: a timeout keeps what was measured
+    print("\n".join(summary_rows(cases, machine)))
+
+
+def write_outputs(out_dir: str, cases: list[Case], machine: dict[str, float]) -> None:
+    """DIR/attention.json (every variant) and DIR/attention.md (summary table) for the cases so far."""
     info = dict(
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version(),
         git_sha=git_sha(), command=" ".join(sys.argv), machine=machine,
         shape=dict(num_q_heads=H_Q, num_kv_heads=H_KV, head_dim=D, block_size=BS, dtype="bfloat16"),
-        cases=[dict(kind=c.kind, name=c.name, **c.results) for c in cases],
+        cases=[dict(kind=c.kind, name=c.name, **c.results) for c in cases if c.results],
     )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention.json"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "attention.json"), "w") as f:
         json.dump(info, f, indent=1, default=str)
-    rows = summary_rows(cases, machine)
     head = (f"# Ragged paged attention on {info['device']}\n\njax {info['jax']}, python {info['python']}, "
             f"git {info['git_sha']}\n\ncommand: `{info['command']}`\n\nroofline: copy "
             f"{machine['copy_bytes_per_s']/1e12:.2f} TB/s (read+write), bf16 matmul "
             f"{machine['bf16_matmul_flops_per_s']/1e12:.0f} TFLOP/s; bf16, {H_Q} q heads, {H_KV} KV heads, "
             f"head_dim {D}, block {BS}\n\n")
-    with open(os.path.join(args.out, "attention.md"), "w") as f:
-        f.write(head + "\n".join(rows) + "\n")
-    print("\n".join(rows))
+    with open(os.path.join(out_dir, "attention.md"), "w") as f:
+        f.write(head + "\n".join(summary_rows([c for c in cases if c.results], machine)) + "\n")
 
 
 if __name__ == "__main__":

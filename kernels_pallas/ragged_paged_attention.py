@@ -18,20 +18,24 @@ logit x into c * tanh(x / c) before the softmax.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels_pallas._lowering import gpu_lowering, masked_load, masked_store, tl_dot
-
-# Finite "minus infinity": a fully masked row then yields finite garbage (dropped later) instead of
-# NaN, and exp2(MASK - m) underflows to exactly 0 once a real logit has been seen.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-LOG2E = math.log2(math.e)
+from kernels_pallas._paged_common import (
+    LOG2E,
+    MASK_VALUE,
+    finish_softmax,
+    merge_splits,
+    online_softmax_step,
+    sanitize_block_tables,
+    split_kv_range,
+    tile_metadata,
+)
+from kernels_pallas.decode_attention import fused_heads_attention
 
 
 def token_metadata(
@@ -129,8 +133,10 @@ def _kernel(
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    heads_inner: bool,
 ) -> None:
-    tile, split = pl.program_id(1), pl.program_id(2)
+    tile_axis = 0 if heads_inner else 1  # grid (tile, split, head) or (head, tile, split)
+    tile, split = pl.program_id(tile_axis), pl.program_id(tile_axis + 1)
     _, group, head_dim = q_ref.shape
     block_size = k_ref.shape[1]
     block_k = pages_per_block * block_size
@@ -141,15 +147,10 @@ def _kernel(
     # Row r is token q0 + r // group; a token's position is counted back from the context end.
     row_pos = kv_len - (q_end - (q0 + jnp.arange(rows, dtype=jnp.int32) // group))  # [rows]
 
-    # Visible KV range of the whole tile, in KV blocks, then this split's share of it.
-    kv_hi = kv_len - (q_end - jnp.minimum(q0 + block_q, q_end))
-    kv_lo = 0 if sliding_window is None else jnp.maximum(kv_len - (q_end - q0) - sliding_window + 1, 0)
-    blk_lo = kv_lo // block_k
-    blk_hi = (kv_hi + block_k - 1) // block_k
-    per_split = (blk_hi - blk_lo + num_splits - 1) // num_splits
-    start = blk_lo + split * per_split
-    stop = jnp.minimum(start + per_split, blk_hi)
-
+    start, stop, full_lo, full_hi = split_kv_range(
+        q0, q_end, kv_len, split, block_q=block_q, block_k=block_k, num_splits=num_splits,
+        sliding_window=sliding_window,
+    )
     q_mask = jnp.broadcast_to(tok_ok[:, None, None], (block_q, group, head_dim))
     q = masked_load(q_ref.at[pl.ds(q0, block_q)], q_mask).reshape(rows, head_dim)
     kv_offsets = jnp.arange(block_k, dtype=jnp.int32)
@@ -169,21 +170,8 @@ def _kernel(
             if sliding_window is not None:
                 visible &= kv_pos[None, :] > row_pos[:, None] - sliding_window
             s = jnp.where(visible, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        denom = denom * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + tl_dot(p.astype(v.dtype), v)
-        return acc, m_new, denom
+        return online_softmax_step(s, v, acc, m, denom)
 
-    # Blocks [full_lo, full_hi) are visible to every row of the tile and skip the mask arithmetic;
-    # only the causal diagonal and the window's lower edge pay for it.
-    first_pos = kv_len - (q_end - q0)
-    full_hi = jnp.clip((first_pos + 1) // block_k, start, stop)
-    if sliding_window is None:
-        full_lo = start
-    else:
-        full_lo = jnp.clip((kv_hi - sliding_window + block_k - 1) // block_k, start, full_hi)
     masked_step = functools.partial(step, masked=True)
     carry = (
         jnp.zeros((rows, head_dim), jnp.float32),
@@ -193,98 +181,125 @@ def _kernel(
     carry = jax.lax.fori_loop(start, full_lo, masked_step, carry)
     carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
     acc, m, denom = jax.lax.fori_loop(full_hi, stop, masked_step, carry)
-    denom_safe = jnp.where(denom == 0.0, 1.0, denom)  # empty split: acc is 0, keep it finite
-    out = (acc / denom_safe[:, None]).reshape(block_q, group, head_dim)
+    out, lse = finish_softmax(acc, m, denom)
+    out = out.reshape(block_q, group, head_dim)
     o_ref = out_refs[0]
     masked_store(o_ref.at[pl.ds(q0, block_q)], out.astype(o_ref.dtype), q_mask)
     if num_splits > 1:
-        lse = jnp.where(denom == 0.0, -jnp.inf, m + jnp.log2(denom_safe)).reshape(block_q, group)
+        lse = lse.reshape(block_q, group)
         lse_mask = jnp.broadcast_to(tok_ok[:, None], (block_q, group))
         masked_store(out_refs[1].at[pl.ds(q0, block_q)], lse, lse_mask)
 
 
-def tile_metadata(
-    num_tokens: int,
-    block_q: int,
-    kv_lens: jax.Array,
-    query_start_loc: jax.Array,
-    num_seqs: jax.Array,
-) -> jax.Array:
-    """Split every sequence's queries into tiles of `block_q` tokens.
-
-    Returns int32[num_tiles_max, 4] rows (seq, q0, q_end, kv_len); tiles past the last real one
-    are (0, 0, 0, 0), which the kernel treats as empty. num_tiles_max bounds sum_s cdiv(len_s, block_q).
-    """
-    num_slots = kv_lens.shape[0]
-    num_tiles = min(num_tokens, (num_tokens + num_slots * (block_q - 1)) // block_q)
-    slot = jnp.arange(num_slots, dtype=jnp.int32)
-    q_start, q_end = query_start_loc[:-1], query_start_loc[1:]
-    q_len = jnp.where(slot < num_seqs, q_end - q_start, 0)
-    tiles_per_seq = (q_len + block_q - 1) // block_q
-    cum = jnp.cumsum(tiles_per_seq)
-    tile = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(cum, tile, side="right"), num_slots - 1).astype(jnp.int32)
-    first = cum[seq] - tiles_per_seq[seq]
-    real = tile < cum[-1]
-    q0 = q_start[seq] + (tile - first) * block_q
-    zero = jnp.zeros_like(tile)
-    return jnp.stack(
-        [
-            jnp.where(real, seq, zero),
-            jnp.where(real, q0, zero),
-            jnp.where(real, q_end[seq], zero),
-            jnp.where(real, kv_lens[seq], zero),
-        ],
-        axis=1,
-    ).astype(jnp.int32)
-
-
-def _sanitize_block_tables(
-    block_tables: jax.Array, kv_lens: jax.Array, block_size: int, pages_per_block: int
-) -> jax.Array:
-    """Pad columns to a multiple of pages_per_block and zero entries past each context.
-
-    The kernel reads whole compute blocks of pages; entries past a sequence's last page may be
-    stale or garbage, and page 0 is always a safe address (its keys are masked out).
-    """
-    num_slots, max_pages = block_tables.shape
-    padded = -(-max_pages // pages_per_block) * pages_per_block
-    used = (kv_lens + block_size - 1) // block_size
-    col = jnp.arange(padded, dtype=jnp.int32)
-    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, padded - max_pages)))
-    return jnp.where(col[None, :] < used[:, None], tables, 0)
-
-
-def _merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
-    """Combine per-split normalized outputs [K, T, H, G, D] f32 with their base-2 lse [K, T, H, G]."""
-    lse_max = lse_parts.max(axis=0)
-    w = jnp.exp2(lse_parts - lse_max[None])  # empty splits (lse = -inf) weigh 0
-    return (o_parts * w[..., None]).sum(axis=0) / w.sum(axis=0)[..., None]
+NUM_SMS = 132  # H100 SXM; the split heuristics aim for a few programs per SM
 
 
 def default_tuning(
     num_tokens: int, num_slots: int, group: int, max_context: int, num_kv_heads: int
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Static tuning from the call's shapes (the engine's buckets); see bench/results/attention.md.
 
-    Decode-shaped calls (T <= S) use 16-row tiles and split long contexts until there are ~2
-    programs per SM (132 SMs); prefill-shaped calls use 64-row tiles and no split. Measured on H100:
-    num_splits=2 is ~10% faster at 64x4096 and 256x512 decode (not yet the default).
+    Decode-shaped calls (T <= S): per-head kernel, 16-row tiles, at least 2 KV splits and up to ~2
+    programs per SM (max 16), grid (tile, split, kv_head) from 8 sequences up (measured on H100:
+    -3..-25% vs split 1 / head-outer grid; at 1 sequence head-outer was faster). Prefill-shaped
+    calls: 64-row tiles, no split. The fused-heads kernel (fuse_heads=True) is opt-in: not faster.
     """
+    common = dict(fuse_heads=False, num_warps=4, num_stages=2)
     if num_tokens <= num_slots:
-        block_q = max(1, 16 // group)
         programs = num_kv_heads * max(1, num_slots)
         kv_blocks = max(1, max_context // 128)
-        num_splits = int(min(kv_blocks, max(1, 264 // programs), 16))
-        return dict(block_q=block_q, pages_per_block=8, num_splits=num_splits, num_warps=4, num_stages=2)
-    return dict(block_q=max(1, 64 // group), pages_per_block=4, num_splits=1, num_warps=4, num_stages=2)
+        num_splits = int(min(kv_blocks, max(2, 2 * NUM_SMS // programs), 16))
+        return dict(common, block_q=max(1, 16 // group), pages_per_block=8, num_splits=num_splits,
+                    heads_inner=num_slots >= 8)
+    return dict(common, block_q=max(1, 64 // group), pages_per_block=4, num_splits=1, heads_inner=False)
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n (Triton tiles need power-of-two extents)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _per_head_attention(
+    meta: jax.Array,
+    tables: jax.Array,
+    q4: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    block_q: int,
+    pages_per_block: int,
+    num_splits: int,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    interpret: bool,
+    num_warps: int,
+    num_stages: int,
+    lowering: str,
+    heads_inner: bool = False,
+    kv_head_major: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Launch the per-head kernel on q4 [T_pad, kv_heads, group_pad, D] (inside the caller's jit).
+
+    heads_inner orders the grid (tile, split, kv_head) so the programs of one tile's KV heads run
+    back to back and read the same pages; kv_head_major (benchmark diagnostic only) takes caches
+    laid out [kv_heads, num_blocks, block_size, D], JAX's built-in kernel's layout.
+
+    Returns (o, None) with o like q4 when num_splits == 1, else f32 o [K, *q4.shape] and base-2
+    lse [K, *q4.shape[:-1]] for `merge_splits`.
+    """
+    t_pad, num_kv_heads, group_pad, head_dim = q4.shape
+    if kv_head_major:  # diagnostic layout [kv_heads, num_blocks, block_size, D] (bench only)
+        num_blocks, block_size = k_cache.shape[1:3]
+        kv_block, kv_index = (None, num_blocks, block_size, head_dim), lambda h, i, k: (h, 0, 0, 0)
+    else:
+        num_blocks, block_size = k_cache.shape[:2]
+        kv_block, kv_index = (num_blocks, block_size, None, head_dim), lambda h, i, k: (0, 0, h, 0)
+
+    def spec(block: tuple, index_map: Any) -> pl.BlockSpec:
+        """BlockSpec whose index map takes (head, tile, split) whatever the grid order."""
+        return pl.BlockSpec(block, (lambda i, k, h: index_map(h, i, k)) if heads_inner else index_map)
+
+    full = lambda shape: spec(shape, lambda h, i, k: (0,) * len(shape))
+    per_head_q = spec((t_pad, None, group_pad, head_dim), lambda h, i, k: (0, h, 0, 0))
+    per_head_kv = spec(kv_block, kv_index)
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct(q4.shape, q4.dtype)]
+        out_specs = [per_head_q]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((num_splits, *q4.shape), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, *q4.shape[:-1]), jnp.float32),
+        ]
+        out_specs = [
+            spec((None, t_pad, None, group_pad, head_dim), lambda h, i, k: (k, 0, h, 0, 0)),
+            spec((None, t_pad, None, group_pad), lambda h, i, k: (k, 0, h, 0)),
+        ]
+    kernel = functools.partial(
+        _kernel, block_q=block_q, pages_per_block=pages_per_block, num_splits=num_splits,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, heads_inner=heads_inner,
+    )
+    tiles = meta.shape[0]
+    grid = (tiles, num_splits, num_kv_heads) if heads_inner else (num_kv_heads, tiles, num_splits)
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[full(meta.shape), full(tables.shape), per_head_q, per_head_kv, per_head_kv],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        name=f"ragged_paged_attention_bq{block_q}_p{pages_per_block}_k{num_splits}",
+        **gpu_lowering(lowering, num_warps=num_warps, num_stages=num_stages),
+    )(meta, tables, q4, k_cache, v_cache)
+    return (outs[0], None) if num_splits == 1 else (outs[0], outs[1])
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "sliding_window", "soft_cap", "interpret", "block_q", "pages_per_block",
-        "num_splits", "num_warps", "num_stages", "lowering",
+        "sm_scale", "sliding_window", "soft_cap", "interpret", "fuse_heads", "block_q",
+        "pages_per_block", "num_splits", "num_warps", "num_stages", "heads_inner",
+        "lowering",
     ),
 )
 def _ragged_paged_attention(
@@ -300,66 +315,40 @@ def _ragged_paged_attention(
     sliding_window: int | None,
     soft_cap: float | None,
     interpret: bool,
+    fuse_heads: bool,
     block_q: int,
     pages_per_block: int,
     num_splits: int,
     num_warps: int,
     num_stages: int,
+    heads_inner: bool,
     lowering: str,
 ) -> jax.Array:
     num_tokens, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    block_size, num_kv_heads = k_cache.shape[1:3]
     group = num_q_heads // num_kv_heads
-    group_pad = 1 << (group - 1).bit_length()  # Triton tiles need power-of-two extents
     # Interpret mode clamps out-of-range dynamic slices instead of masking them, so give the
     # last tile room there; compiled, the masked loads/stores never touch rows >= T.
     pad_t = block_q if interpret else 0
-    q4 = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    if group_pad != group or pad_t:
-        q4 = jnp.pad(q4, ((0, pad_t), (0, 0), (0, group_pad - group), (0, 0)))
-    t_pad = num_tokens + pad_t
-
     meta = tile_metadata(num_tokens, block_q, kv_lens, query_start_loc, num_seqs)
-    tables = _sanitize_block_tables(block_tables, kv_lens, block_size, pages_per_block)
-    grid = (num_kv_heads, meta.shape[0], num_splits)
-
-    full = lambda shape: pl.BlockSpec(shape, lambda h, i, k: (0,) * len(shape))
-    per_head_q = pl.BlockSpec((t_pad, None, group_pad, head_dim), lambda h, i, k: (0, h, 0, 0))
-    per_head_kv = pl.BlockSpec((num_blocks, block_size, None, head_dim), lambda h, i, k: (0, 0, h, 0))
-    o_shape = (t_pad, num_kv_heads, group_pad, head_dim)
-    if num_splits == 1:
-        out_shape = [jax.ShapeDtypeStruct(o_shape, q.dtype)]
-        out_specs = [per_head_q]
+    tables = sanitize_block_tables(block_tables, kv_lens, block_size, pages_per_block)
+    knobs = dict(block_q=block_q, pages_per_block=pages_per_block, num_splits=num_splits,
+                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages, lowering=lowering)
+    if fuse_heads:
+        heads_pad = _pow2(num_q_heads)
+        q3 = jnp.pad(q, ((0, pad_t), (0, heads_pad - num_q_heads), (0, 0)))
+        o, lse = fused_heads_attention(meta, tables, q3, k_cache, v_cache, group=group, **knobs)
     else:
-        out_shape = [
-            jax.ShapeDtypeStruct((num_splits, *o_shape), jnp.float32),
-            jax.ShapeDtypeStruct((num_splits, *o_shape[:-1]), jnp.float32),
-        ]
-        out_specs = [
-            pl.BlockSpec((None, t_pad, None, group_pad, head_dim), lambda h, i, k: (k, 0, h, 0, 0)),
-            pl.BlockSpec((None, t_pad, None, group_pad), lambda h, i, k: (k, 0, h, 0)),
-        ]
-    kernel = functools.partial(
-        _kernel,
-        block_q=block_q,
-        pages_per_block=pages_per_block,
-        num_splits=num_splits,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-    )
-    outs = pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=[full(meta.shape), full(tables.shape), per_head_q, per_head_kv, per_head_kv],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-        name=f"ragged_paged_attention_bq{block_q}_p{pages_per_block}_k{num_splits}",
-        **gpu_lowering(lowering, num_warps=num_warps, num_stages=num_stages),
-    )(meta, tables, q4, k_cache, v_cache)
-    out = outs[0] if num_splits == 1 else _merge_splits(outs[0], outs[1])
-    out = out[:num_tokens, :, :group].reshape(num_tokens, num_q_heads, head_dim)
+        group_pad = _pow2(group)
+        q4 = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+        q4 = jnp.pad(q4, ((0, pad_t), (0, 0), (0, group_pad - group), (0, 0)))
+        o, lse = _per_head_attention(meta, tables, q4, k_cache, v_cache, heads_inner=heads_inner, **knobs)
+    out = o if lse is None else merge_splits(o, lse)
+    if fuse_heads:
+        out = out[:num_tokens, :num_q_heads]
+    else:
+        out = out[:num_tokens, :, :group].reshape(num_tokens, num_q_heads, head_dim)
     valid = jnp.arange(num_tokens) < query_start_loc[num_seqs]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
 
@@ -381,9 +370,12 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Pallas kernel for the contract in the module docstring (same results as the reference).
 
-    `tuning` (all static, defaults from `default_tuning`): block_q (tokens per q tile; block_q *
-    group >= 16 on GPU), pages_per_block (KV pages per inner step), num_splits (split-K factor),
-    num_warps, num_stages, lowering ("triton").
+    `tuning` (all static, defaults from `default_tuning`): fuse_heads (one program reads whole
+    pages for all KV heads, decode_attention.py; needs a power-of-two num_kv_heads), block_q (tokens
+    per q tile; rows = block_q * group (per-head) or block_q * num_q_heads (fused) >= 16 on GPU),
+    pages_per_block (KV pages per inner step), num_splits (split-K factor), num_warps, num_stages,
+    heads_inner (per-head only: grid (tile, split, kv_head) instead of (kv_head, tile, split)),
+    lowering ("triton").
     Constraints: head_dim and block_size powers of two >= 16; num_q_heads % num_kv_heads == 0.
     """
     num_tokens, num_q_heads, head_dim = q.shape

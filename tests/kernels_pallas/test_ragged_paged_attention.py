@@ -47,9 +47,10 @@ def ragged_batches(draw, mode: str):
 
 
 def _batch(q_lens, kv_lens, *, group: int, head_dim: int = 32, block_size: int = 8, seed: int = 0,
-           dtype=np.float32, **kw):
-    return make_ragged_batch(np.random.default_rng(seed), q_lens, kv_lens, num_q_heads=2 * group,
-                             num_kv_heads=2, head_dim=head_dim, block_size=block_size, dtype=dtype, **kw)
+           dtype=np.float32, kv_heads: int = 2, **kw):
+    return make_ragged_batch(np.random.default_rng(seed), q_lens, kv_lens, num_q_heads=kv_heads * group,
+                             num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, dtype=dtype,
+                             **kw)
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
@@ -61,8 +62,51 @@ def test_random_ragged_batches_match_reference(mode: str, data: st.DataObject) -
     group = data.draw(st.sampled_from([1, 4]))
     batch = _batch(q_lens, kv_lens, group=group, pad_tokens=data.draw(st.integers(0, 3)),
                    pad_seqs=data.draw(st.integers(0, 2)), extra_pages=data.draw(st.integers(0, 2)))
-    _check(batch, tol=1e-5, block_q=data.draw(st.sampled_from([1, 4])), pages_per_block=2,
-           num_splits=data.draw(st.sampled_from([1, 3])))
+    _check(batch, tol=1e-5, fuse_heads=False, block_q=data.draw(st.sampled_from([1, 4])),
+           pages_per_block=2, num_splits=data.draw(st.sampled_from([1, 3])),
+           heads_inner=data.draw(st.booleans()))
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
+@FAST
+@given(data=st.data())
+def test_fused_heads_kernel_matches_reference(mode: str, data: st.DataObject) -> None:
+    """Fused-heads kernel (all KV heads per program, block-diagonal head mask) on any ragged batch."""
+    q_lens, kv_lens = data.draw(ragged_batches(mode))
+    batch = _batch(q_lens, kv_lens, group=data.draw(st.sampled_from([1, 3, 4])),
+                   kv_heads=data.draw(st.sampled_from([1, 2, 4])), pad_tokens=data.draw(st.integers(0, 3)),
+                   pad_seqs=data.draw(st.integers(0, 2)), extra_pages=data.draw(st.integers(0, 2)))
+    _check(batch, tol=1e-5, fuse_heads=True, block_q=data.draw(st.sampled_from([1, 2])),
+           pages_per_block=data.draw(st.sampled_from([1, 2])), num_splits=data.draw(st.sampled_from([1, 3])))
+
+
+@pytest.mark.parametrize("sliding_window,soft_cap", [(5, None), (16, None), (None, 3.0), (7, 10.0)])
+@pytest.mark.parametrize("pages_per_block", [1, 2])
+def test_fused_heads_window_soft_cap_and_splits(sliding_window, soft_cap, pages_per_block: int) -> None:
+    """Fused-heads kernel with a window / soft cap, more splits than pages, and bf16 inputs."""
+    batch = _batch([1, 1, 1, 2], [50, 33, 64, 9], group=4, pad_tokens=1, pad_seqs=1, dtype=jnp.bfloat16)
+    _check(batch, tol=1e-2, sliding_window=sliding_window, soft_cap=soft_cap, fuse_heads=True,
+           block_q=1, pages_per_block=pages_per_block, num_splits=12)
+
+
+def test_decode_default_tuning() -> None:
+    """Decode: per-head kernel, >= 2 splits up to ~2 programs per SM, heads-inner grid from 8 seqs."""
+    from kernels_pallas.ragged_paged_attention import default_tuning
+
+    dec = default_tuning(64, 64, 4, 4096, 8)
+    assert not dec["fuse_heads"] and dec["num_splits"] == 2 and dec["heads_inner"]
+    assert default_tuning(8, 8, 4, 32768, 8)["num_splits"] == 4
+    one = default_tuning(1, 1, 4, 4096, 8)
+    assert one["num_splits"] == 16 and not one["heads_inner"]
+    assert default_tuning(1, 1, 4, 16, 8)["num_splits"] == 1  # one 128-token block: nothing to split
+    prefill = default_tuning(4096, 1, 4, 4096, 8)
+    assert prefill["num_splits"] == 1 and not prefill["heads_inner"]
+
+
+def test_fused_heads_rejects_non_power_of_two_kv_heads() -> None:
+    batch = _batch([1, 1], [9, 20], group=2, kv_heads=3)
+    with pytest.raises(ValueError, match="power-of-two"):
+        ragged_paged_attention(*batch.args(), sm_scale=1.0, interpret=True, fuse_heads=True)
 
 
 @pytest.mark.parametrize("kv_len", [8, 16, 17, 31, 32, 33])
@@ -98,6 +142,8 @@ def test_default_tuning_decode_and_prefill_shapes() -> None:
     """The wrapper's default tuning (no knobs passed) is valid for decode- and prefill-shaped calls."""
     _check(_batch([1] * 4, [40, 3, 17, 64], group=4), tol=1e-5)
     _check(_batch([24, 40], [30, 40], group=4, block_size=16), tol=1e-5)
+    _check(_batch([1] * 3, [40, 3, 17], group=3, kv_heads=3), tol=1e-5)  # odd group and KV heads
+    _check(_batch([1] * 9, [40, 3, 17, 8, 1, 64, 30, 2, 9], group=4), tol=1e-5)  # heads-inner grid
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)
@@ -126,3 +172,14 @@ def test_compiled_kernel_on_gpu() -> None:
                               num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
                               dtype=jnp.bfloat16, pad_tokens=5, pad_seqs=2)
     _check(batch, tol=2e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("fuse_heads", [True, False])
+def test_compiled_decode_kernels_on_gpu(fuse_heads: bool) -> None:
+    """Compiled decode batch (T <= S, padded slots and tokens): default tuning, and the fused-heads kernel."""
+    batch = make_ragged_batch(np.random.default_rng(2), [1] * 5, [300, 17, 1, 4096, 33],
+                              num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                              dtype=jnp.bfloat16, pad_tokens=1, pad_seqs=3)
+    extra = dict(fuse_heads=True, block_q=1, pages_per_block=1, num_splits=8) if fuse_heads else {}
+    _check(batch, tol=2e-2, **extra)

@@ -1,0 +1,134 @@
+"""Helpers shared by the ragged paged attention kernels (per-head tiles and fused-heads decode).
+
+Host-side (jitted wrapper) metadata: tile table, sanitized block tables, split-K merge; and the
+constants of the base-2 online softmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas._lowering import tl_dot
+
+# Finite "minus infinity": a fully masked row then yields finite garbage (dropped later) instead of
+# NaN, and exp2(MASK - m) underflows to exactly 0 once a real logit has been seen.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+LOG2E = math.log2(math.e)
+
+
+def tile_metadata(
+    num_tokens: int,
+    block_q: int,
+    kv_lens: jax.Array,
+    query_start_loc: jax.Array,
+    num_seqs: jax.Array,
+) -> jax.Array:
+    """Split every sequence's queries into tiles of `block_q` tokens.
+
+    Returns int32[num_tiles_max, 4] rows (seq, q0, q_end, kv_len); tiles past the last real one
+    are (0, 0, 0, 0), which the kernel treats as empty. num_tiles_max bounds sum_s cdiv(len_s, block_q).
+    """
+    num_slots = kv_lens.shape[0]
+    num_tiles = min(num_tokens, (num_tokens + num_slots * (block_q - 1)) // block_q)
+    slot = jnp.arange(num_slots, dtype=jnp.int32)
+    q_start, q_end = query_start_loc[:-1], query_start_loc[1:]
+    q_len = jnp.where(slot < num_seqs, q_end - q_start, 0)
+    tiles_per_seq = (q_len + block_q - 1) // block_q
+    cum = jnp.cumsum(tiles_per_seq)
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(cum, tile, side="right"), num_slots - 1).astype(jnp.int32)
+    first = cum[seq] - tiles_per_seq[seq]
+    real = tile < cum[-1]
+    q0 = q_start[seq] + (tile - first) * block_q
+    zero = jnp.zeros_like(tile)
+    return jnp.stack(
+        [
+            jnp.where(real, seq, zero),
+            jnp.where(real, q0, zero),
+            jnp.where(real, q_end[seq], zero),
+            jnp.where(real, kv_lens[seq], zero),
+        ],
+        axis=1,
+    ).astype(jnp.int32)
+
+
+def sanitize_block_tables(
+    block_tables: jax.Array, kv_lens: jax.Array, block_size: int, pages_per_block: int
+) -> jax.Array:
+    """Pad columns to a multiple of pages_per_block and zero entries past each context.
+
+    The kernel reads whole compute blocks of pages; entries past a sequence's last page may be
+    stale or garbage, and page 0 is always a safe address (its keys are masked out).
+    """
+    num_slots, max_pages = block_tables.shape
+    padded = -(-max_pages // pages_per_block) * pages_per_block
+    used = (kv_lens + block_size - 1) // block_size
+    col = jnp.arange(padded, dtype=jnp.int32)
+    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, padded - max_pages)))
+    return jnp.where(col[None, :] < used[:, None], tables, 0)
+
+
+def merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
+    """Combine per-split normalized outputs [K, T, H, G, D] f32 with their base-2 lse [K, T, H, G]."""
+    lse_max = lse_parts.max(axis=0)
+    w = jnp.exp2(lse_parts - lse_max[None])  # empty splits (lse = -inf) weigh 0
+    return (o_parts * w[..., None]).sum(axis=0) / w.sum(axis=0)[..., None]
+
+
+def split_kv_range(
+    q0: jax.Array,
+    q_end: jax.Array,
+    kv_len: jax.Array,
+    split: jax.Array,
+    *,
+    block_q: int,
+    block_k: int,
+    num_splits: int,
+    sliding_window: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """In-kernel: this split's KV blocks [start, stop) of a tile and its unmasked core [full_lo, full_hi).
+
+    A tile is tokens [q0, min(q0 + block_q, q_end)) of a sequence whose queries end at q_end and whose
+    context is kv_len long; blocks are `block_k` KV positions. Blocks in [full_lo, full_hi) are
+    visible to every token of the tile, so they skip the causal / window mask.
+    """
+    kv_hi = kv_len - (q_end - jnp.minimum(q0 + block_q, q_end))
+    kv_lo = 0 if sliding_window is None else jnp.maximum(kv_len - (q_end - q0) - sliding_window + 1, 0)
+    blk_lo = kv_lo // block_k
+    blk_hi = (kv_hi + block_k - 1) // block_k
+    per_split = (blk_hi - blk_lo + num_splits - 1) // num_splits
+    start = blk_lo + split * per_split
+    stop = jnp.minimum(start + per_split, blk_hi)
+    first_pos = kv_len - (q_end - q0)
+    full_hi = jnp.clip((first_pos + 1) // block_k, start, stop)
+    if sliding_window is None:
+        full_lo = start
+    else:
+        full_lo = jnp.clip((kv_hi - sliding_window + block_k - 1) // block_k, start, full_hi)
+    return start, stop, full_lo, full_hi
+
+
+def online_softmax_step(
+    s: jax.Array, v: jax.Array, acc: jax.Array, m: jax.Array, denom: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """In-kernel flash update with base-2 logits s [rows, cols] f32 and values v [cols, head_dim].
+
+    Carry: acc [rows, head_dim] f32 (unnormalized), m [rows] running max, denom [rows] running sum.
+    """
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    denom = denom * alpha + p.sum(axis=1)
+    acc = acc * alpha[:, None] + tl_dot(p.astype(v.dtype), v)
+    return acc, m_new, denom
+
+
+def finish_softmax(acc: jax.Array, m: jax.Array, denom: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Normalized output [rows, head_dim] f32 and base-2 lse [rows] (-inf for an empty split)."""
+    denom_safe = jnp.where(denom == 0.0, 1.0, denom)  # empty split: acc is 0, keep it finite
+    lse = jnp.where(denom == 0.0, -jnp.inf, m + jnp.log2(denom_safe))
+    return acc / denom_safe[:, None], lse
