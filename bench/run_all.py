@@ -161,16 +161,20 @@ class StepTimers:
             timers.t["sampling_tensors"].append(time.perf_counter() - t0)
             return r
 
-        def step(state: Any, kv: Any, inp: Any, st: Any, flags: Any, pt: Any) -> Any:
-            t0 = time.perf_counter()
-            r = orig_step(state, kv, inp, st, flags, pt)
-            timers.t["dispatch"].append(time.perf_counter() - t0)
-            timers.last = (inp, st, flags, pt)
-            return r
+        def wrap(orig: Any) -> Any:
+            def call(state: Any, kv: Any, inp: Any, st: Any, flags: Any, arg: Any) -> Any:
+                t0 = time.perf_counter()
+                r = orig(state, kv, inp, st, flags, arg)
+                timers.t["dispatch"].append(time.perf_counter() - t0)
+                timers.last = (orig, inp, st, flags, arg)
+                return r
+            return call
 
         runner.build_inputs = build_inputs
         runner_mod.build_sampling_tensors = bst
-        runner._step = step
+        runner._step = wrap(orig_step)
+        if runner._decode is not None:  # multi-step decode: K model steps per call
+            runner._decode = wrap(runner._decode)
         core, eng = llm.engine.core, llm.engine
         for obj, attr, key in ((core.scheduler, "schedule", "schedule"), (core, "_process", "core_process"),
                                (runner, "execute", "runner_execute"), (core, "step", "core_step"),
@@ -193,21 +197,22 @@ class StepTimers:
             v.clear()
 
     def replay_device_ms(self, n: int = 30) -> float:
-        """Median-free mean device time of the last captured step, replayed back to back."""
+        """Mean device time per model step of the last captured call, replayed back to back (a K-step
+        decode call counts K model steps)."""
         import jax
 
         runner = self.runner
-        orig_step = self._orig[2]
-        inp, st, flags, pt = self.last
+        fn, inp, st, flags, arg = self.last
+        steps_per_call = 1 if fn is self._orig[2] else int(arg)
         kv = runner.kv_caches
-        kv, out = orig_step(runner.state, kv, inp, st, flags, pt)
+        kv, out = fn(runner.state_leaves, kv, inp, st, flags, arg)
         jax.block_until_ready(out.tokens)
         t0 = time.perf_counter()
         for _ in range(n):
-            kv, out = orig_step(runner.state, kv, inp, st, flags, pt)
+            kv, out = fn(runner.state_leaves, kv, inp, st, flags, arg)
         jax.block_until_ready((kv, out.tokens))
         runner.kv_caches = kv
-        return (time.perf_counter() - t0) / n * 1e3
+        return (time.perf_counter() - t0) / n / steps_per_call * 1e3
 
 
 def run_steps(llm: Any, prompts: list[tuple[list[int], int]], deadline: float | None = None
@@ -230,7 +235,7 @@ def run_steps(llm: Any, prompts: list[tuple[list[int], int]], deadline: float | 
         before = eng.core.num_steps
         outs = eng.step()
         dt = time.perf_counter() - s0
-        steps.append((dt, len(outs)))
+        steps.append((dt, eng.core.num_steps - before))  # model steps: K for a multi-step decode call
         for o in outs:
             if o.finished:
                 done += 1
@@ -300,8 +305,9 @@ def engine_benches(ns: argparse.Namespace, res: dict[str, Any], engine_kw: dict[
             c0 = compile_s[0]
             timers.reset()
             r = run_steps(llm, [(rng.integers(100, hi, prompt_len).tolist(), new)])
-            dec = [s for s, _ in r["steps"][1:]]
-            tok_s = len(dec) / sum(dec)
+            dec = r["steps"][1:]  # after the prefill call; each entry (seconds, model steps)
+            tok_s = sum(k for _, k in dec) / sum(t for t, _ in dec)
+            dec = [t / max(k, 1) for t, k in dec]  # seconds per model step
             log(f"decode bs1 run {rep}: {tok_s:.1f} tok/s "
                 f"(median step {statistics.median(dec) * 1e3:.2f} ms, "
                 f"compile {compile_s[0] - c0:.1f} s){' [warm-up]' if rep == 0 else ''}")
@@ -369,6 +375,8 @@ def engine_benches(ns: argparse.Namespace, res: dict[str, Any], engine_kw: dict[
             "offline_total_tok_s": (r["output_tokens"] + n_in) / (wall - comp),
             "offline_host_ms_per_step": {k: 1e3 * statistics.mean(v) for k, v in timers.t.items() if v},
             "offline_step_ms_mean": 1e3 * (wall - comp) / max(1, len(r["steps"])),
+            "offline_device_calls": len(r["steps"]),
+            "offline_model_steps": sum(k for _, k in r["steps"]),
         })
         log(f"offline: {r['finished']}/{len(reqs)} requests, {r['output_tokens']} output tokens "
             f"in {wall:.1f} s "
