@@ -199,6 +199,7 @@ class EngineCore:
         k = min(k, remaining, min(sc.max_model_len - r.num_tokens for r in reqs))
         if k <= 1:
             return 1
+        k = 1 << (k.bit_length() - 1)  # powers of two only: each K is its own compiled program
         for s in seqs:
             r = s.request
             if not self.kv.allocate_slots(r.request_id, r.token_view(), s.start, 1, num_lookahead_tokens=k - 1):
