@@ -20,7 +20,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> Non
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    g.add_argument("--sampling-seed", type=int, default=None,
+                   help="per-request seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 

@@ -30,7 +30,8 @@ class RopeScaling:
         rope_type = d.get("rope_type", d.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
             raise ValueError(
-                f"rope_scaling: unsupported rope_type {rope_type!r} (expected 'default', 'llama3' or 'linear')"
+                f"rope_scaling: unsupported rope_type {rope_type!r} "
+                "(expected 'default', 'llama3' or 'linear')"
             )
         return cls(
             rope_type=rope_type,

@@ -102,7 +102,8 @@ class EngineCore:
             raise ValueError("EngineCore runs one dp replica; use make_engine_core for data parallelism")
         self.mesh = mesh
         self.num_blocks = plan_num_blocks(config, None if mesh is None else mesh.devices.flat[0])
-        self.kv = KVCacheManager(self.num_blocks, cc.block_size, enable_prefix_caching=cc.enable_prefix_caching)
+        self.kv = KVCacheManager(self.num_blocks, cc.block_size,
+                                 enable_prefix_caching=cc.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.kv)
         self.attention_backend, attn_fn = select_attention_backend(config.attention_backend)
         kv_shardings = None
@@ -136,7 +137,8 @@ class EngineCore:
                 f"prompt has {len(prompt_token_ids)} tokens, but max_model_len is {sc.max_model_len} "
                 f"(the prompt plus at least one generated token must fit)"
             )
-        bad = [t for t in prompt_token_ids if not (isinstance(t, (int, np.integer)) and 0 <= t < m.vocab_size)]
+        bad = [t for t in prompt_token_ids
+               if not (isinstance(t, (int, np.integer)) and 0 <= t < m.vocab_size)]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {m.vocab_size}), got {bad[:3]}")
 
@@ -202,7 +204,8 @@ class EngineCore:
         k = 1 << (k.bit_length() - 1)  # powers of two only: each K is its own compiled program
         for s in seqs:
             r = s.request
-            if not self.kv.allocate_slots(r.request_id, r.token_view(), s.start, 1, num_lookahead_tokens=k - 1):
+            if not self.kv.allocate_slots(r.request_id, r.token_view(), s.start, 1,
+                                          num_lookahead_tokens=k - 1):
                 return 1  # blocks already taken stay with the request; they will be used later
         return k
 

@@ -11,7 +11,8 @@ import pytest
 from rtp_jax.cli import main
 
 
-def test_generate_prints_the_completion(tiny_hf_model: Callable[..., Path], capsys: pytest.CaptureFixture) -> None:
+def test_generate_prints_the_completion(tiny_hf_model: Callable[..., Path],
+                                        capsys: pytest.CaptureFixture) -> None:
     """`rtp-jax generate` prints one completion per prompt and exits 0."""
     rc = main(["generate", "Hello world", "The quick", "--model", str(tiny_hf_model("llama")),
                "--dtype", "float32", "--max-model-len", "64", "--max-tokens", "5"])

@@ -32,7 +32,8 @@ def test_batched_chunked_preempted_equals_alone(llama_path: Path) -> None:
         for i in range(len(prompts))
     ]
     alone_llm = LLM(str(llama_path), dtype="float32", max_model_len=128)
-    alone = [alone_llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    alone = [alone_llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids
+             for p, sp in zip(prompts, params, strict=True)]
 
     # 8 blocks of 16 tokens hold one full-length sequence, far less than 8 requests need at once.
     tight = LLM(str(llama_path), dtype="float32", max_model_len=128, max_num_batched_tokens=16,
@@ -111,7 +112,8 @@ def test_logprobs_structure(llama_path: Path) -> None:
         assert tok in entry and entry[tok].rank == 1  # greedy picks the most likely token
         assert 3 <= len(entry) <= 4
         assert all(v.logprob <= 0 for v in entry.values())
-    assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)))
+    total = sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs, strict=True))
+    assert c.cumulative_logprob == pytest.approx(total)
     assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(prompt)
     for tok, entry in zip(prompt[1:], o.prompt_logprobs[1:], strict=True):
         assert tok in entry and 2 <= len(entry) <= 3
@@ -130,7 +132,8 @@ def test_bad_input_raises_and_engine_keeps_serving(llama_path: Path) -> None:
         SamplingParams(logprobs=1000)
     llm = LLM(str(llama_path), dtype="float32", max_model_len=64)
     with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": list(range(3, 103))}], use_tqdm=False)
+        llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": list(range(3, 103))}],
+                     use_tqdm=False)
     with pytest.raises(ValueError, match="token ids"):
         llm.generate({"prompt_token_ids": [1, 99999]}, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()

@@ -27,7 +27,8 @@ def _hf_reference(path: Path, prompt: list[int], new_tokens: int) -> tuple[np.nd
 
 
 @pytest.mark.parametrize("family", DENSE_FAMILIES)
-def test_prompt_logprobs_and_greedy_match_transformers(family: str, tiny_hf_model: Callable[..., Path]) -> None:
+def test_prompt_logprobs_and_greedy_match_transformers(family: str,
+                                                       tiny_hf_model: Callable[..., Path]) -> None:
     """Prompt logprobs agree with HF within 1e-4 and the greedy continuation is token-identical.
 
     The 40-token prompt is longer than Mistral's 16-token sliding window, and Llama uses llama3 rope

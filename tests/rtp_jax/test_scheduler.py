@@ -52,7 +52,8 @@ def _run(prompt_lens: list[int], out_lens: list[int], budget: int, max_seqs: int
     max_seqs=st.integers(1, 8),
     spare_blocks=st.integers(0, 20),
 )
-def test_schedule_invariants(lens: list[tuple[int, int]], budget: int, max_seqs: int, spare_blocks: int) -> None:
+def test_schedule_invariants(lens: list[tuple[int, int]], budget: int, max_seqs: int,
+                             spare_blocks: int) -> None:
     """Under any workload the token budget and max_num_seqs hold, scheduled tokens always have KV slots,
     requests are first admitted in arrival order, every request finishes with exactly its output length,
     and the pool ends empty."""
