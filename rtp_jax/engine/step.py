@@ -94,6 +94,19 @@ def _on_mesh(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
     return call
 
 
+def _packed_jit(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
+    """jit `fn(leaves, kv, ibuf, fbuf, spec, flags, extra)` (kv donated; spec, flags, extra static) and
+    return `call(leaves, kv, inputs, sampling, flags, extra)`, which packs the host arrays first."""
+    jitted = _on_mesh(jax.jit(fn, static_argnums=(4, 5, 6), donate_argnums=(1,)), mesh)
+
+    def call(leaves: list[jax.Array], kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
+             flags: SamplingFlags, extra: int) -> Any:
+        ibuf, fbuf, spec = pack((inp, st))
+        return jitted(leaves, kv_caches, ibuf, fbuf, spec, flags, extra)
+
+    return call
+
+
 def make_step_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mesh: Any = None,
                  kv_shardings: Sequence[Any] | None = None) -> Callable[..., Any]:
     """Returns the step: `step(state_leaves, kv_caches, inputs, sampling, flags, prompt_top)`.
@@ -112,14 +125,7 @@ def make_step_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mes
         hidden, kv_caches = model(inp.input_ids, inp.positions, kv_caches, inp.md, attn_fn)
         return _constrain(kv_caches, kv_shardings), _sample_outputs(model, hidden, inp, st, flags, prompt_top)
 
-    jitted = _on_mesh(jax.jit(step, static_argnums=(4, 5, 6), donate_argnums=(1,)), mesh)
-
-    def call(leaves: list[jax.Array], kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
-             flags: SamplingFlags, prompt_top: int) -> tuple[KVCaches, StepOutputs]:
-        ibuf, fbuf, spec = pack((inp, st))
-        return jitted(leaves, kv_caches, ibuf, fbuf, spec, flags, prompt_top)
-
-    return call
+    return _packed_jit(step, mesh)
 
 
 class DecodeOutputs(NamedTuple):
@@ -172,14 +178,7 @@ def make_decode_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, m
         kv, _, out = jax.lax.fori_loop(0, num_steps, one_step, (kv_caches, inp.input_ids, out0))
         return kv, out
 
-    jitted = _on_mesh(jax.jit(decode, static_argnums=(4, 5, 6), donate_argnums=(1,)), mesh)
-
-    def call(leaves: list[jax.Array], kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
-             flags: SamplingFlags, num_steps: int) -> tuple[KVCaches, DecodeOutputs]:
-        ibuf, fbuf, spec = pack((inp, st))
-        return jitted(leaves, kv_caches, ibuf, fbuf, spec, flags, num_steps)
-
-    return call
+    return _packed_jit(decode, mesh)
 
 
 def _flat(d: dict[Any, Any], prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], Any]:

@@ -437,7 +437,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
     from flax import nnx
 
     from rtp_jax.loader.orbax_io import is_orbax_checkpoint, restore_model_state
-    from rtp_jax.models.params import abstract_model, flat_param_shapes, load_state
+    from rtp_jax.models.params import abstract_model, flat_param_shapes, load_state, nest
 
     path = Path(path)
     dtype = jnp.dtype(dtype)
@@ -485,18 +485,6 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         stats.update(num_tensors=s.num_tensors, bytes=s.bytes_read, bytes_to_device=s.bytes_to_device,
                      seconds=s.seconds, peak_inflight_bytes=s.peak_inflight_bytes, format="safetensors")
     return out
-
-
-def nest(flat: dict[str, Any]) -> dict[Any, Any]:
-    """{"a.0.b": x} -> {"a": {0: {"b": x}}} (NNX pure-dict form; digit keys become ints)."""
-    root: dict[Any, Any] = {}
-    for name, value in flat.items():
-        node = root
-        parts = [int(p) if p.isdigit() else p for p in name.split(".")]
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return root
 
 
 def mesh_sharding_for(mesh: Any, model_config: Any, parallel_config: Any) -> ShardingFor:

@@ -119,7 +119,7 @@ def restore_state(abstract_state: Any, directory: str | Path) -> Any:
 
 
 def _unflatten_like(template: Any, flat: dict[str, Any]) -> Any:
-    from rtp_jax.loader.fast import nest
+    from rtp_jax.models.params import nest
 
     try:
         from flax import nnx
@@ -195,7 +195,7 @@ def restore_model_state(path: str | Path, config: Any, dtype: Any,
     flat = restore_state(target, Path(path) / STATE_DIR)
     from flax import nnx
 
-    from rtp_jax.loader.fast import nest
+    from rtp_jax.models.params import nest
 
     nnx.replace_by_pure_dict(abstract, nest(flat))
     return graphdef, abstract

@@ -62,39 +62,13 @@ def write_kv(
     return k_cache.reshape(shape), v_cache.reshape(shape)
 
 
-def _reference_attention(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    md: AttentionMetadata,
-    *,
-    sm_scale: float,
-    sliding_window: int | None,
-    soft_cap: float | None,
-) -> jax.Array:
-    return ragged_paged_attention_reference(
-        q, k_cache, v_cache, md.kv_lens, md.block_tables, md.query_start_loc, md.num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-    )
+def _from_contract(kernel: Any, **tuning: Any) -> AttentionFn:
+    """Adapts a function with the `kernels_pallas` contract (metadata as separate arrays) to `AttentionFn`."""
 
-
-def _pallas_attention(tuning: dict[str, Any]) -> AttentionFn:
-    from kernels_pallas import ragged_paged_attention  # GPU only: imported when selected
-
-    def attn(
-        q: jax.Array,
-        k_cache: jax.Array,
-        v_cache: jax.Array,
-        md: AttentionMetadata,
-        *,
-        sm_scale: float,
-        sliding_window: int | None,
-        soft_cap: float | None,
-    ) -> jax.Array:
-        return ragged_paged_attention(
-            q, k_cache, v_cache, md.kv_lens, md.block_tables, md.query_start_loc, md.num_seqs,
-            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, **tuning,
-        )
+    def attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMetadata, *,
+             sm_scale: float, sliding_window: int | None, soft_cap: float | None) -> jax.Array:
+        return kernel(q, k_cache, v_cache, md.kv_lens, md.block_tables, md.query_start_loc, md.num_seqs,
+                      sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, **tuning)
 
     return attn
 
@@ -104,9 +78,11 @@ def select_attention_backend(name: str = "auto", **tuning: Any) -> tuple[str, At
     if name == "auto":
         name = "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
     if name == "reference":
-        return name, _reference_attention
+        return name, _from_contract(ragged_paged_attention_reference)
     if name == "pallas":
-        return name, _pallas_attention(tuning)
+        from kernels_pallas import ragged_paged_attention
+
+        return name, _from_contract(ragged_paged_attention, **tuning)
     raise ValueError(f"attention_backend must be 'auto', 'reference' or 'pallas', got {name!r}")
 
 

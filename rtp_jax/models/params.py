@@ -55,7 +55,8 @@ def flat_param_shapes(state: nnx.State) -> dict[str, jax.ShapeDtypeStruct]:
     return out
 
 
-def _nest(flat: dict[str, Any]) -> dict[Any, Any]:
+def nest(flat: dict[str, Any]) -> dict[Any, Any]:
+    """{"a.0.b": x} -> {"a": {0: {"b": x}}} (NNX pure-dict form; digit keys become ints)."""
     root: dict[Any, Any] = {}
     for name, value in flat.items():
         node = root
@@ -139,7 +140,7 @@ def load_state(
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
-    nnx.replace_by_pure_dict(state, _nest(loaded))
+    nnx.replace_by_pure_dict(state, nest(loaded))
     return graphdef, state
 
 
@@ -148,7 +149,7 @@ def place_state(state: nnx.State, place: Placer) -> nnx.State:
     array already is where it should be); `state` itself is left as it was."""
     flat = {name: place(name, x) for name, x in _flat_values(nnx.to_pure_dict(state)).items()}
     out = jax.tree.map(lambda x: x, state)  # new containers: replace_by_pure_dict mutates
-    nnx.replace_by_pure_dict(out, _nest(flat))
+    nnx.replace_by_pure_dict(out, nest(flat))
     return out
 
 
