@@ -6,7 +6,9 @@ constants of the base-2 online softmax.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +134,24 @@ def finish_softmax(acc: jax.Array, m: jax.Array, denom: jax.Array) -> tuple[jax.
     denom_safe = jnp.where(denom == 0.0, 1.0, denom)  # empty split: acc is 0, keep it finite
     lse = jnp.where(denom == 0.0, -jnp.inf, m + jnp.log2(denom_safe))
     return acc / denom_safe[:, None], lse
+
+
+def attend_kv_blocks(step: Callable[..., tuple[jax.Array, ...]], start: jax.Array, full_lo: jax.Array,
+                     full_hi: jax.Array, stop: jax.Array, rows: int, head_dim: int
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Online softmax over KV blocks [start, stop): mask arithmetic only on the edge blocks
+    [start, full_lo) and [full_hi, stop), none on the fully visible interior.
+
+    `step(j, carry, masked=...)` folds block j into carry = (acc [rows, D], m [rows], denom [rows]).
+    Returns (normalized out [rows, D], base-2 lse [rows]).
+    """
+    masked_step = functools.partial(step, masked=True)
+    carry = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(start, full_lo, masked_step, carry)
+    carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+    acc, m, denom = jax.lax.fori_loop(full_hi, stop, masked_step, carry)
+    return finish_softmax(acc, m, denom)

@@ -29,7 +29,7 @@ from kernels_pallas._lowering import gpu_lowering, masked_load, masked_store, tl
 from kernels_pallas._paged_common import (
     LOG2E,
     MASK_VALUE,
-    finish_softmax,
+    attend_kv_blocks,
     online_softmax_step,
     split_kv_range,
 )
@@ -102,16 +102,7 @@ def _fused_kernel(
         s = jnp.where(visible, s, MASK_VALUE)
         return online_softmax_step(s, v, acc, m, denom)
 
-    masked_step = functools.partial(step, masked=True)
-    carry = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    carry = jax.lax.fori_loop(start, full_lo, masked_step, carry)
-    carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-    acc, m, denom = jax.lax.fori_loop(full_hi, stop, masked_step, carry)
-    out, lse = finish_softmax(acc, m, denom)
+    out, lse = attend_kv_blocks(step, start, full_lo, full_hi, stop, rows, head_dim)
     o_ref = out_refs[0]
     masked_store(o_ref.at[pl.ds(q0, block_q)], out.reshape(q_mask.shape).astype(o_ref.dtype), q_mask)
     if num_splits > 1:
