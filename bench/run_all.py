@@ -162,9 +162,9 @@ class StepTimers:
             return r
 
         def wrap(orig: Any) -> Any:
-            def call(state: Any, kv: Any, inp: Any, st: Any, flags: Any, arg: Any) -> Any:
+            def call(state: Any, kv: Any, last: Any, inp: Any, st: Any, flags: Any, arg: Any) -> Any:
                 t0 = time.perf_counter()
-                r = orig(state, kv, inp, st, flags, arg)
+                r = orig(state, kv, last, inp, st, flags, arg)
                 timers.t["dispatch"].append(time.perf_counter() - t0)
                 timers.last = (orig, inp, st, flags, arg)
                 return r
@@ -177,7 +177,8 @@ class StepTimers:
             runner._decode = wrap(runner._decode)
         core, eng = llm.engine.core, llm.engine
         for obj, attr, key in ((core.scheduler, "schedule", "schedule"), (core, "_process", "core_process"),
-                               (runner, "execute", "runner_execute"), (core, "step", "core_step"),
+                               (runner, "dispatch", "runner_dispatch"), (runner, "collect", "collect_wait"),
+                               (core, "step", "core_step"),
                                (eng, "step", "engine_step")):
             self.t[key] = []
             setattr(obj, attr, self._timed(getattr(obj, attr), key))
@@ -204,14 +205,14 @@ class StepTimers:
         runner = self.runner
         fn, inp, st, flags, arg = self.last
         steps_per_call = 1 if fn is self._orig[2] else int(arg)
-        kv = runner.kv_caches
-        kv, out = fn(runner.state_leaves, kv, inp, st, flags, arg)
+        kv, last = runner.kv_caches, runner.last_tokens
+        kv, last, out = fn(runner.state_leaves, kv, last, inp, st, flags, arg)
         jax.block_until_ready(out.tokens)
         t0 = time.perf_counter()
         for _ in range(n):
-            kv, out = fn(runner.state_leaves, kv, inp, st, flags, arg)
+            kv, last, out = fn(runner.state_leaves, kv, last, inp, st, flags, arg)
         jax.block_until_ready((kv, out.tokens))
-        runner.kv_caches = kv
+        runner.kv_caches, runner.last_tokens = kv, last
         return (time.perf_counter() - t0) / n / steps_per_call * 1e3
 
 

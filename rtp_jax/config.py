@@ -187,6 +187,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     # Pure-decode batches that admit nothing new run this many steps per device call (1 = off).
     num_decode_steps: int = 8
+    # Schedule and launch step N + 1 before reading step N's tokens (they are fed on the device).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "num_decode_steps"):

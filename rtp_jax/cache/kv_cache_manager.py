@@ -110,24 +110,30 @@ class KVCacheManager:
 
     def allocate_slots(
         self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, num_new_tokens: int,
-        num_lookahead_tokens: int = 0,
+        num_lookahead_tokens: int = 0, num_pending_tokens: int = 0,
     ) -> bool:
         """Make `request_id` hold blocks for `num_computed_tokens + num_new_tokens` tokens, plus
         `num_lookahead_tokens` slots for tokens not sampled yet (multi-step decode writes them).
+        The last `num_pending_tokens` of the first num_computed + num_new tokens are not known on the
+        host yet (sampled by a step in flight): `token_ids` may lack them, and their blocks are hashed
+        by a later call.
 
         Returns False, changing nothing, when the pool lacks free blocks. On success, blocks that are
         full within the known tokens get hashed and registered for reuse (lookahead slots never are:
-        their tokens are unknown). `token_ids` must hold at least num_computed + num_new tokens;
+        their tokens are unknown). `token_ids` must hold the known tokens (num_computed + num_new - pending);
         `num_computed_tokens` must cover any prefix hits the request received.
         """
-        if num_computed_tokens < 0 or num_new_tokens < 0 or num_lookahead_tokens < 0:
+        if min(num_computed_tokens, num_new_tokens, num_lookahead_tokens, num_pending_tokens) < 0:
             raise ValueError(
                 f"token counts must be >= 0, got num_computed_tokens={num_computed_tokens}, "
-                f"num_new_tokens={num_new_tokens}, num_lookahead_tokens={num_lookahead_tokens}"
+                f"num_new_tokens={num_new_tokens}, num_lookahead_tokens={num_lookahead_tokens}, "
+                f"num_pending_tokens={num_pending_tokens}"
             )
         total = num_computed_tokens + num_new_tokens
-        if len(token_ids) < total:
-            raise ValueError(f"token_ids has {len(token_ids)} tokens, fewer than the {total} to allocate for")
+        known = total - num_pending_tokens
+        if len(token_ids) < known:
+            raise ValueError(f"token_ids has {len(token_ids)} tokens, fewer than the {known} known tokens "
+                             f"to allocate for")
         state = self._requests.get(request_id)
         held = len(state.blocks) if state is not None else 0
         missing = max(self.num_blocks_needed(total + num_lookahead_tokens) - held, 0)
@@ -137,7 +143,7 @@ class KVCacheManager:
             state = self._requests[request_id] = _RequestBlocks()
         state.blocks.extend(self.block_pool.get_new_blocks(missing))
         if self.enable_prefix_caching:
-            self._cache_full_blocks(state, token_ids, total // self.block_size)
+            self._cache_full_blocks(state, token_ids, max(known, 0) // self.block_size)
         return True
 
     def free(self, request_id: str) -> None:

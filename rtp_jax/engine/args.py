@@ -44,6 +44,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     num_decode_steps: int = 8
+    async_scheduling: bool = True
     seed: int = 0
     attention_backend: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
@@ -70,7 +71,8 @@ class EngineArgs:
             model=model,
             cache=CacheConfig(self.block_size, self.gpu_memory_utilization, self.num_kv_blocks,
                               self.enable_prefix_caching),
-            scheduler=SchedulerConfig(max_len, budget, max_seqs, self.num_decode_steps),
+            scheduler=SchedulerConfig(max_len, budget, max_seqs, self.num_decode_steps,
+                                      self.async_scheduling),
             parallel=parallel,
             dtype=resolve_dtype(self.dtype),
             attention_backend=self.attention_backend,
@@ -93,6 +95,8 @@ class EngineArgs:
         g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
         g.add_argument("--num-decode-steps", type=int, default=8,
                        help="decode steps per device call when no request waits (1 = one step per call)")
+        g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                       help="read each step's tokens before scheduling the next (no host/device overlap)")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
         g.add_argument("--load-format", default="auto", choices=list(_LOAD_FORMATS))

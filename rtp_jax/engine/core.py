@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtp_jax.cache import KVCacheManager
 from rtp_jax.config import EngineConfig
 from rtp_jax.engine.request import Logprob, PositionLogprobs, Request, RequestStatus
-from rtp_jax.engine.runner import HostLogprobs, ModelRunner, StepResult
+from rtp_jax.engine.runner import HostLogprobs, InFlight, ModelRunner, StepResult
 from rtp_jax.engine.scheduler import ScheduledSeq, Scheduler
 from rtp_jax.engine.step import PipelineStep, allocate_kv_caches, make_decode_fn, make_step_fn
 from rtp_jax.models.attention import select_attention_backend
@@ -88,6 +88,16 @@ def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> i
     return num_blocks
 
 
+@dataclass
+class _Launched:
+    """A dispatched step: what it scheduled, which sequences sample, and the device handle."""
+
+    seqs: tuple[ScheduledSeq, ...]
+    samples: tuple[bool, ...]
+    num_decode_steps: int
+    handle: InFlight
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State,
                  mesh: Mesh | None = None) -> None:
@@ -113,16 +123,22 @@ class EngineCore:
         kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks, cc.block_size, m.num_kv_heads,
                                        m.head_dim, jnp.dtype(config.dtype), kv_shardings)
         step_fn, decode_fn = _step_fns(config, graphdef, state, attn_fn, mesh, kv_shardings)
+        last_tokens = None
+        if not isinstance(step_fn, PipelineStep):
+            where = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+            last_tokens = jnp.zeros((sc.max_num_seqs,), jnp.int32, device=where)
         self.runner = ModelRunner(
             state, kv_caches, step_fn, decode_fn, block_size=cc.block_size, num_blocks=self.num_blocks,
             max_blocks_per_seq=-(-sc.max_model_len // cc.block_size),
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
-            bucket_block_tables=self.attention_backend == "reference",
+            bucket_block_tables=self.attention_backend == "reference", last_tokens=last_tokens,
         )
+        self._inflight: _Launched | None = None
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
         self.num_steps = 0  # model steps (a K-step decode call counts K)
         self.num_device_calls = 0
+        self.num_overlapped_calls = 0  # dispatched while the previous call was still unread
 
     # ---- requests -------------------------------------------------------------------------------
     def draw_seed(self) -> int:
@@ -159,23 +175,57 @@ class EngineCore:
         if req is not None and not req.is_finished:
             req.stop_reason = stop_reason
             self.scheduler.finish(req, status)
+            self.runner.release(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        """Schedules and dispatches the next step, then returns the outputs of the previous one.
+
+        With overlapped scheduling (the default where the step supports it) the host schedules step
+        N + 1 and launches it before reading step N's tokens, so scheduling, input building and output
+        processing run while the device computes. Tokens step N sampled are fed to step N + 1 on the
+        device; a request that stops at step N (stop token) has run one step more, whose output is
+        dropped. Requests whose sampling reads their own output tokens (penalties) wait for the step in
+        flight instead, as does every request when overlapping is off.
+        """
+        outputs: list[EngineCoreOutput] = []
+        if self._inflight is not None and not self._may_overlap():
+            outputs += self._collect()
         sched = self.scheduler.schedule()
-        if not sched.seqs:
-            return []
-        seqs = sched.seqs
-        k = self._num_decode_steps(seqs)
-        tables = [self.kv.block_table(s.request.request_id) for s in seqs]
-        result = self.runner.execute(seqs, tables, [s.request.seed for s in seqs], num_decode_steps=k)
-        self.scheduler.advance(sched)
-        self.num_steps += k
-        self.num_device_calls += 1
-        return self._process(seqs, result)
+        for rid in sched.preempted:
+            self.runner.release(rid)
+        launched = None
+        if sched.seqs:
+            seqs = sched.seqs
+            k = self._num_decode_steps(seqs)
+            tables = [self.kv.block_table(s.request.request_id) for s in seqs]
+            samples = tuple(s.samples for s in seqs)
+            handle = self.runner.dispatch(seqs, tables, [s.request.seed for s in seqs], num_decode_steps=k)
+            self.scheduler.advance(sched, k)
+            self.num_steps += k
+            self.num_device_calls += 1
+            self.num_overlapped_calls += self._inflight is not None
+            launched = _Launched(seqs, samples, k, handle)
+        if self._inflight is not None:
+            outputs += self._collect()
+        self._inflight = launched
+        if launched is not None and not self._may_overlap():
+            outputs += self._collect()
+        return outputs
+
+    def _may_overlap(self) -> bool:
+        """The next step may be scheduled before the one in flight is read."""
+        if not (self.config.scheduler.async_scheduling and self.runner.can_overlap):
+            return False
+        return not any(r.num_pending and r.needs_host_tokens for r in self.scheduler.running)
+
+    def _collect(self) -> list[EngineCoreOutput]:
+        launched, self._inflight = self._inflight, None
+        assert launched is not None
+        return self._process(launched, self.runner.collect(launched.handle))
 
     def _num_decode_steps(self, seqs: tuple[ScheduledSeq, ...]) -> int:
         """K > 1 when a multi-step decode gives the same outputs as K single steps and delays nothing:
@@ -192,28 +242,31 @@ class EngineCore:
         if not all(s.num_new_tokens == 1 and s.samples for s in seqs):
             return 1
         for r in reqs:
-            p = r.params
-            if (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                    or len(r.output_token_ids) < p.min_tokens):
+            if r.needs_host_tokens or r.num_output_tokens < r.params.min_tokens:
                 return 1
         # Tokens past a request's max_tokens are wasted work, so stop at the longest remaining need.
-        remaining = max((r.params.max_tokens or sc.max_model_len) - len(r.output_token_ids) for r in reqs)
-        k = min(k, remaining, min(sc.max_model_len - r.num_tokens for r in reqs))
+        remaining = max((r.params.max_tokens or sc.max_model_len) - r.num_output_tokens for r in reqs)
+        k = min(k, remaining, min(sc.max_model_len - r.num_total_tokens for r in reqs))
         if k <= 1:
             return 1
         k = 1 << (k.bit_length() - 1)  # powers of two only: each K is its own compiled program
         for s in seqs:
             r = s.request
             if not self.kv.allocate_slots(r.request_id, r.token_view(), s.start, 1,
-                                          num_lookahead_tokens=k - 1):
+                                          num_lookahead_tokens=k - 1, num_pending_tokens=r.num_pending):
                 return 1  # blocks already taken stay with the request; they will be used later
         return k
 
-    def _process(self, seqs: tuple[ScheduledSeq, ...], result: StepResult) -> list[EngineCoreOutput]:
+    def _process(self, launched: _Launched, result: StepResult) -> list[EngineCoreOutput]:
+        """Appends a collected step's tokens (and logprobs) to its requests; requests that finished or
+        were aborted meanwhile are skipped."""
+        seqs = launched.seqs
         outputs: dict[str, EngineCoreOutput] = {}
         now = time.monotonic()
         for i, first, count in result.prompt_lp_spans:
             req = seqs[i].request
+            if req.is_finished:
+                continue
             out = outputs.setdefault(req.request_id, EngineCoreOutput(req.request_id))
             row0 = sum(c for j, _, c in result.prompt_lp_spans if j < i)
             for r in range(row0, row0 + count):
@@ -224,7 +277,10 @@ class EngineCore:
         num_rows = result.tokens.shape[0]
         for i, s in enumerate(seqs):
             req = s.request
-            if not s.samples:
+            if not launched.samples[i]:
+                continue
+            req.num_pending -= launched.num_decode_steps
+            if req.is_finished:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -240,11 +296,10 @@ class EngineCore:
                 status = self._check_stop(req, token)
                 if status is not None:
                     self.scheduler.finish(req, status)
+                    self.runner.release(req.request_id)
                     self.requests.pop(req.request_id, None)
                     out.finish_reason, out.stop_reason = req.finish_reason, req.stop_reason
                     break
-                # Decode step k computed the KV of the token it consumed: the next one is k + 1.
-                req.num_computed_tokens = s.start + s.num_new_tokens + k
         return list(outputs.values())
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:

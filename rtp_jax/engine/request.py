@@ -76,6 +76,8 @@ class Request:
     `num_computed_tokens` counts tokens whose KV is in the cache; the tokens still to feed are
     `all_token_ids[num_computed_tokens:]`. After a preemption it drops to 0 and the prompt and the
     outputs so far are recomputed together, so the request continues exactly where it was.
+    `num_pending` counts tokens sampled by a step still in flight (overlapped scheduling): they exist on
+    the device but are not in `output_token_ids` yet; the next step feeds the last of them from there.
     """
 
     request_id: str
@@ -92,6 +94,7 @@ class Request:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
     first_token_time: float | None = None
+    num_pending: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -103,6 +106,23 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_total_tokens(self) -> int:
+        """Tokens known on the host plus those sampled by the step in flight."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens including those of the step in flight (sampling step counter, max_tokens)."""
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Sampling reads the output tokens themselves (penalties), so no step may be scheduled while
+        one that samples for this request is in flight."""
+        p = self.params
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -45,6 +45,17 @@ class HostLogprobs:
 
 
 @dataclass
+class InFlight:
+    """A dispatched call whose outputs are still on the device."""
+
+    tokens: jax.Array  # int32[K, S] or int32[S] (mixed step)
+    logprobs: Any  # Logprobs | None, device
+    prompt_logprobs: Any  # Logprobs | None, device
+    spans: list[tuple[int, int, int]]
+    multi: bool
+
+
+@dataclass
 class StepResult:
     """Host copy of one runner call. Row k of `tokens` is decode step k (one row for a mixed step)."""
 
@@ -64,14 +75,23 @@ class ModelRunner:
     `bucket_block_tables`: pad block-table width to a power of two (the reference attention's cost
     grows with it); the Pallas kernel reads only live pages, so it takes the full width and saves
     compilations.
+
+    Overlapped scheduling: each call leaves every sampling sequence's last token in a device array
+    (`last_tokens`, one row per request, `max_num_seqs` rows), so the next call can be dispatched before
+    the host has read this one's tokens; `dispatch` returns at once and `collect` reads the results.
+    `last_tokens=None` (pipeline parallelism, whose step takes no such array) means the host must know
+    every input token.
     """
 
     def __init__(self, state: nnx.State, kv_caches: KVCaches, step_fn: Callable[..., Any],
                  decode_fn: Callable[..., Any] | None, *, block_size: int, num_blocks: int,
                  max_blocks_per_seq: int, max_num_batched_tokens: int, max_num_seqs: int,
-                 bucket_block_tables: bool = True) -> None:
+                 bucket_block_tables: bool = True, last_tokens: jax.Array | None = None) -> None:
         self.state_leaves, self._state_treedef = jax.tree.flatten(state)
         self.kv_caches = kv_caches
+        self.last_tokens = last_tokens
+        self._rows: dict[str, int] = {}  # request id -> row of last_tokens
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -89,6 +109,23 @@ class ModelRunner:
     @property
     def can_multi_step(self) -> bool:
         return self._decode is not None
+
+    @property
+    def can_overlap(self) -> bool:
+        """Steps can take input tokens from the previous step's device outputs."""
+        return self.last_tokens is not None
+
+    def release(self, request_id: str) -> None:
+        """Frees the request's row of last_tokens (finished, aborted or preempted). Unknown ids: no-op."""
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self._free_rows.append(row)
+
+    def _row(self, request_id: str) -> int:
+        row = self._rows.get(request_id)
+        if row is None:
+            row = self._rows[request_id] = self._free_rows.pop()
+        return row
 
     def build_inputs(self, seqs: Sequence[ScheduledSeq], block_tables: Sequence[list[int]],
                      lookahead: int = 0) -> tuple[StepInputs, list[tuple[int, int, int]]]:
@@ -112,6 +149,8 @@ class ModelRunner:
         kv_lens = np.zeros(s_pad, np.int32)
         tables = np.zeros((s_pad, b_pad), np.int32)
         sample_idx = np.zeros(s_pad, np.int32)
+        feed_rows = np.full(t_pad, -1, np.int32)
+        seq_rows = np.full(s_pad, self.max_seqs, np.int32)  # out of range: dropped
         lp_idx: list[int] = []
         lp_targets: list[int] = []
         spans: list[tuple[int, int, int]] = []
@@ -120,7 +159,14 @@ class ModelRunner:
         for i, (s, table) in enumerate(zip(seqs, block_tables, strict=True)):
             n, start, end = s.num_new_tokens, s.start, s.start + s.num_new_tokens
             pos = np.arange(start, end, dtype=np.int32)
-            input_ids[offset:offset + n] = s.request.token_view()[start:end]
+            req = s.request
+            known = max(min(end, req.num_tokens), start)  # tokens past num_tokens are still on the device
+            input_ids[offset:offset + known - start] = req.token_view()[start:known]
+            if known < end:  # only the last sampled token is fed; a K-step decode computed the others
+                assert end - known == 1 and req.request_id in self._rows, (req.request_id, start, end, known)
+                feed_rows[offset + n - 1] = self._rows[req.request_id]
+            if s.samples and self.last_tokens is not None:
+                seq_rows[i] = self._row(req.request_id)
             positions[offset:offset + n] = pos
             table_np = np.asarray(table[:b_pad], np.int32)
             slots[offset:offset + n] = table_np[pos // bs] * bs + pos % bs
@@ -142,7 +188,8 @@ class ModelRunner:
         lp_idx_np[: len(lp_idx)] = lp_idx
         lp_tg_np[: len(lp_targets)] = lp_targets
         md = AttentionMetadata(slots, kv_lens, tables, qsl, np.int32(len(seqs)))
-        return StepInputs(input_ids, positions, md, sample_idx, lp_idx_np, lp_tg_np), spans
+        inputs = StepInputs(input_ids, positions, md, sample_idx, lp_idx_np, lp_tg_np, feed_rows, seq_rows)
+        return inputs, spans
 
     @staticmethod
     def _prompt_lp_range(s: ScheduledSeq) -> tuple[int, int]:
@@ -158,33 +205,48 @@ class ModelRunner:
         last = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)  # exclusive
         return first, max(last - first, 0)
 
-    def execute(self, seqs: Sequence[ScheduledSeq], block_tables: Sequence[list[int]],
-                seeds: Sequence[int], num_decode_steps: int = 1) -> StepResult:
-        """Runs one mixed step, or `num_decode_steps` > 1 decode steps of a pure-decode batch."""
+    def dispatch(self, seqs: Sequence[ScheduledSeq], block_tables: Sequence[list[int]],
+                 seeds: Sequence[int], num_decode_steps: int = 1) -> InFlight:
+        """Builds the inputs and launches one mixed step, or `num_decode_steps` > 1 decode steps of a
+        pure-decode batch; returns without waiting for the device."""
         multi = num_decode_steps > 1
         inputs, spans = self.build_inputs(seqs, block_tables, lookahead=num_decode_steps - 1 if multi else 0)
         reqs = [s.request for s in seqs]
         params = [r.params for r in reqs]
-        banned = [
-            sorted(r.stop_token_ids()) if len(r.output_token_ids) < r.params.min_tokens else []
-            for r in reqs
-        ]
+        banned = [sorted(r.stop_token_ids()) if r.num_output_tokens < r.params.min_tokens else []
+                  for r in reqs]
         st = build_sampling_tensors(
-            params, list(seeds), [len(r.output_token_ids) for r in reqs],
+            params, list(seeds), [r.num_output_tokens for r in reqs],
             [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs], banned,
             num_rows=inputs.sample_idx.shape[0],
         )
         flags = SamplingFlags.from_params(params)
         if multi:
             assert self._decode is not None
-            self.kv_caches, dec = self._decode(self.state_leaves, self.kv_caches, inputs, st, flags,
-                                               num_decode_steps)
-            return StepResult(np.asarray(dec.tokens), HostLogprobs.from_device(dec.logprobs), None, [])
+            self.kv_caches, self.last_tokens, dec = self._decode(
+                self.state_leaves, self.kv_caches, self.last_tokens, inputs, st, flags, num_decode_steps)
+            return InFlight(dec.tokens, dec.logprobs, None, [], True)
         prompt_top = max((r.params.prompt_logprobs or 0 for r in reqs if r.wants_prompt_logprobs), default=0)
         prompt_top = min(MAX_LOGPROBS, 1 << max(prompt_top - 1, 0).bit_length()) if prompt_top else 0
-        self.kv_caches, out = self._step(self.state_leaves, self.kv_caches, inputs, st, flags, prompt_top)
-        lp = HostLogprobs.from_device(out.logprobs)
+        if self.last_tokens is None:  # pipeline stages: host inputs only
+            self.kv_caches, out = self._step(self.state_leaves, self.kv_caches, inputs, st, flags, prompt_top)
+        else:
+            self.kv_caches, self.last_tokens, out = self._step(
+                self.state_leaves, self.kv_caches, self.last_tokens, inputs, st, flags, prompt_top)
+        return InFlight(out.tokens, out.logprobs, out.prompt_logprobs, spans, False)
+
+    @staticmethod
+    def collect(f: InFlight) -> StepResult:
+        """Waits for a dispatched call and copies its results to the host."""
+        lp = HostLogprobs.from_device(f.logprobs)
+        if f.multi:
+            return StepResult(np.asarray(f.tokens), lp, None, [])
         if lp is not None:
             lp = HostLogprobs(*(x[None] for x in (lp.target, lp.rank, lp.top_ids, lp.top)))
-        return StepResult(np.asarray(out.tokens)[None], lp, HostLogprobs.from_device(out.prompt_logprobs),
-                          spans)
+        prompt_lp = HostLogprobs.from_device(f.prompt_logprobs)
+        return StepResult(np.asarray(f.tokens)[None], lp, prompt_lp, f.spans)
+
+    def execute(self, seqs: Sequence[ScheduledSeq], block_tables: Sequence[list[int]],
+                seeds: Sequence[int], num_decode_steps: int = 1) -> StepResult:
+        """dispatch, then collect."""
+        return self.collect(self.dispatch(seqs, block_tables, seeds, num_decode_steps))

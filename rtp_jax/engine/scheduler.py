@@ -19,7 +19,8 @@ from rtp_jax.engine.request import Request, RequestStatus
 
 @dataclass(frozen=True)
 class ScheduledSeq:
-    """One sequence in this step: tokens [start, start + num_new_tokens) of its `all_token_ids`."""
+    """One sequence in this step: tokens [start, start + num_new_tokens) of the request's tokens (the
+    last one may still be on the device, sampled by the step in flight)."""
 
     request: Request
     start: int
@@ -28,7 +29,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """The chunk reaches the end of the known tokens, so this step samples the next one."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        return self.start + self.num_new_tokens == self.request.num_total_tokens
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request.request_id)
 
+    def _finishes_with_pending(self, req: Request) -> bool:
+        """The tokens in flight take the request to max_tokens or max_model_len."""
+        max_tokens = req.params.max_tokens
+        return ((max_tokens is not None and req.num_output_tokens >= max_tokens)
+                or req.num_total_tokens >= self.config.max_model_len)
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request.request_id)
@@ -83,9 +90,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req.request_id, req.token_view(),
-                                             req.num_computed_tokens, num_new):
+            if req.num_pending and self._finishes_with_pending(req):
+                i += 1  # its last token is in flight: nothing left to compute
+                continue
+            num_new = min(req.num_total_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req.request_id, req.token_view(), req.num_computed_tokens,
+                                             num_new, num_pending_tokens=req.num_pending):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -101,8 +111,9 @@ class Scheduler:
             req = self.waiting[0]
             tokens = req.token_view()
             req.num_computed_tokens = self.kv.get_computed_blocks(req.request_id, tokens)
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(req.request_id, tokens, req.num_computed_tokens, num_new):
+            num_new = min(req.num_total_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(req.request_id, tokens, req.num_computed_tokens, num_new,
+                                          num_pending_tokens=req.num_pending):
                 self.kv.free(req.request_id)  # drop the prefix hits too: it waits holding nothing
                 req.num_computed_tokens = 0
                 break
@@ -113,7 +124,13 @@ class Scheduler:
             budget -= num_new
         return SchedulerOutput(tuple(seqs), tuple(preempted))
 
-    def advance(self, out: SchedulerOutput) -> None:
-        """Records that the step ran: scheduled tokens now have their KV in the cache."""
+    def advance(self, out: SchedulerOutput, num_decode_steps: int = 1) -> None:
+        """Records that the step was dispatched: scheduled tokens will have their KV in the cache, and each
+        sequence that samples has `num_decode_steps` tokens pending (a K-step decode also computes the KV
+        of the first K - 1 tokens it samples)."""
+        extra = num_decode_steps - 1
         for s in out.seqs:
-            s.request.num_computed_tokens = s.start + s.num_new_tokens
+            req = s.request
+            req.num_computed_tokens = s.start + s.num_new_tokens + (extra if s.samples else 0)
+            if s.samples:
+                req.num_pending += num_decode_steps

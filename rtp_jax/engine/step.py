@@ -31,7 +31,10 @@ KVCaches = list[tuple[jax.Array, jax.Array]]
 
 class StepInputs(NamedTuple):
     """input_ids, positions: int32[T]; sample_idx: int32[S] (last token of each sequence);
-    prompt_lp_idx, prompt_lp_targets: int32[N] (token positions whose next prompt token is scored)."""
+    prompt_lp_idx, prompt_lp_targets: int32[N] (token positions whose next prompt token is scored);
+    feed_rows: int32[T], the row of `last_tokens` that holds the token, for tokens sampled by the
+    previous step and not known on the host (-1: use input_ids); seq_rows: int32[S], the row each
+    sequence's sampled token is written to (out of range: not kept)."""
 
     input_ids: jax.Array
     positions: jax.Array
@@ -39,6 +42,19 @@ class StepInputs(NamedTuple):
     sample_idx: jax.Array
     prompt_lp_idx: jax.Array
     prompt_lp_targets: jax.Array
+    feed_rows: jax.Array
+    seq_rows: jax.Array
+
+
+def feed_tokens(inp: StepInputs, last_tokens: jax.Array) -> jax.Array:
+    """input_ids with the tokens the previous step left on the device filled in. last_tokens: int32[R]."""
+    from_device = last_tokens[jnp.clip(inp.feed_rows, 0, last_tokens.shape[0] - 1)]
+    return jnp.where(inp.feed_rows >= 0, from_device, inp.input_ids)
+
+
+def keep_tokens(last_tokens: jax.Array, seq_rows: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Writes each sequence's sampled token (tokens: int32[S]) to its row; padded rows are dropped."""
+    return last_tokens.at[seq_rows].set(tokens, mode="drop")
 
 
 class Logprobs(NamedTuple):
@@ -95,21 +111,23 @@ def _on_mesh(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
 
 
 def _packed_jit(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
-    """jit `fn(leaves, kv, ibuf, fbuf, spec, flags, extra)` (kv donated; spec, flags, extra static) and
-    return `call(leaves, kv, inputs, sampling, flags, extra)`, which packs the host arrays first."""
-    jitted = _on_mesh(jax.jit(fn, static_argnums=(4, 5, 6), donate_argnums=(1,)), mesh)
+    """jit `fn(leaves, kv, last_tokens, ibuf, fbuf, spec, flags, extra)` (kv and last_tokens donated; spec,
+    flags, extra static) and return `call(leaves, kv, last_tokens, inputs, sampling, flags, extra)`,
+    which packs the host arrays first."""
+    jitted = _on_mesh(jax.jit(fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2)), mesh)
 
-    def call(leaves: list[jax.Array], kv_caches: KVCaches, inp: StepInputs, st: SamplingTensors,
-             flags: SamplingFlags, extra: int) -> Any:
+    def call(leaves: list[jax.Array], kv_caches: KVCaches, last_tokens: jax.Array, inp: StepInputs,
+             st: SamplingTensors, flags: SamplingFlags, extra: int) -> Any:
         ibuf, fbuf, spec = pack((inp, st))
-        return jitted(leaves, kv_caches, ibuf, fbuf, spec, flags, extra)
+        return jitted(leaves, kv_caches, last_tokens, ibuf, fbuf, spec, flags, extra)
 
     return call
 
 
 def make_step_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mesh: Any = None,
                  kv_shardings: Sequence[Any] | None = None) -> Callable[..., Any]:
-    """Returns the step: `step(state_leaves, kv_caches, inputs, sampling, flags, prompt_top)`.
+    """Returns the step: `step(state_leaves, kv_caches, last_tokens, inputs, sampling, flags, prompt_top)`
+    -> (kv_caches, last_tokens, StepOutputs).
 
     Flax stays out of the hot loop: the state is passed as its flat list of arrays (`treedef` rebuilds
     it at trace time), and the host inputs travel as two packed buffers (`packing`), so a call costs
@@ -118,12 +136,14 @@ def make_step_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mes
     `attn_fn` is already wrapped per tp shard.
     """
 
-    def step(leaves: list[jax.Array], kv_caches: KVCaches, ibuf: jax.Array, fbuf: jax.Array,
-             spec: PackSpec, flags: SamplingFlags, prompt_top: int) -> tuple[KVCaches, StepOutputs]:
+    def step(leaves: list[jax.Array], kv_caches: KVCaches, last_tokens: jax.Array, ibuf: jax.Array,
+             fbuf: jax.Array, spec: PackSpec, flags: SamplingFlags,
+             prompt_top: int) -> tuple[KVCaches, jax.Array, StepOutputs]:
         inp, st = unpack(ibuf, fbuf, spec)
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        hidden, kv_caches = model(inp.input_ids, inp.positions, kv_caches, inp.md, attn_fn)
-        return _constrain(kv_caches, kv_shardings), _sample_outputs(model, hidden, inp, st, flags, prompt_top)
+        hidden, kv_caches = model(feed_tokens(inp, last_tokens), inp.positions, kv_caches, inp.md, attn_fn)
+        out = _sample_outputs(model, hidden, inp, st, flags, prompt_top)
+        return _constrain(kv_caches, kv_shardings), keep_tokens(last_tokens, inp.seq_rows, out.tokens), out
 
     return _packed_jit(step, mesh)
 
@@ -135,16 +155,18 @@ class DecodeOutputs(NamedTuple):
 
 def make_decode_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mesh: Any = None,
                    kv_shardings: Sequence[Any] | None = None) -> Callable[..., Any]:
-    """Returns `decode(state_leaves, kv_caches, inputs, sampling, flags, num_steps)`: K decode steps of a
-    pure-decode batch in one call, each step feeding its sampled tokens to the next on device.
+    """Returns `decode(state_leaves, kv_caches, last_tokens, inputs, sampling, flags, num_steps)` ->
+    (kv_caches, last_tokens, DecodeOutputs): K decode steps of a pure-decode batch in one call, each step
+    feeding its sampled tokens to the next on device.
 
     `inputs` holds one token per sequence (row s is sequence s, so T == S) and block tables wide
     enough for K more tokens. Step i samples with key step `sampling.step + i`, exactly as K single
     steps would, so outputs are identical; the host discards tokens past a stop.
     """
 
-    def decode(leaves: list[jax.Array], kv_caches: KVCaches, ibuf: jax.Array, fbuf: jax.Array,
-               spec: PackSpec, flags: SamplingFlags, num_steps: int) -> tuple[KVCaches, DecodeOutputs]:
+    def decode(leaves: list[jax.Array], kv_caches: KVCaches, last_tokens: jax.Array, ibuf: jax.Array,
+               fbuf: jax.Array, spec: PackSpec, flags: SamplingFlags,
+               num_steps: int) -> tuple[KVCaches, jax.Array, DecodeOutputs]:
         inp, st = unpack(ibuf, fbuf, spec)
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         md0 = inp.md
@@ -175,8 +197,9 @@ def make_decode_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, m
                            jnp.zeros((num_steps, num_rows, k), jnp.int32),
                            jnp.zeros((num_steps, num_rows, k), jnp.float32))
         out0 = DecodeOutputs(jnp.zeros((num_steps, num_rows), jnp.int32), lp0)
-        kv, _, out = jax.lax.fori_loop(0, num_steps, one_step, (kv_caches, inp.input_ids, out0))
-        return kv, out
+        kv, last, out = jax.lax.fori_loop(0, num_steps, one_step,
+                                          (kv_caches, feed_tokens(inp, last_tokens), out0))
+        return kv, keep_tokens(last_tokens, inp.seq_rows, last), out
 
     return _packed_jit(decode, mesh)
 
