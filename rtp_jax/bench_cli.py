@@ -179,10 +179,25 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
     return {"seconds": seconds, "bytes": nbytes}
 
 
+# Warm-load variants of `--variants`: (name, loader options over the command line's).
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("staging_none", {"staging": "none"}),  # a fresh buffer per tensor (the loader before the slab)
+    ("staging_none_mmap", {"staging": "none", "use_mmap": True}),
+    ("slab_no_dma_map", {"dma_map": False}),
+    ("slab_async", {"staging": "slab_async"}),  # slab set up in the background, mmap meanwhile
+    ("workers4", {"num_workers": 4}),
+    ("workers16", {"num_workers": 16}),
+    ("readers8", {"num_readers": 8}),
+    ("inflight512M", {"max_inflight_bytes": 512 << 20}),
+    ("inflight2G", {"max_inflight_bytes": 2 << 30}),
+)
+
+
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,
                    num_workers: int = 8, max_inflight_mb: int = 1024, chunk_mb: int = 64,
-                   use_mmap: bool = False, naive: bool = True, cold: bool = True,
-                   variants: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                   use_mmap: bool = False, staging: str = "slab", dma_map: bool = True, naive: bool = True,
+                   cold: bool = True, variants: bool = False, log: Callable[[str], None] = print
+                   ) -> dict[str, Any]:
     """All load measurements on one checkpoint; returns the report dict (see the module docstring)."""
     import jax
 
@@ -192,7 +207,7 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
     files = checkpoint_files(path)
     total = sum(f.stat().st_size for f in files)
     kw = dict(num_readers=num_readers, num_workers=num_workers, max_inflight_bytes=max_inflight_mb << 20,
-              chunk_bytes=chunk_mb << 20, use_mmap=use_mmap)
+              chunk_bytes=chunk_mb << 20, use_mmap=use_mmap, staging=staging, dma_map=dma_map)
     rep: dict[str, Any] = {
         "model": str(path), "files": len(files), "file_bytes": total, "dtype": dtype,
         "loader": {k: v for k, v in kw.items()}, "device": str(jax.devices()[0].device_kind),
@@ -217,6 +232,8 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
         rep["peak_host_rss_GB"] = rss.peak / 1e9
         rep["rss_before_load_GB"] = rss.start / 1e9
         rep["peak_inflight_bytes"] = r["peak_inflight_bytes"]
+        rep["staging"] = r.get("staging")
+        rep["setup_s"] = r.get("setup_s")
         log(f"fast load, cold: {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.2f} s "
             f"= {rep['load_GBps']:.2f} GB/s; "
             f"peak RSS {rss.peak / 1e9:.2f} GB (before {rss.start / 1e9:.2f} GB)")
@@ -225,6 +242,9 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
         with RssSampler() as rss:
             r = fast_load(path, dtype, **kw)
         warm.append(r["seconds"])
+        rep.setdefault("staging", r.get("staging"))
+        rep["warm_setup_s"] = r.get("setup_s")
+        rep["warm_pipeline_s"] = r.get("pipeline_s")
         rep.setdefault("bytes", r["bytes"])
         rep["peak_host_rss_warm_GB"] = max(rep.get("peak_host_rss_warm_GB", 0.0), rss.peak / 1e9)
         if not cold:
@@ -236,11 +256,11 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
         f"{rep['warm_load_GBps']:.2f} GB/s")
     if variants:
         rep["variants"] = {}
-        for name, extra in (("mmap", {"use_mmap": not use_mmap}), ("workers16", {"num_workers": 16}),
-                            ("inflight4G", {"max_inflight_bytes": 4 << 30})):
-            secs = [fast_load(path, dtype, **{**kw, **extra})["seconds"]]
-            rep["variants"][name] = min(secs)
-            log(f"  variant {name}: {min(secs):.3f} s")
+        for name, extra in VARIANTS:
+            secs = [fast_load(path, dtype, **{**kw, **extra})["seconds"] for _ in range(max(1, repeats))]
+            rep["variants"][name] = statistics.median(secs)
+            log(f"  variant {name} (warm, median of {len(secs)}): {statistics.median(secs):.3f} s "
+                f"of {[round(x, 3) for x in secs]}")
     if naive:
         with RssSampler() as rss:
             r = naive_load(path, dtype)
@@ -316,7 +336,8 @@ def cmd_load(ns: argparse.Namespace) -> int:
         raise ValueError(f"bench load needs an HF safetensors directory, got {str(path)!r}")
     rep = run_load_bench(path, dtype=ns.dtype, repeats=ns.repeats, num_readers=ns.readers,
                          num_workers=ns.workers, max_inflight_mb=ns.max_inflight_mb, chunk_mb=ns.chunk_mb,
-                         use_mmap=ns.mmap, naive=not ns.no_naive, cold=not ns.no_cold, variants=ns.variants)
+                         use_mmap=ns.mmap, staging=ns.staging, dma_map=not ns.no_dma_map,
+                         naive=not ns.no_naive, cold=not ns.no_cold, variants=ns.variants)
     rep = {**rep, **run_info()}
     notes = [f"page cache dropped with: {rep.get('cache_drop', 'not dropped (--no-cold)')}"]
     if rep.get("cache_drop") == "none":
@@ -338,9 +359,14 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-inflight-mb", type=int, default=1024, help="host bytes in flight")
     p.add_argument("--chunk-mb", type=int, default=64)
     p.add_argument("--mmap", action="store_true", help="read through mmap instead of preadv")
+    p.add_argument("--staging", default="slab", choices=["slab", "slab_async", "none"],
+                   help="slab: one reused pre-faulted host buffer; slab_async: set up in the background, "
+                        "mmap meanwhile; none: a fresh buffer per tensor")
+    p.add_argument("--no-dma-map", action="store_true", help="do not register the slab for direct DMA")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     p.add_argument("--no-cold", action="store_true", help="skip page-cache drops (disk and cold load)")
-    p.add_argument("--variants", action="store_true", help="also time mmap / worker-count variants")
+    p.add_argument("--variants", action="store_true",
+                   help="also time staging / mmap / worker-count / budget variants (warm, medians)")
     p.add_argument("--output-json", default=None)
     p.add_argument("--output-md", default=None)
     p.set_defaults(func=cmd_load)

@@ -16,6 +16,10 @@ returned to the budget. So host memory in flight never exceeds `max_inflight_byt
 larger than the budget goes through alone), and reading, conversion and host-to-device copies of
 different tensors overlap.
 
+`iter_device` stages host bytes in one reused, pre-faulted slab (`StagingSlab`, `staging="slab"`) that is
+registered with the device runtime (`client.dma_map`), so a transfer is one DMA from it instead of a copy
+into the runtime's own pinned buffer; a range of the slab is reused once its transfer is complete.
+
 Sharded placement reads only what this process's devices hold: for each distinct shard index of
 `sharding.addressable_devices_indices_map(shape)`, the rows of axis 0 it covers are read (exactly its
 bytes when only axis 0 is split; the covering rows, then a slice, otherwise) and sent to the devices
@@ -71,6 +75,127 @@ class ByteBudget:
             self.in_use -= n
             assert self.in_use >= 0, "ByteBudget released more than it acquired"
             self._cv.notify_all()
+
+
+# ---- staging -------------------------------------------------------------------------------------
+_PAGE = 4096
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14; not exported by the mmap module
+
+
+class StagingSlab:
+    """One page-aligned host buffer of `size` bytes, faulted in once and reused by every tensor of a load.
+
+    `alloc(n)` returns the offset of a free page-aligned range of n bytes (first fit; blocks until one is
+    free, so requests must be <= size), `view(offset, n)` a uint8 view of it, `free(offset)` gives it back.
+    With `dma_map(client)` the slab is registered with the device runtime (pinned, e.g. cudaHostRegister
+    through PJRT `DmaMap`), and `jax.device_put` of a view then DMAs straight from it instead of first
+    copying into the runtime's own pinned staging buffer. Reusing one faulted-in buffer instead of a fresh
+    one per tensor saves the page faults and zeroing of every loaded byte.
+    """
+
+    def __init__(self, size: int, populate_threads: int = 8) -> None:
+        self.size = max(_PAGE, -(-int(size) // _PAGE) * _PAGE)
+        self._map = mmap.mmap(-1, self.size)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except (OSError, ValueError):
+                pass
+        t0 = time.perf_counter()
+        self.array = np.frombuffer(self._map, np.uint8)
+        self.address = int(self.array.ctypes.data)
+        _populate(self.array, populate_threads)
+        self.setup_s = time.perf_counter() - t0
+        self.in_use = self.peak = 0
+        self._free: list[tuple[int, int]] = [(0, self.size)]  # sorted (start, end) holes
+        self._used: dict[int, int] = {}  # start -> end
+        self._cv = threading.Condition()
+        self._client: Any = None
+
+    def dma_map(self, client: Any) -> bool:
+        """Registers the slab for direct DMA with `client` (a jax backend); False where unsupported."""
+        t0 = time.perf_counter()
+        try:
+            client.dma_map(self.address, self.size)
+        except Exception:  # noqa: BLE001 - e.g. UNIMPLEMENTED on the CPU backend
+            return False
+        self._client = client
+        self.setup_s += time.perf_counter() - t0
+        return True
+
+    @property
+    def dma_mapped(self) -> bool:
+        return self._client is not None
+
+    def _fit(self, n: int) -> int | None:
+        for i, (a, b) in enumerate(self._free):
+            if b - a >= n:
+                self._free[i:i + 1] = [(a + n, b)] if a + n < b else []
+                self._used[a] = a + n
+                return a
+        return None
+
+    def alloc(self, n: int) -> int:
+        n = max(_PAGE, -(-n // _PAGE) * _PAGE)
+        if n > self.size:
+            raise ValueError(f"{n} bytes do not fit a {self.size}-byte staging slab")
+        with self._cv:
+            while (off := self._fit(n)) is None:
+                self._cv.wait()
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+            return off
+
+    def free(self, offset: int) -> None:
+        with self._cv:
+            end = self._used.pop(offset)
+            self.in_use -= end - offset
+            holes = sorted([*self._free, (offset, end)])
+            merged: list[tuple[int, int]] = []
+            for a, b in holes:
+                if merged and merged[-1][1] == a:
+                    merged[-1] = (merged[-1][0], b)
+                else:
+                    merged.append((a, b))
+            self._free = merged
+            self._cv.notify_all()
+
+    def view(self, offset: int, n: int) -> np.ndarray:
+        return self.array[offset:offset + n]
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.dma_unmap(self.address)
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+            self._client = None
+        del self.array
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a view; the mapping goes with it
+            pass
+
+
+def _populate(buf: np.ndarray, threads: int) -> None:
+    """Faults in every page of `buf` from `threads` threads (MADV_POPULATE_WRITE through libc, which
+    releases the GIL; else a write to each page)."""
+    import ctypes
+
+    piece = max(_PAGE, -(-len(buf) // max(1, threads) // _PAGE) * _PAGE)
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        madvise = None
+
+    def one(start: int) -> None:
+        part = buf[start:start + piece]
+        if madvise is None or madvise(int(part.ctypes.data), len(part), _MADV_POPULATE_WRITE) != 0:
+            part[::_PAGE] = 0
+
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        list(ex.map(one, range(0, len(buf), piece)))
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -167,6 +292,101 @@ def _is_full(rest: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
     return all(s.indices(d) == (0, d, 1) for s, d in zip(rest, shape[1:], strict=True))
 
 
+def _row_bytes(t: PlannedTensor) -> int:
+    shape = t.entry.shape
+    return t.nbytes // shape[0] if shape and shape[0] else (0 if shape else t.nbytes)
+
+
+def _shard_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[Any, ...]:
+    r0, r1, rest = _row_range(index, shape)
+    return (r0, r1, tuple(s.indices(d) for s, d in zip(rest, shape[1:], strict=True)))
+
+
+def _device_keys(t: PlannedTensor, sharding: Any) -> list[tuple[Any, tuple[Any, ...]]]:
+    """(device, shard key) for each addressable device of `sharding`, in its order."""
+    shape = t.entry.shape
+    return [(d, _shard_key(index, shape))
+            for d, index in sharding.addressable_devices_indices_map(shape).items()]
+
+
+def _shard_reads(t: PlannedTensor, sharding: Any) -> dict[Any, tuple[int, int, tuple[slice, ...]]]:
+    """What to read for `t` under `sharding`: shard key -> (r0, r1, rest index), one per distinct local
+    shard (one key covering everything for None or a scalar)."""
+    shape = t.entry.shape
+    if sharding is None or not shape:
+        return {None: (0, shape[0] if shape else 1, (slice(None),) * max(0, len(shape) - 1))}
+    out: dict[Any, tuple[int, int, tuple[slice, ...]]] = {}
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        key = _shard_key(index, shape)
+        if key not in out:
+            out[key] = _row_range(index, shape)
+    return out
+
+
+def _aliases(out: Any, lo: int, hi: int) -> bool:
+    """Whether a shard of `out` lives in host bytes [lo, hi) (a host backend that aliased a numpy view)."""
+    try:
+        ptrs = [s.data.unsafe_buffer_pointer() for s in out.addressable_shards]
+    except Exception:  # noqa: BLE001 - no pointer: a device buffer
+        return False
+    return any(lo <= p < hi for p in ptrs)
+
+
+def _madvise_fn() -> Callable[[int, int, int], int] | None:
+    """libc `madvise(addr, length, advice)` through ctypes (which releases the GIL), or None."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+class _MappedRange:
+    """A read-only mmap of bytes [start, start + nbytes) of a file, faulted in by parallel
+    MADV_POPULATE_READ calls of `chunk` bytes (reads from disk when cold, maps page-cache pages when
+    warm); `array` is the uint8 view. `close()` unmaps it (or leaves it to the GC while a view lives)."""
+
+    def __init__(self, fd: int, start: int, nbytes: int, readers: ThreadPoolExecutor, chunk: int) -> None:
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        self._map = mmap.mmap(fd, nbytes + start - base, offset=base, access=mmap.ACCESS_READ)
+        self.array = np.frombuffer(self._map, np.uint8, nbytes, start - base)
+        whole = np.frombuffer(self._map, np.uint8)
+        addr, size = int(whole.ctypes.data), len(whole)
+        del whole
+        self.lo, self.hi = addr, addr + size
+        madvise = _madvise_fn()
+        if madvise is not None and size:
+            step = max(_PAGE, chunk // _PAGE * _PAGE)
+            futs = [readers.submit(madvise, addr + o, min(step, size - o), _MADV_POPULATE_READ)
+                    for o in range(0, size, step)]
+            for f in futs:
+                f.result()  # a failure (old kernel) only means pages fault in during the copy
+
+    def close(self) -> None:
+        del self.array
+        try:
+            self._map.close()
+        except BufferError:
+            pass
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What one pass's workers share: open files, the chunk-reader pool, and the staging slab being set
+    up in the background (`slab()`: the slab once ready, else None)."""
+
+    files: _Files
+    readers: ThreadPoolExecutor
+    slab_future: Future[StagingSlab | None] | None = None
+
+    def slab(self) -> StagingSlab | None:
+        f = self.slab_future
+        return f.result() if f is not None and f.done() and f.exception() is None else None
+
+
 class FastLoader:
     """Parallel, pipelined reader of one safetensors checkpoint directory (see the module docstring).
 
@@ -174,12 +394,21 @@ class FastLoader:
     transfers and waits in its own thread); chunk_bytes: read size of one chunk; max_inflight_bytes:
     host bytes read but not yet on the device (or, for `iter_host`, not yet consumed);
     use_mmap: view the files through mmap instead of copying them into buffers with preadv.
+    staging (`iter_device` only): "slab" reads every tensor that fits into one reused, pre-faulted host
+    buffer of `max_inflight_bytes` (capped at the checkpoint's size) and transfers from there (tensors
+    larger than the slab take fresh buffers); "slab_async" sets the slab up in the background and sends
+    tensors that start before it is ready, or are larger, from an mmap of their bytes; "none" reads each
+    tensor into a fresh buffer (or views the mmap); dma_map: register the slab with the
+    device runtime so transfers DMA straight from it (where the backend supports it).
     `skip(name)`: tensors to leave unread.
     """
 
     def __init__(self, path: str | Path, *, num_readers: int = 16, num_workers: int = 8,
                  chunk_bytes: int = 64 << 20, max_inflight_bytes: int = 1 << 30, use_mmap: bool = False,
+                 staging: str = "slab", dma_map: bool = True,
                  skip: Callable[[str], bool] | None = None) -> None:
+        if staging not in ("slab", "slab_async", "none"):
+            raise ValueError(f"staging must be 'slab', 'slab_async' or 'none', got {staging!r}")
         self.path = Path(path)
         self.plan = [t for t in plan_checkpoint(self.path) if skip is None or not skip(t.name)]
         self.num_readers = max(1, num_readers)
@@ -187,6 +416,8 @@ class FastLoader:
         self.chunk_bytes = max(1 << 16, chunk_bytes)
         self.max_inflight_bytes = max_inflight_bytes
         self.use_mmap = use_mmap
+        self.staging = staging
+        self.dma_map = dma_map
         self.stats = LoadStats()
 
     @property
@@ -194,60 +425,70 @@ class FastLoader:
         return sum(t.nbytes for t in self.plan)
 
     # ---- reading one range ---------------------------------------------------------------------
-    def _read(self, files: _Files, readers: ThreadPoolExecutor, path: Path, start: int, nbytes: int
-              ) -> np.ndarray:
-        """`nbytes` at absolute offset `start` of `path`, as a uint8 array (a view of the mmap, or a
-        fresh buffer filled by parallel chunk reads)."""
-        if self.use_mmap and path in files.maps:
-            return np.frombuffer(files.maps[path], np.uint8, nbytes, start)
-        buf = np.empty(nbytes, np.uint8)
-        mv = memoryview(buf)
-        fd = files.fds[path]
+    def _fill(self, ctx: _Ctx, path: Path, start: int, dest: np.ndarray) -> None:
+        """Fills the uint8 array `dest` with its length of bytes at offset `start` of `path` (chunks
+        larger than `chunk_bytes` are read in parallel by the reader pool)."""
+        mv, nbytes = memoryview(dest), len(dest)
+        fd = ctx.files.fds[path]
         if nbytes <= self.chunk_bytes:
             pread_into(fd, mv, start)
-            return buf
-        futs = [readers.submit(pread_into, fd, mv[o:o + self.chunk_bytes], start + o)
+            return
+        futs = [ctx.readers.submit(pread_into, fd, mv[o:o + self.chunk_bytes], start + o)
                 for o in range(0, nbytes, self.chunk_bytes)]
         for f in futs:
             f.result()
+
+    def _read(self, ctx: _Ctx, path: Path, start: int, nbytes: int) -> np.ndarray:
+        """`nbytes` at absolute offset `start` of `path`, as a uint8 array (a view of the mmap, or a
+        fresh buffer filled by parallel chunk reads)."""
+        if self.use_mmap and path in ctx.files.maps:
+            return np.frombuffer(ctx.files.maps[path], np.uint8, nbytes, start)
+        buf = np.empty(nbytes, np.uint8)
+        self._fill(ctx, path, start, buf)
         return buf
 
-    def _read_rows(self, files: _Files, readers: ThreadPoolExecutor, t: PlannedTensor, r0: int, r1: int
+    def _read_rows(self, ctx: _Ctx, t: PlannedTensor, r0: int, r1: int, dest: np.ndarray | None = None
                    ) -> np.ndarray:
+        """Rows [r0, r1) of axis 0 of `t` (the whole scalar for shape ()), in the stored dtype; read into
+        `dest` (uint8, exactly their size) when given."""
         e = t.entry
         shape = e.shape
-        row_bytes = (t.nbytes // shape[0]) if shape else t.nbytes
         if shape and shape[0] == 0:
             return np.empty(shape, e.dtype)
-        raw = self._read(files, readers, t.path, e.start + r0 * row_bytes, (r1 - r0) * row_bytes)
+        row_bytes = (t.nbytes // shape[0]) if shape else t.nbytes
+        start, nbytes = e.start + r0 * row_bytes, (r1 - r0) * row_bytes
+        if dest is None:
+            raw = self._read(ctx, t.path, start, nbytes)
+        else:
+            self._fill(ctx, t.path, start, dest)
+            raw = dest
         return raw.view(e.dtype).reshape((r1 - r0, *shape[1:]) if shape else ())
 
     def _shard_bytes(self, t: PlannedTensor, sharding: Any) -> int:
         """Host bytes a tensor needs in flight: the rows each distinct local shard covers."""
-        if sharding is None or not t.entry.shape:
-            return t.nbytes
-        shape = t.entry.shape
-        row_bytes = t.nbytes // shape[0] if shape[0] else 0
-        seen, total = set(), 0
-        for index in sharding.addressable_devices_indices_map(shape).values():
-            r0, r1, rest = _row_range(index, shape)
-            key = (r0, r1, tuple(s.indices(d) for s, d in zip(rest, shape[1:], strict=True)))
-            if key not in seen:
-                seen.add(key)
-                total += (r1 - r0) * row_bytes
-        return total
+        return sum((r1 - r0) for r0, r1, _ in _shard_reads(t, sharding).values()) * _row_bytes(t)
 
     # ---- the pipeline --------------------------------------------------------------------------
-    def _run(self, work: Callable[[_Files, ThreadPoolExecutor, PlannedTensor], tuple[Any, int, int]],
-             need: Callable[[PlannedTensor], int], release_on_consume: bool) -> Iterator[tuple[str, Any]]:
-        """Runs `work(files, readers, tensor) -> (result, bytes_read, bytes_to_device)` over the plan
-        with the budget held from before the read until the work returns (or, with
-        `release_on_consume`, until the consumer asks for the next tensor)."""
+    def _run(self, work: Callable[[_Ctx, PlannedTensor], tuple[Any, int, int]],
+             need: Callable[[PlannedTensor], int], release_on_consume: bool,
+             make_slab: Callable[[], StagingSlab | None] | None = None) -> Iterator[tuple[str, Any]]:
+        """Runs `work(ctx, tensor) -> (result, bytes_read, bytes_to_device)` over the plan with the
+        budget held from before the read until the work returns (or, with `release_on_consume`, until
+        the consumer asks for the next tensor)."""
         budget = ByteBudget(self.max_inflight_bytes)
         self.budget = budget
         stats = self.stats = LoadStats()
+        t0 = time.perf_counter()
         files = _Files(sorted({t.path for t in self.plan}), self.use_mmap)
         readers = ThreadPoolExecutor(self.num_readers, thread_name_prefix="rtp-read")
+        # "slab_async": the slab faults in and registers (~0.3 s per GiB) while the first tensors take
+        # the mmap path; "slab": it is set up before the first read.
+        setup = ThreadPoolExecutor(1, thread_name_prefix="rtp-slab")
+        slab_future = setup.submit(make_slab) if make_slab is not None else None
+        if slab_future is not None and self.staging == "slab":
+            slab_future.exception()  # wait
+        stats.extra["setup_s"] = time.perf_counter() - t0
+        ctx = _Ctx(files, readers, slab_future)
         workers = ThreadPoolExecutor(self.num_workers, thread_name_prefix="rtp-load")
         pending: queue.Queue[tuple[PlannedTensor, int, Future[Any]] | None | BaseException] = queue.Queue()
         stop = threading.Event()
@@ -255,7 +496,7 @@ class FastLoader:
 
         def task(t: PlannedTensor, n: int) -> Any:
             try:
-                result, nread, nsent = work(files, readers, t)
+                result, nread, nsent = work(ctx, t)
             except BaseException:
                 if not release_on_consume:  # else the consumer (or the drain) releases it
                     budget.release(n)
@@ -282,7 +523,6 @@ class FastLoader:
             except BaseException as e:  # surfaced to the consumer
                 pending.put(e)
 
-        t0 = time.perf_counter()
         producer = threading.Thread(target=produce, name="rtp-load-plan", daemon=True)
         producer.start()
         held = 0
@@ -321,6 +561,19 @@ class FastLoader:
                         budget.release(item[1])
             workers.shutdown(wait=True)
             readers.shutdown(wait=True)
+            setup.shutdown(wait=True)
+            slab = None
+            if slab_future is not None:
+                if slab_future.exception() is not None:
+                    stats.extra["slab_error"] = repr(slab_future.exception())
+                else:
+                    slab = slab_future.result()
+            if slab is not None:
+                stats.extra.update(staging="slab+dma" if slab.dma_mapped else "slab", slab_bytes=slab.size,
+                                   slab_peak_bytes=slab.peak, slab_setup_s=slab.setup_s)
+                slab.close()
+            else:
+                stats.extra["staging"] = "none"
             files.close()
             stats.seconds = time.perf_counter() - t0
             stats.peak_inflight_bytes = budget.peak
@@ -331,20 +584,35 @@ class FastLoader:
         The consumer must be done with an array when it asks for the next one (its bytes go back to
         the budget then); arrays are fresh buffers (views of the mmap with `use_mmap`)."""
 
-        def work(files: _Files, readers: ThreadPoolExecutor, t: PlannedTensor) -> tuple[Any, int, int]:
-            e = t.entry
-            if not e.shape:
-                raw = self._read(files, readers, t.path, e.start, t.nbytes)
-                return raw.view(e.dtype).reshape(()), t.nbytes, 0
-            return self._read_rows(files, readers, t, 0, e.shape[0]), t.nbytes, 0
+        def work(ctx: _Ctx, t: PlannedTensor) -> tuple[Any, int, int]:
+            return self._read_rows(ctx, t, 0, t.entry.shape[0] if t.entry.shape else 1), t.nbytes, 0
 
         return self._run(work, lambda t: t.nbytes, release_on_consume=True)
+
+    def _make_slab(self) -> StagingSlab | None:
+        """The staging slab of `iter_device`: `max_inflight_bytes`, capped at the page-rounded size of
+        everything the plan reads; registered for DMA with the default backend when `dma_map`."""
+        if not self.plan:
+            return None
+        import jax
+
+        total = sum(-(-max(1, t.nbytes) // _PAGE) * _PAGE for t in self.plan)
+        slab = StagingSlab(min(self.max_inflight_bytes, total), populate_threads=min(8, self.num_readers))
+        if self.dma_map:
+            device = jax.local_devices()[0]
+            if device.platform != "cpu":
+                slab.dma_map(device.client)
+        return slab
 
     def iter_device(self, sharding_for: ShardingFor | None = None, dtype: Any = None,
                     dtype_for: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
         """(name, jax.Array) in plan order, each placed in `sharding_for(name, shape)` (None: the default
-        device) and cast on the device to `dtype_for(name)` or `dtype` (None: keep the stored dtype)."""
-        import jax
+        device) and cast on the device to `dtype_for(name)` or `dtype` (None: keep the stored dtype).
+
+        With `staging="slab"` a tensor's host bytes live in the slab from the read until its transfer
+        is complete (then the range is reused); larger tensors take fresh buffers. With "slab_async",
+        while the slab is still being set up in the background, and for tensors larger than it, a tensor
+        is transferred from an mmap of its bytes instead (faulted in by parallel MADV_POPULATE_READ)."""
 
         def target_dtype(name: str) -> Any:
             return dtype_for(name) if dtype_for is not None else dtype
@@ -356,43 +624,55 @@ class FastLoader:
                 shardings[t.name] = sharding_for(t.name, t.entry.shape) if sharding_for is not None else None
             return shardings[t.name]
 
-        def work(files: _Files, readers: ThreadPoolExecutor, t: PlannedTensor) -> tuple[Any, int, int]:
+        def work(ctx: _Ctx, t: PlannedTensor) -> tuple[Any, int, int]:
             e, want = t.entry, target_dtype(t.name)
             sharding = sharding_of(t)
+            reads = _shard_reads(t, sharding)
+            need = sum(r1 - r0 for r0, r1, _ in reads.values()) * _row_bytes(t)
+            slab = ctx.slab()
+            slab = slab if slab is not None and 0 < need <= slab.size else None
+            # Slab not ready yet, or the tensor is larger: an mmap of the tensor's bytes instead.
+            mapped = _MappedRange(ctx.files.fds[t.path], e.start, t.nbytes, ctx.readers, self.chunk_bytes) \
+                if slab is None and self.staging == "slab_async" and need > 0 else None
             t0 = time.perf_counter()
-            if sharding is None or not e.shape:
-                host = self._read_rows(files, readers, t, 0, e.shape[0]) if e.shape else \
-                    self._read(files, readers, t.path, e.start, t.nbytes).view(e.dtype).reshape(())
+            offset = slab.alloc(need) if slab is not None else 0
+            try:
+                hosts: dict[Any, np.ndarray] = {}
+                at, nread = offset, 0
+                for key, (r0, r1, rest) in reads.items():
+                    nbytes = (r1 - r0) * _row_bytes(t)
+                    if mapped is not None:
+                        raw = mapped.array[r0 * _row_bytes(t):r1 * _row_bytes(t)]
+                        rows = raw.view(e.dtype).reshape((r1 - r0, *e.shape[1:]) if e.shape else ())
+                    else:
+                        dest = slab.view(at, nbytes) if slab is not None else None
+                        rows = self._read_rows(ctx, t, r0, r1, dest)
+                    at += nbytes
+                    nread += nbytes
+                    hosts[key] = rows if _is_full(rest, e.shape) else \
+                        np.ascontiguousarray(rows[(slice(None), *rest)])
                 t1 = time.perf_counter()
-                out = _put(host, sharding, want)
+                out, nsent = _transfer(hosts, t, sharding)
                 out.block_until_ready()
-                self._time(t0, t1)
-                return out, t.nbytes, host.nbytes
-            shape = e.shape
-            by_key: dict[Any, tuple[np.ndarray | None, list[Any]]] = {}
-            order: list[tuple[Any, Any]] = []
-            nread = 0
-            for device, index in sharding.addressable_devices_indices_map(shape).items():
-                r0, r1, rest = _row_range(index, shape)
-                key = (r0, r1, tuple(s.indices(d) for s, d in zip(rest, shape[1:], strict=True)))
-                if key not in by_key:
-                    rows = self._read_rows(files, readers, t, r0, r1)
-                    nread += rows.nbytes
-                    host = rows if _is_full(rest, shape) else np.ascontiguousarray(rows[(slice(None), *rest)])
-                    by_key[key] = (host, [])
-                order.append((device, key))
-            t1 = time.perf_counter()
-            singles, nsent = [], 0
-            for device, key in order:
-                host = by_key[key][0]
-                singles.append(_put(host, device, want))
-                nsent += host.nbytes
-            out = jax.make_array_from_single_device_arrays(shape, sharding, singles)
-            out.block_until_ready()
+                lo, hi = (slab.address, slab.address + slab.size) if slab is not None else \
+                    (mapped.lo, mapped.hi) if mapped is not None else (0, 0)
+                if hi and _aliases(out, lo, hi):  # a host backend kept the staged bytes: copy them
+                    out = _transfer({k: np.array(h) for k, h in hosts.items()}, t, sharding)[0]
+                    out.block_until_ready()
+                del hosts
+            finally:
+                if slab is not None:
+                    slab.free(offset)
+                if mapped is not None:
+                    mapped.close()
+            if want is not None and np.dtype(want) != out.dtype:
+                out = _cast(out, np.dtype(want))
+                out.block_until_ready()
             self._time(t0, t1)
             return out, nread, nsent
 
-        return self._run(work, lambda t: self._shard_bytes(t, sharding_of(t)), release_on_consume=False)
+        return self._run(work, lambda t: self._shard_bytes(t, sharding_of(t)), release_on_consume=False,
+                         make_slab=self._make_slab if self.staging != "none" else None)
 
     def _time(self, t0: float, t1: float) -> None:
         t2 = time.perf_counter()
@@ -400,14 +680,18 @@ class FastLoader:
         self.stats.transfer_s += t2 - t1
 
 
-def _put(host: np.ndarray, where: Any, dtype: Any) -> Any:
-    """Host array -> device (a Device, a Sharding, or None for the default device), cast on the device."""
+def _transfer(hosts: dict[Any, np.ndarray], t: PlannedTensor, sharding: Any) -> tuple[Any, int]:
+    """(jax.Array of `t` placed in `sharding`, bytes sent) from the host rows of each shard key."""
     import jax
 
-    x = jax.device_put(host, where)
-    if dtype is not None and np.dtype(dtype) != host.dtype:
-        x = _cast(x, np.dtype(dtype))
-    return x
+    if sharding is None or not t.entry.shape:
+        (host,) = hosts.values()
+        return jax.device_put(host, sharding), host.nbytes
+    singles, nsent = [], 0
+    for device, key in _device_keys(t, sharding):
+        singles.append(jax.device_put(hosts[key], device))
+        nsent += hosts[key].nbytes
+    return jax.make_array_from_single_device_arrays(t.entry.shape, sharding, singles), nsent
 
 
 _CASTS: dict[Any, Any] = {}
@@ -483,7 +767,8 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
     if stats is not None:
         s = loader.stats
         stats.update(num_tensors=s.num_tensors, bytes=s.bytes_read, bytes_to_device=s.bytes_to_device,
-                     seconds=s.seconds, peak_inflight_bytes=s.peak_inflight_bytes, format="safetensors")
+                     seconds=s.seconds, peak_inflight_bytes=s.peak_inflight_bytes, format="safetensors",
+                     **s.extra)
     return out
 
 

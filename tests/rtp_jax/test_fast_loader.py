@@ -4,6 +4,7 @@ and `rtp-jax bench load` on a tiny checkpoint."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtp_jax.loader import iter_weights, load_model_config, resolve_model_path
-from rtp_jax.loader.fast import ByteBudget, FastLoader, load_model_state, plan_checkpoint
+from rtp_jax.loader.fast import ByteBudget, FastLoader, StagingSlab, load_model_state, plan_checkpoint
 from rtp_jax.loader.orbax_io import (
     is_orbax_checkpoint,
     iter_orbax_weights,
@@ -55,6 +56,95 @@ def test_iter_device_matches_plain_iterator(tiny_hf_model):
     for name, a in cast.items():
         assert a.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(a), ref[name].astype(np.float32))
+
+
+@pytest.mark.parametrize("limit_of_largest", [0.5, 1.5, 4.0])
+def test_iter_device_slab_matches_plain_iterator(tiny_hf_model, limit_of_largest):
+    """The reused staging slab: bit-identical tensors while its ranges are recycled (a budget below the
+    largest tensor sends that tensor through a fresh buffer), nothing aliases the slab afterwards."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    ref = dict(iter_safetensors(path))
+    limit = int(max(x.nbytes for x in ref.values()) * limit_of_largest)
+    loader = FastLoader(path, num_readers=4, num_workers=4, chunk_bytes=1 << 16, max_inflight_bytes=limit)
+    got = dict(loader.iter_device())
+    assert loader.stats.extra["staging"] == "slab"
+    assert loader.stats.extra["slab_bytes"] <= limit + 4096
+    assert 0 < loader.stats.extra["slab_peak_bytes"] <= loader.stats.extra["slab_bytes"]
+    assert list(got) == list(ref)
+    for name, a in got.items():
+        assert _same(np.asarray(a), ref[name]), name
+    cast = dict(FastLoader(path, max_inflight_bytes=limit).iter_device(dtype=jnp.float32))
+    for name, a in cast.items():
+        np.testing.assert_array_equal(np.asarray(a), ref[name].astype(np.float32))
+    plain = dict(FastLoader(path, staging="none").iter_device())
+    for name, a in plain.items():
+        assert _same(np.asarray(a), ref[name]), name
+
+
+def test_iter_device_mmap_path_before_the_slab_is_ready(tiny_hf_model, monkeypatch):
+    """Tensors that start while the slab is still being set up go through an mmap of their bytes."""
+    import rtp_jax.loader.fast as fast
+
+    monkeypatch.setattr(fast._Ctx, "slab", lambda self: None)
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    ref = dict(iter_safetensors(path))
+    got = dict(FastLoader(path, chunk_bytes=1 << 16, staging="slab_async").iter_device())
+    assert list(got) == list(ref)
+    for name, a in got.items():
+        assert _same(np.asarray(a), ref[name]), name
+    devices = np.array(jax.devices()[:2])
+    if devices.size == 2:
+        mesh = Mesh(devices, ("a",))
+        for name, a in FastLoader(path, staging="slab_async").iter_device(
+                sharding_for=lambda n, shape: NamedSharding(mesh, PartitionSpec(None, "a") if len(shape) == 2
+                                                            else PartitionSpec())):
+            np.testing.assert_array_equal(np.asarray(a), ref[name])
+
+
+def test_staging_slab_allocator():
+    slab = StagingSlab(5 * 4096, populate_threads=2)
+    assert slab.size == 5 * 4096 and slab.address % 4096 == 0
+    a = slab.alloc(1)  # page-rounded
+    b = slab.alloc(4096 + 1)
+    c = slab.alloc(2 * 4096)
+    assert (a, b, c) == (0, 4096, 3 * 4096) and slab.in_use == slab.peak == 5 * 4096
+    slab.view(b, 8)[:] = 7
+    slab.free(a)
+    slab.free(c)
+    with pytest.raises(ValueError):
+        slab.alloc(6 * 4096)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(slab.alloc(4 * 4096)))  # needs b's pages too
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got
+    slab.free(b)  # holes merge into one: the waiter fits
+    waiter.join(5)
+    assert got == [0] and slab.in_use == 4 * 4096
+    slab.free(0)
+    assert slab.in_use == 0 and slab.peak == 5 * 4096
+    slab.close()
+
+
+def test_sharded_placement_through_a_small_slab(tiny_hf_model):
+    path = tiny_hf_model("llama", sharded=True, dtype="float32")
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices")
+    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
+
+    def sharding_for(name, shape):
+        spec = PartitionSpec("a", None) if "q_proj" in name else \
+            PartitionSpec(None, "b") if "o_proj" in name else PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    ref = dict(iter_safetensors(path))
+    limit = 2 * max(x.nbytes for x in ref.values())
+    loader = FastLoader(path, num_workers=4, max_inflight_bytes=limit)
+    for name, a in loader.iter_device(sharding_for=sharding_for):
+        np.testing.assert_array_equal(np.asarray(a), ref[name])
+        assert a.sharding == sharding_for(name, a.shape), name
+    assert loader.stats.extra["staging"] == "slab"
 
 
 def test_budget_bounds_bytes_in_flight(tiny_hf_model):
