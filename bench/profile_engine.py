@@ -135,13 +135,14 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--window", default="150:170", help="device calls of the steady run to trace")
-    p.add_argument("--skip", default="", help="comma list of: single,offline")
+    p.add_argument("--skip", default="", help="comma list of: timed,single,offline")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--engine-kw", default="{}", help="extra LLM keyword arguments as JSON")
     ns = p.parse_args()
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, ns.skip.split(",")))
-    tag = f"s{ns.max_num_seqs}_b{ns.max_num_batched_tokens}"
+    tag = f"s{ns.max_num_seqs}_b{ns.max_num_batched_tokens}{ns.tag}"
 
     log(f"checkpoint {write_checkpoint(ns.ckpt, ns.shape, fsync=False)}")
     import jax
@@ -161,6 +162,17 @@ def main() -> None:
                                "device": str(jax.devices()[0].device_kind)}
     rng = np.random.default_rng(1)
     hi = min(128000, core.config.model.vocab_size)
+
+    if "timed" not in skip:  # untraced: decode bs1 (128 + 256 tokens) and TTFT of a 2k prompt, medians
+        run_requests(llm, [(rng.integers(100, hi, 128).tolist(), 256)])
+        runs = [run_requests(llm, [(rng.integers(100, hi, 128).tolist(), 256)]) for _ in range(2)]
+        summary["decode_bs1_tok_s"] = statistics.median(n / w for w, n in runs)
+        run_requests(llm, [(rng.integers(100, hi, 2048).tolist(), 1)])
+        ttft = [run_requests(llm, [(rng.integers(100, hi, 2048).tolist(), 1)])[0] for _ in range(5)]
+        summary["ttft_2k_ms"] = 1e3 * statistics.median(ttft)
+        summary["ttft_2k_ms_all"] = [round(1e3 * t, 2) for t in ttft]
+        log(f"timed: decode bs1 {summary['decode_bs1_tok_s']:.1f} tok/s (incl. prefill), "
+            f"ttft 2k {summary['ttft_2k_ms']:.1f} ms")
 
     if "single" not in skip:
         run_requests(llm, [(rng.integers(100, hi, 128).tolist(), 64)])
