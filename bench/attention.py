@@ -177,18 +177,15 @@ def tuning_sweep(case: Case, quick: bool) -> list[dict[str, Any]]:
     t = sum(case.q_lens)
     base = default_tuning(t, len(case.q_lens), H_Q // H_KV, max(case.kv_lens), H_KV)
     if quick:
+        old = dict(single_loop=False, row_gather=False, heavy_first=False)  # knobs before 2026-11-25
         if case.kind == "decode":
             legacy = per_head_decode_tuning(len(case.q_lens), max(case.kv_lens))
-            grid = [legacy, dict(base, heads_inner=not base["heads_inner"]), dict(base, num_warps=8),
-                    dict(base, num_splits=2 * base["num_splits"]),
-                    fused_heads_tuning(len(case.q_lens), max(case.kv_lens))]
+            grid = [dict(legacy, heads_inner=len(case.q_lens) >= 8, num_splits=base["num_splits"]),
+                    dict(base, num_warps=8), dict(base, num_splits=2 * base["num_splits"])]
         elif case.kind == "mixed":
-            grid = [dict(base, block_q=4, pages_per_block=8)]
-        elif case.q_lens == [4096]:
-            grid = [dict(base, block_q=32, num_warps=8), dict(base, block_q=32, num_warps=8, num_stages=3),
-                    dict(base, pages_per_block=8, num_stages=3)]
+            grid = [dict(base, row_gather=True, heavy_first=True, num_stages=3), dict(base, row_gather=True)]
         else:
-            grid = []
+            grid = [dict(base, **old, block_q=16, pages_per_block=4, num_warps=4, num_stages=2)]
     elif case.kind == "decode":
         ctx_blocks = max(case.kv_lens) // (BS * 8)
         grid = [dict(base, num_splits=k, pages_per_block=p, num_warps=w, num_stages=st)
@@ -207,14 +204,15 @@ def per_head_decode_tuning(num_seqs: int, max_context: int) -> dict[str, Any]:
     """The decode default before 2026-11-24 (split >= 1, head-outer grid), for comparison."""
     splits = int(min(max(1, max_context // 128), max(1, 264 // (H_KV * num_seqs)), 16))
     return dict(fuse_heads=False, block_q=16 // (H_Q // H_KV), pages_per_block=8, num_splits=splits,
-                num_warps=4, num_stages=2, heads_inner=False)
+                num_warps=4, num_stages=2, heads_inner=False, single_loop=False, row_gather=False,
+                heavy_first=False)
 
 
 def fused_heads_tuning(num_seqs: int, max_context: int) -> dict[str, Any]:
     """Opt-in fused-heads kernel with the split count that did best on H100 (~4-8 programs per SM)."""
     splits = int(min(max(1, max_context // 32), -(-8 * 132 // num_seqs), 256))
     return dict(fuse_heads=True, block_q=1, pages_per_block=1, num_splits=splits, num_warps=4,
-                num_stages=2, heads_inner=False)
+                num_stages=2, heads_inner=False, single_loop=False, row_gather=False, heavy_first=False)
 
 
 def builtin_variants(case: Case, quick: bool) -> list[dict[str, int]]:
@@ -278,7 +276,7 @@ def run_case(case: Case, machine: dict[str, float], quick: bool) -> None:
             out = np.asarray(jax.jit(builtin(case, bbest["cfg"]))(*bsets[0]), np.float32)
             bbest["rel_err"] = relative_error(out, ref)
         r["jax_builtin"] = bbest
-        if quick:  # layout diagnostic: per-head kernel (split x2) on the built-in's head-major layout
+        if quick and os.environ.get("LAYOUT_DIAGNOSTIC"):  # per-head kernel on the head-major layout
             cfg = dict(per_head_decode_tuning(len(case.q_lens), max(case.kv_lens)))
             cfg["num_splits"] *= 2
             try:

@@ -28,17 +28,27 @@ def tile_metadata(
     kv_lens: jax.Array,
     query_start_loc: jax.Array,
     num_seqs: jax.Array,
+    cover_padding: bool = False,
 ) -> jax.Array:
     """Split every sequence's queries into tiles of `block_q` tokens.
 
     Returns int32[num_tiles_max, 4] rows (seq, q0, q_end, kv_len); tiles past the last real one
     are (0, 0, 0, 0), which the kernel treats as empty. num_tiles_max bounds sum_s cdiv(len_s, block_q).
+    With `cover_padding` the padding tokens [qsl[num_seqs], T) get tiles too, as a sequence with an
+    empty context (kv_len 0, seq 0): the kernel writes their rows as zeros, so no pass over the
+    output has to zero them.
     """
     num_slots = kv_lens.shape[0]
-    num_tiles = min(num_tokens, (num_tokens + num_slots * (block_q - 1)) // block_q)
-    slot = jnp.arange(num_slots, dtype=jnp.int32)
     q_start, q_end = query_start_loc[:-1], query_start_loc[1:]
-    q_len = jnp.where(slot < num_seqs, q_end - q_start, 0)
+    q_len = jnp.where(jnp.arange(num_slots) < num_seqs, q_end - q_start, 0)
+    if cover_padding:  # one more "sequence": the padding tokens, seeing nothing
+        real_end = query_start_loc[num_seqs]
+        q_start = jnp.append(q_start, real_end)
+        q_end = jnp.append(q_end, num_tokens)
+        q_len = jnp.append(q_len, num_tokens - real_end)
+        kv_lens = jnp.append(kv_lens, 0)
+        num_slots += 1
+    num_tiles = min(num_tokens, (num_tokens + num_slots * (block_q - 1)) // block_q)
     tiles_per_seq = (q_len + block_q - 1) // block_q
     cum = jnp.cumsum(tiles_per_seq)
     tile = jnp.arange(num_tiles, dtype=jnp.int32)
@@ -47,9 +57,10 @@ def tile_metadata(
     real = tile < cum[-1]
     q0 = q_start[seq] + (tile - first) * block_q
     zero = jnp.zeros_like(tile)
+    real_seq = real & (seq < num_slots - 1) if cover_padding else real  # padding tiles: seq 0, kv_len 0
     return jnp.stack(
         [
-            jnp.where(real, seq, zero),
+            jnp.where(real_seq, seq, zero),
             jnp.where(real, q0, zero),
             jnp.where(real, q_end[seq], zero),
             jnp.where(real, kv_lens[seq], zero),
@@ -137,12 +148,14 @@ def finish_softmax(acc: jax.Array, m: jax.Array, denom: jax.Array) -> tuple[jax.
 
 
 def attend_kv_blocks(step: Callable[..., tuple[jax.Array, ...]], start: jax.Array, full_lo: jax.Array,
-                     full_hi: jax.Array, stop: jax.Array, rows: int, head_dim: int
-                     ) -> tuple[jax.Array, jax.Array]:
+                     full_hi: jax.Array, stop: jax.Array, rows: int, head_dim: int,
+                     single_loop: bool = False) -> tuple[jax.Array, jax.Array]:
     """Online softmax over KV blocks [start, stop): mask arithmetic only on the edge blocks
     [start, full_lo) and [full_hi, stop), none on the fully visible interior.
 
     `step(j, carry, masked=...)` folds block j into carry = (acc [rows, D], m [rows], denom [rows]).
+    With `single_loop` there is one loop from 0 to stop - start that masks every block (the shape of
+    JAX's built-in paged decode kernel: one software pipeline, no edge loops).
     Returns (normalized out [rows, D], base-2 lse [rows]).
     """
     masked_step = functools.partial(step, masked=True)
@@ -151,6 +164,10 @@ def attend_kv_blocks(step: Callable[..., tuple[jax.Array, ...]], start: jax.Arra
         jnp.full((rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
+    if single_loop:
+        acc, m, denom = jax.lax.fori_loop(
+            0, jnp.maximum(stop - start, 0), lambda i, c: masked_step(start + i, c), carry)
+        return finish_softmax(acc, m, denom)
     carry = jax.lax.fori_loop(start, full_lo, masked_step, carry)
     carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
     acc, m, denom = jax.lax.fori_loop(full_hi, stop, masked_step, carry)

@@ -122,10 +122,10 @@ def ragged_paged_attention_reference(
 
 def _kernel(
     meta_ref: Any,  # int32[num_tiles, 4]: (seq, q0, q_end, kv_len) per tile
-    bt_ref: Any,  # int32[S, pages_padded] sanitized block tables
+    bt_ref: Any,  # int32[S, pages_padded] sanitized block tables (row_gather: flat [S * pages_padded])
     q_ref: Any,  # [T_pad, group, head_dim] (this program's kv head)
-    k_ref: Any,  # [num_blocks, block_size, head_dim] (this program's kv head)
-    v_ref: Any,  # [num_blocks, block_size, head_dim]
+    k_ref: Any,  # [num_blocks, block_size, head_dim] (row_gather: [num_blocks * block_size, head_dim])
+    v_ref: Any,  # like k_ref
     *out_refs: Any,  # o [T_pad, group, head_dim] (+ lse [T_pad, group] when split)
     block_q: int,
     pages_per_block: int,
@@ -134,11 +134,14 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     heads_inner: bool,
+    single_loop: bool = False,
+    row_gather: tuple[int, int] | None = None,
 ) -> None:
+    """One (q tile, KV split) of one KV head; row_gather = (block_size, table columns) of flat views."""
     tile_axis = 0 if heads_inner else 1  # grid (tile, split, head) or (head, tile, split)
     tile, split = pl.program_id(tile_axis), pl.program_id(tile_axis + 1)
     _, group, head_dim = q_ref.shape
-    block_size = k_ref.shape[1]
+    block_size, table_cols = row_gather or (k_ref.shape[1], 0)
     block_k = pages_per_block * block_size
     rows = block_q * group
 
@@ -154,16 +157,25 @@ def _kernel(
     q_mask = jnp.broadcast_to(tok_ok[:, None, None], (block_q, group, head_dim))
     q = masked_load(q_ref.at[pl.ds(q0, block_q)], q_mask).reshape(rows, head_dim)
     kv_offsets = jnp.arange(block_k, dtype=jnp.int32)
+    page_of_row, row_in_page = kv_offsets // block_size, kv_offsets % block_size
+
+    def load_kv(j: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """K, V [block_k, head_dim] of compute block j (pages j*P .. j*P+P-1 of the sequence)."""
+        if row_gather:  # one gather of block_k rows: no [P, bs, D] -> [P*bs, D] reshape
+            rows_ids = bt_ref[seq * table_cols + j * pages_per_block + page_of_row] * block_size + row_in_page
+            return k_ref[rows_ids], v_ref[rows_ids]
+        pages = bt_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
+        return k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim)
 
     def step(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array], masked: bool):
         acc, m, denom = carry  # [rows, head_dim] f32, [rows] f32, [rows] f32
-        pages = bt_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(block_k, head_dim)
-        v = v_ref[pages].reshape(block_k, head_dim)
-        s = tl_dot(q, k, trans_b=True) * sm_scale  # [rows, block_k] f32
+        k, v = load_kv(j)
+        s = tl_dot(q, k, trans_b=True)  # [rows, block_k] f32
+        # softmax in base 2 (exp2 is one instruction); scales folded into one multiply
         if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        s = s * LOG2E  # softmax in base 2: exp2 is one instruction
+            s = (soft_cap * LOG2E) * jnp.tanh(s * (sm_scale / soft_cap))
+        else:
+            s = s * (sm_scale * LOG2E)
         if masked:
             kv_pos = j * block_k + kv_offsets
             visible = kv_pos[None, :] <= row_pos[:, None]
@@ -172,7 +184,7 @@ def _kernel(
             s = jnp.where(visible, s, MASK_VALUE)
         return online_softmax_step(s, v, acc, m, denom)
 
-    out, lse = attend_kv_blocks(step, start, full_lo, full_hi, stop, rows, head_dim)
+    out, lse = attend_kv_blocks(step, start, full_lo, full_hi, stop, rows, head_dim, single_loop)
     out = out.reshape(block_q, group, head_dim)
     o_ref = out_refs[0]
     masked_store(o_ref.at[pl.ds(q0, block_q)], out.astype(o_ref.dtype), q_mask)
@@ -190,24 +202,46 @@ def default_tuning(
 ) -> dict[str, Any]:
     """Static tuning from the call's shapes (the engine's buckets); see bench/results/attention.md.
 
-    Decode-shaped calls (T <= S): per-head kernel, 16-row tiles, at least 2 KV splits and up to ~2
-    programs per SM (max 16), grid (tile, split, kv_head) from 8 sequences up (measured on H100:
-    -3..-25% vs split 1 / head-outer grid; at 1 sequence head-outer was faster). Prefill-shaped
-    calls: 64-row tiles, no split. The fused-heads kernel (fuse_heads=True) is opt-in: not faster.
+    Every call: per-head kernel with K/V rows gathered straight from the flat cache view
+    (row_gather; 1.2-4x faster on H100 than gathering [pages, 16, D] and reshaping).
+    Decode-shaped calls (T <= S): 16-row tiles, one KV loop masked every step (single_loop), at least
+    4 KV splits and up to ~2 programs per SM (max 16), grid (tile, split, kv_head) from 8 sequences up.
+    Prefill-shaped calls of <= 8 sequences: longest tiles first (heavy_first), 3 pipeline stages;
+    128-row tiles x 128 KV positions with 8 warps from 4096 tokens, else 64 x 64 with 4 warps. Mixed
+    calls (> 8 sequences): 64 x 64 tiles, pages gathered and reshaped, no reordering (the
+    2026-11-25 knobs measured slower there; bench/notes_attention.md).
+    The fused-heads kernel (fuse_heads=True) is opt-in: not faster.
     """
-    common = dict(fuse_heads=False, num_warps=4, num_stages=2)
+    common = dict(fuse_heads=False, num_stages=2, row_gather=True, single_loop=False, heavy_first=False)
     if num_tokens <= num_slots:
         programs = num_kv_heads * max(1, num_slots)
         kv_blocks = max(1, max_context // 128)
-        num_splits = int(min(kv_blocks, max(2, 2 * NUM_SMS // programs), 16))
+        num_splits = int(min(kv_blocks, max(4, 2 * NUM_SMS // programs), 16))
         return dict(common, block_q=max(1, 16 // group), pages_per_block=8, num_splits=num_splits,
-                    heads_inner=num_slots >= 8)
-    return dict(common, block_q=max(1, 64 // group), pages_per_block=4, num_splits=1, heads_inner=False)
+                    heads_inner=num_slots >= 8, num_warps=4, single_loop=True)
+    if num_slots > 8:  # mixed batches (many sequences): the 2026-11-25 knobs measured slower there
+        return dict(common, block_q=max(1, 64 // group), pages_per_block=4, num_warps=4, num_splits=1,
+                    heads_inner=False, row_gather=False)
+    common.update(num_splits=1, heads_inner=False, heavy_first=True, num_stages=3)
+    if num_tokens >= 4096:
+        return dict(common, block_q=max(1, 128 // group), pages_per_block=8, num_warps=8)
+    return dict(common, block_q=max(1, 64 // group), pages_per_block=4, num_warps=4)
 
 
 def _pow2(n: int) -> int:
     """Smallest power of two >= n (Triton tiles need power-of-two extents)."""
     return 1 << (n - 1).bit_length()
+
+
+def sort_tiles_by_work(meta: jax.Array, block_q: int) -> jax.Array:
+    """Reorder tile rows (seq, q0, q_end, kv_len) by descending KV extent (the last row's context), so
+    the longest causal tiles start first and the short ones fill the tail of the launch.
+
+    meta: int32[num_tiles, 4] from tile_metadata; empty tiles (q_end = 0) sort last.
+    """
+    q0, q_end, kv_len = meta[:, 1], meta[:, 2], meta[:, 3]
+    kv_extent = kv_len - (q_end - jnp.minimum(q0 + block_q, q_end))  # [num_tiles]
+    return meta[jnp.argsort(-kv_extent, stable=True)]
 
 
 def _per_head_attention(
@@ -228,19 +262,32 @@ def _per_head_attention(
     num_stages: int,
     lowering: str,
     heads_inner: bool = False,
+    single_loop: bool = False,
+    row_gather: bool = False,
     kv_head_major: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Launch the per-head kernel on q4 [T_pad, kv_heads, group_pad, D] (inside the caller's jit).
 
     heads_inner orders the grid (tile, split, kv_head) so the programs of one tile's KV heads run
     back to back and read the same pages; kv_head_major (benchmark diagnostic only) takes caches
-    laid out [kv_heads, num_blocks, block_size, D], JAX's built-in kernel's layout.
+    laid out [kv_heads, num_blocks, block_size, D], JAX's built-in kernel's layout. single_loop: one
+    KV loop masked every step; row_gather: K/V rows gathered from flat [blocks * block_size] views.
 
     Returns (o, None) with o like q4 when num_splits == 1, else f32 o [K, *q4.shape] and base-2
     lse [K, *q4.shape[:-1]] for `merge_splits`.
     """
     t_pad, num_kv_heads, group_pad, head_dim = q4.shape
-    if kv_head_major:  # diagnostic layout [kv_heads, num_blocks, block_size, D] (bench only)
+    row_gather_shape = None
+    if row_gather:  # flat views (free reshapes): rows [blocks * block_size, kv_heads, D], table [S * cols]
+        if kv_head_major:
+            raise ValueError("row_gather needs the engine's [blocks, block_size, kv_heads, D] layout")
+        num_blocks, block_size = k_cache.shape[:2]
+        row_gather_shape = (block_size, tables.shape[1])
+        k_cache = k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+        v_cache = v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+        tables = tables.reshape(-1)
+        kv_block, kv_index = (num_blocks * block_size, None, head_dim), lambda h, i, k: (0, h, 0)
+    elif kv_head_major:  # diagnostic layout [kv_heads, num_blocks, block_size, D] (bench only)
         num_blocks, block_size = k_cache.shape[1:3]
         kv_block, kv_index = (None, num_blocks, block_size, head_dim), lambda h, i, k: (h, 0, 0, 0)
     else:
@@ -269,6 +316,7 @@ def _per_head_attention(
     kernel = functools.partial(
         _kernel, block_q=block_q, pages_per_block=pages_per_block, num_splits=num_splits,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, heads_inner=heads_inner,
+        single_loop=single_loop, row_gather=row_gather_shape,
     )
     tiles = meta.shape[0]
     grid = (tiles, num_splits, num_kv_heads) if heads_inner else (num_kv_heads, tiles, num_splits)
@@ -290,7 +338,7 @@ def _per_head_attention(
     static_argnames=(
         "sm_scale", "sliding_window", "soft_cap", "interpret", "fuse_heads", "block_q",
         "pages_per_block", "num_splits", "num_warps", "num_stages", "heads_inner",
-        "lowering",
+        "lowering", "single_loop", "row_gather", "heavy_first",
     ),
 )
 def _ragged_paged_attention(
@@ -314,6 +362,9 @@ def _ragged_paged_attention(
     num_stages: int,
     heads_inner: bool,
     lowering: str,
+    single_loop: bool = False,
+    row_gather: bool = False,
+    heavy_first: bool = False,
 ) -> jax.Array:
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1:3]
@@ -321,12 +372,18 @@ def _ragged_paged_attention(
     # Interpret mode clamps out-of-range dynamic slices instead of masking them, so give the
     # last tile room there; compiled, the masked loads/stores never touch rows >= T.
     pad_t = block_q if interpret else 0
-    meta = tile_metadata(num_tokens, block_q, kv_lens, query_start_loc, num_seqs)
+    # Padding tokens get tiles of their own that write zeros (kv_len 0); only the split merge
+    # (0/0 for them) still needs the final `where`.
+    meta = tile_metadata(num_tokens, block_q, kv_lens, query_start_loc, num_seqs, cover_padding=True)
+    if heavy_first:
+        meta = sort_tiles_by_work(meta, block_q)
     tables = sanitize_block_tables(block_tables, kv_lens, block_size, pages_per_block)
     knobs = dict(block_q=block_q, pages_per_block=pages_per_block, num_splits=num_splits,
                  sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                  interpret=interpret, num_warps=num_warps, num_stages=num_stages, lowering=lowering)
     if fuse_heads:
+        if row_gather or single_loop:
+            raise ValueError("row_gather / single_loop are knobs of the per-head kernel (fuse_heads=False)")
         heads_pad = _pow2(num_q_heads)
         q3 = jnp.pad(q, ((0, pad_t), (0, heads_pad - num_q_heads), (0, 0)))
         o, lse = fused_heads_attention(meta, tables, q3, k_cache, v_cache, group=group, **knobs)
@@ -334,12 +391,15 @@ def _ragged_paged_attention(
         group_pad = _pow2(group)
         q4 = q.reshape(num_tokens, num_kv_heads, group, head_dim)
         q4 = jnp.pad(q4, ((0, pad_t), (0, 0), (0, group_pad - group), (0, 0)))
-        o, lse = _per_head_attention(meta, tables, q4, k_cache, v_cache, heads_inner=heads_inner, **knobs)
+        o, lse = _per_head_attention(meta, tables, q4, k_cache, v_cache, heads_inner=heads_inner,
+                                     single_loop=single_loop, row_gather=row_gather, **knobs)
     out = o if lse is None else merge_splits(o, lse)
     if fuse_heads:
         out = out[:num_tokens, :num_q_heads]
     else:
         out = out[:num_tokens, :, :group].reshape(num_tokens, num_q_heads, head_dim)
+    if lse is None:
+        return out.astype(q.dtype)
     valid = jnp.arange(num_tokens) < query_start_loc[num_seqs]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
 
@@ -382,6 +442,8 @@ def ragged_paged_attention(
     if unknown:
         raise TypeError(f"unknown tuning arguments {sorted(unknown)}")
     params.update(tuning)
+    if params["fuse_heads"]:  # per-head-only knobs stay off unless asked for (then refused)
+        params.update({k: tuning.get(k, False) for k in ("row_gather", "single_loop")})
     return _ragged_paged_attention(
         q, k_cache, v_cache, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(block_tables, jnp.int32),
         jnp.asarray(query_start_loc, jnp.int32), jnp.asarray(num_seqs, jnp.int32),

@@ -80,6 +80,40 @@ def test_fused_heads_kernel_matches_reference(mode: str, data: st.DataObject) ->
            pages_per_block=data.draw(st.sampled_from([1, 2])), num_splits=data.draw(st.sampled_from([1, 3])))
 
 
+@pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
+@FAST
+@given(data=st.data())
+def test_row_gather_single_loop_heavy_first_match_reference(mode: str, data: st.DataObject) -> None:
+    """The 2026-11-25 knobs (flat row gather, one masked KV loop, longest tiles first) on ragged batches."""
+    q_lens, kv_lens = data.draw(ragged_batches(mode))
+    batch = _batch(q_lens, kv_lens, group=data.draw(st.sampled_from([1, 4])),
+                   pad_tokens=data.draw(st.integers(0, 3)), pad_seqs=data.draw(st.integers(0, 2)),
+                   extra_pages=data.draw(st.integers(0, 2)))
+    window = data.draw(st.sampled_from([None, 6]))
+    _check(batch, tol=1e-5, sliding_window=window, fuse_heads=False,
+           block_q=data.draw(st.sampled_from([1, 4])), pages_per_block=data.draw(st.sampled_from([1, 2])),
+           num_splits=data.draw(st.sampled_from([1, 3])),
+           heads_inner=data.draw(st.booleans()), row_gather=data.draw(st.booleans()),
+           single_loop=data.draw(st.booleans()), heavy_first=data.draw(st.booleans()))
+
+
+def test_fused_heads_rejects_per_head_knobs() -> None:
+    batch = _batch([1, 1], [9, 20], group=2)
+    with pytest.raises(ValueError, match="per-head"):
+        ragged_paged_attention(*batch.args(), sm_scale=1.0, interpret=True, fuse_heads=True, row_gather=True)
+
+
+def test_sort_tiles_by_work_puts_longest_first() -> None:
+    """heavy_first reorders tile rows by visible KV extent; padding and empty tiles go last."""
+    from kernels_pallas.ragged_paged_attention import sort_tiles_by_work
+
+    qsl = jnp.asarray([0, 8, 9, 9], jnp.int32)  # seq 0: 8-token chunk @ 20, seq 1: decode @ 30, 1 pad slot
+    meta = tile_metadata(12, 4, jnp.asarray([20, 30, 0], jnp.int32), qsl, jnp.int32(2), cover_padding=True)
+    rows = [tuple(int(x) for x in r) for r in np.asarray(sort_tiles_by_work(meta, 4))]
+    assert rows[:3] == [(1, 8, 9, 30), (0, 4, 8, 20), (0, 0, 8, 20)]
+    assert rows[3] == (0, 9, 12, 0)  # the padding tokens' tile: empty context, writes zeros
+
+
 @pytest.mark.parametrize("sliding_window,soft_cap", [(5, None), (16, None), (None, 3.0), (7, 10.0)])
 @pytest.mark.parametrize("pages_per_block", [1, 2])
 def test_fused_heads_window_soft_cap_and_splits(sliding_window, soft_cap, pages_per_block: int) -> None:
@@ -90,17 +124,19 @@ def test_fused_heads_window_soft_cap_and_splits(sliding_window, soft_cap, pages_
 
 
 def test_decode_default_tuning() -> None:
-    """Decode: per-head kernel, >= 2 splits up to ~2 programs per SM, heads-inner grid from 8 seqs."""
+    """Decode: per-head kernel, >= 4 splits up to ~2 programs per SM, heads-inner grid from 8 seqs."""
     from kernels_pallas.ragged_paged_attention import default_tuning
 
     dec = default_tuning(64, 64, 4, 4096, 8)
-    assert not dec["fuse_heads"] and dec["num_splits"] == 2 and dec["heads_inner"]
+    assert not dec["fuse_heads"] and dec["num_splits"] == 4 and dec["heads_inner"]
+    assert dec["row_gather"] and dec["single_loop"] and not dec["heavy_first"]
     assert default_tuning(8, 8, 4, 32768, 8)["num_splits"] == 4
     one = default_tuning(1, 1, 4, 4096, 8)
     assert one["num_splits"] == 16 and not one["heads_inner"]
     assert default_tuning(1, 1, 4, 16, 8)["num_splits"] == 1  # one 128-token block: nothing to split
     prefill = default_tuning(4096, 1, 4, 4096, 8)
     assert prefill["num_splits"] == 1 and not prefill["heads_inner"]
+    assert prefill["heavy_first"] and prefill["row_gather"] and prefill["block_q"] * 4 == 128
 
 
 def test_fused_heads_rejects_non_power_of_two_kv_heads() -> None:
@@ -163,6 +199,15 @@ def test_tiles_cover_every_real_token_once(q_lens: list[int], block_q: int, pad:
             assert qsl[seq] <= t < qsl[seq + 1] and kv_len == q_lens[seq] + 3
             hits[t] += 1
     assert (hits[: qsl[-1]] == 1).all() and (hits[qsl[-1]:] == 0).all()
+    # cover_padding: padding tokens get their own tiles (seq 0, kv_len 0); real tiles unchanged
+    meta = np.asarray(tile_metadata(num_tokens, block_q, jnp.asarray(q_lens, jnp.int32) + 3,
+                                    jnp.asarray(qsl), jnp.int32(len(q_lens)), cover_padding=True))
+    hits[:] = 0
+    for seq, q0, q_end, kv_len in meta:
+        for t in range(q0, min(q0 + block_q, q_end)):
+            hits[t] += 1
+            assert (kv_len == 0 and seq == 0) if t >= qsl[-1] else kv_len == q_lens[seq] + 3
+    assert (hits == 1).all()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
