@@ -42,9 +42,13 @@ def rope_tables(config: ModelConfig) -> np.ndarray:
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """x: [T, heads, head_dim], positions: int32[T], inv_freq: f32[head_dim // 2] -> [T, heads, head_dim]."""
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos = jnp.cos(freqs)[:, None, :]
-    sin = jnp.sin(freqs)[:, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    t, h, d = x.shape
+    freqs = positions.astype(jnp.float32)[:, None, None, None] * inv_freq  # [T, 1, 1, D/2]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], written without a concatenate: halves as an axis of
+    # size 2, rotate_half as a reversal of that axis with a sign, so XLA emits one elementwise fusion
+    # (a concatenate became its own 35 us kernel per layer in a 2k-token prefill on the H100).
+    halves = x.astype(jnp.float32).reshape(t, h, 2, d // 2)
+    sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]
+    rotated = halves[:, :, ::-1, :] * sign  # [-x2, x1]
+    return (halves * cos + rotated * sin).reshape(t, h, d).astype(x.dtype)
