@@ -181,21 +181,23 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
 
 # Warm-load variants of `--variants`: (name, loader options over the command line's).
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("staging_none", {"staging": "none"}),  # a fresh buffer per tensor (the loader before the slab)
-    ("staging_none_mmap", {"staging": "none", "use_mmap": True}),
-    ("slab_no_dma_map", {"dma_map": False}),
-    ("slab_async", {"staging": "slab_async"}),  # slab set up in the background, mmap meanwhile
-    ("workers4", {"num_workers": 4}),
-    ("workers16", {"num_workers": 16}),
-    ("readers8", {"num_readers": 8}),
+    # the default before pieces: a 1 GiB slab, tensors read and sent whole
+    ("old_default_1G_nosplit", {"max_inflight_bytes": 1 << 30, "split_bytes": 0}),
+    ("assemble_dus", {"assemble": "dus"}),  # pieces joined by in-place updates instead of a concatenate
+    ("split16M", {"split_bytes": 16 << 20}),
+    ("split64M", {"split_bytes": 64 << 20}),
+    ("inflight128M", {"max_inflight_bytes": 128 << 20}),
     ("inflight512M", {"max_inflight_bytes": 512 << 20}),
-    ("inflight2G", {"max_inflight_bytes": 2 << 30}),
+    ("inflight1G", {"max_inflight_bytes": 1 << 30}),
+    ("workers12", {"num_workers": 12}),
+    ("staging_none_mmap", {"staging": "none", "use_mmap": True}),
 )
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,
-                   num_workers: int = 8, max_inflight_mb: int = 1024, chunk_mb: int = 64,
-                   use_mmap: bool = False, staging: str = "slab", dma_map: bool = True, naive: bool = True,
+                   num_workers: int = 8, max_inflight_mb: int = 256, chunk_mb: int = 64, split_mb: int = 32,
+                   assemble: str = "concat", use_mmap: bool = False, staging: str = "slab",
+                   dma_map: bool = True, naive: bool = True,
                    cold: bool = True, variants: bool = False, log: Callable[[str], None] = print
                    ) -> dict[str, Any]:
     """All load measurements on one checkpoint; returns the report dict (see the module docstring)."""
@@ -207,7 +209,8 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
     files = checkpoint_files(path)
     total = sum(f.stat().st_size for f in files)
     kw = dict(num_readers=num_readers, num_workers=num_workers, max_inflight_bytes=max_inflight_mb << 20,
-              chunk_bytes=chunk_mb << 20, use_mmap=use_mmap, staging=staging, dma_map=dma_map)
+              chunk_bytes=chunk_mb << 20, split_bytes=split_mb << 20, assemble=assemble, use_mmap=use_mmap,
+              staging=staging, dma_map=dma_map)
     rep: dict[str, Any] = {
         "model": str(path), "files": len(files), "file_bytes": total, "dtype": dtype,
         "loader": {k: v for k, v in kw.items()}, "device": str(jax.devices()[0].device_kind),
@@ -336,6 +339,7 @@ def cmd_load(ns: argparse.Namespace) -> int:
         raise ValueError(f"bench load needs an HF safetensors directory, got {str(path)!r}")
     rep = run_load_bench(path, dtype=ns.dtype, repeats=ns.repeats, num_readers=ns.readers,
                          num_workers=ns.workers, max_inflight_mb=ns.max_inflight_mb, chunk_mb=ns.chunk_mb,
+                         split_mb=ns.split_mb, assemble=ns.assemble,
                          use_mmap=ns.mmap, staging=ns.staging, dma_map=not ns.no_dma_map,
                          naive=not ns.no_naive, cold=not ns.no_cold, variants=ns.variants)
     rep = {**rep, **run_info()}
@@ -356,8 +360,12 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="warm loads (median reported)")
     p.add_argument("--readers", type=int, default=16, help="parallel chunk readers")
     p.add_argument("--workers", type=int, default=8, help="tensors in flight (read + transfer)")
-    p.add_argument("--max-inflight-mb", type=int, default=1024, help="host bytes in flight")
+    p.add_argument("--max-inflight-mb", type=int, default=256, help="host bytes in flight (the slab size)")
     p.add_argument("--chunk-mb", type=int, default=64)
+    p.add_argument("--split-mb", type=int, default=32,
+                   help="tensors above this are sent in row pieces joined on the device (0: never split)")
+    p.add_argument("--assemble", default="concat", choices=["concat", "dus"],
+                   help="how pieces are joined on the device: one concatenate, or in-place updates")
     p.add_argument("--mmap", action="store_true", help="read through mmap instead of preadv")
     p.add_argument("--staging", default="slab", choices=["slab", "slab_async", "none"],
                    help="slab: one reused pre-faulted host buffer; slab_async: set up in the background, "

@@ -15,7 +15,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtp_jax.loader import iter_weights, load_model_config, resolve_model_path
-from rtp_jax.loader.fast import ByteBudget, FastLoader, StagingSlab, load_model_state, plan_checkpoint
+from rtp_jax.loader.fast import (
+    ByteBudget,
+    FastLoader,
+    StagingSlab,
+    _split_jobs,
+    abstract_state,
+    load_model_state,
+    plan_checkpoint,
+)
 from rtp_jax.loader.orbax_io import (
     is_orbax_checkpoint,
     iter_orbax_weights,
@@ -67,7 +75,7 @@ def test_iter_device_slab_matches_plain_iterator(tiny_hf_model, limit_of_largest
     limit = int(max(x.nbytes for x in ref.values()) * limit_of_largest)
     loader = FastLoader(path, num_readers=4, num_workers=4, chunk_bytes=1 << 16, max_inflight_bytes=limit)
     got = dict(loader.iter_device())
-    assert loader.stats.extra["staging"] == "slab"
+    assert loader.stats.extra["staging"] in ("slab", "slab+dma")  # dma-mapped where the runtime can
     assert loader.stats.extra["slab_bytes"] <= limit + 4096
     assert 0 < loader.stats.extra["slab_peak_bytes"] <= loader.stats.extra["slab_bytes"]
     assert list(got) == list(ref)
@@ -99,6 +107,73 @@ def test_iter_device_mmap_path_before_the_slab_is_ready(tiny_hf_model, monkeypat
                 sharding_for=lambda n, shape: NamedSharding(mesh, PartitionSpec(None, "a") if len(shape) == 2
                                                             else PartitionSpec())):
             np.testing.assert_array_equal(np.asarray(a), ref[name])
+
+
+def test_split_jobs_cover_every_row_once(tiny_hf_model):
+    path = tiny_hf_model("llama", sharded=True, dtype="float32")
+    t = max(plan_checkpoint(path), key=lambda t: t.nbytes)
+    rows, rb = t.entry.shape[0], t.nbytes // t.entry.shape[0]
+    full = {None: (0, rows, (slice(None),))}
+    (whole,) = _split_jobs(t, full, 0)
+    assert whole.parts == 1 and whole.nbytes == t.nbytes
+    for split in (rb, 3 * rb + 1, t.nbytes // 3, t.nbytes - 1):
+        jobs = _split_jobs(t, full, split)
+        assert [j.part for j in jobs] == list(range(len(jobs))) and all(j.parts == len(jobs) for j in jobs)
+        assert all(0 < j.nbytes <= split for j in jobs)
+        covered = [r for j in jobs for _, r0, r1, _ in j.ranges for r in range(r0, r1)]
+        assert covered == list(range(rows))
+    halves = {"a": (0, rows // 2, (slice(None),)), "b": (rows // 2, rows, (slice(None),))}
+    jobs = _split_jobs(t, halves, rb * (rows // 4))
+    assert sorted({j.ranges[0][0] for j in jobs}) == ["a", "b"] and sum(j.nbytes for j in jobs) == t.nbytes
+
+
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+@pytest.mark.parametrize("assemble", ["concat", "dus"])
+def test_tensors_larger_than_a_piece_stream_through_a_small_slab(tiny_hf_model, assemble):
+    """Tensors above `split_bytes` go through the slab in row pieces joined on the device: bit-identical,
+    cast on the device, sharded (rows, columns, replicated), and no host buffer beyond the slab."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    ref = dict(iter_safetensors(path))
+    largest = max(x.nbytes for x in ref.values())
+    split, limit = largest // 5, largest // 2  # the slab is smaller than the largest tensor
+    kw = dict(num_readers=4, num_workers=4, chunk_bytes=1 << 12, max_inflight_bytes=limit, split_bytes=split,
+              assemble=assemble)
+    loader = FastLoader(path, **kw)
+    got = dict(loader.iter_device())
+    assert list(got) == list(ref) and loader.stats.num_tensors == len(ref)
+    for name, a in got.items():
+        assert _same(np.asarray(a), ref[name]), name
+    assert loader.stats.bytes_read == sum(x.nbytes for x in ref.values())
+    assert loader.budget.peak <= limit and loader.stats.extra["slab_peak_bytes"] <= limit + 4096
+    for name, a in FastLoader(path, **kw).iter_device(dtype=jnp.float32):
+        assert a.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), ref[name].astype(np.float32))
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices")
+    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
+    specs = {"embed": PartitionSpec("a", None), "lm_head": PartitionSpec(None, "b"),
+             "gate_proj": PartitionSpec(("a", "b"), None)}
+
+    def sharding_for(name, shape):
+        return NamedSharding(mesh, next((v for k, v in specs.items() if k in name), PartitionSpec()))
+
+    loader = FastLoader(path, **kw)
+    for name, a in loader.iter_device(sharding_for=sharding_for, dtype=jnp.float32):
+        assert a.sharding == sharding_for(name, a.shape) and a.dtype == jnp.float32, name
+        np.testing.assert_array_equal(np.asarray(a), ref[name].astype(np.float32))
+    assert loader.stats.num_tensors == len(ref)
+
+
+def test_abstract_state_matches_abstract_model(tiny_hf_model):
+    from rtp_jax.models.params import abstract_model
+
+    for family in ("llama", "qwen2", "mixtral"):
+        cfg = load_model_config(tiny_hf_model(family))
+        g1, s1 = abstract_state(cfg, jnp.bfloat16)
+        g2, s2 = abstract_model(cfg, jnp.bfloat16)
+        assert g1 == g2 and jax.tree.structure(s1) == jax.tree.structure(s2)
+        assert flat_param_shapes(s1) == flat_param_shapes(s2)
 
 
 def test_staging_slab_allocator():
@@ -144,7 +219,7 @@ def test_sharded_placement_through_a_small_slab(tiny_hf_model):
     for name, a in loader.iter_device(sharding_for=sharding_for):
         np.testing.assert_array_equal(np.asarray(a), ref[name])
         assert a.sharding == sharding_for(name, a.shape), name
-    assert loader.stats.extra["staging"] == "slab"
+    assert loader.stats.extra["staging"] in ("slab", "slab+dma")  # dma-mapped where the runtime can
 
 
 def test_budget_bounds_bytes_in_flight(tiny_hf_model):
