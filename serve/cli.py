@@ -37,7 +37,15 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
 
     p = bench_subparsers.add_parser("serve", help="benchmark a running server (vLLM's benchmark_serving)")
     bench_serving.add_cli_args(p)
-    p.set_defaults(func=bench_serving.main)
+    p.set_defaults(func=run_bench_serving)
+
+
+def run_bench_serving(ns: argparse.Namespace) -> int:
+    """`rtp-jax bench serve`: prints the summary table; exit status 0 (1 when any request failed)."""
+    from serve import bench_serving
+
+    summary = bench_serving.main(ns)
+    return 1 if summary["failed"] else 0
 
 
 def served_model_name(ns: argparse.Namespace) -> str:
