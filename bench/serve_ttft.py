@@ -1,6 +1,6 @@
-"""TTFT under load: `rtp-jax serve` on the benchmark checkpoint, driven by `rtp-jax bench serve` at a fixed
-request rate (Poisson arrivals, ShareGPT-like lengths). Results go to --out/serve.json and are merged into
---out/decode.json (keys `serve_<rate>rps_*`) when that file exists.
+"""TTFT under load: `rtp-jax serve --precompile` on the benchmark checkpoint, driven by
+`rtp-jax bench serve` at a fixed request rate (Poisson arrivals, ShareGPT-like lengths). Results go to
+--out/serve.json and are merged into --out/decode.json (keys `serve_<rate>rps_*`) when that file exists.
 
     python3 bench/serve_ttft.py --ckpt /var/tmp/rtp_bench/llama3-8b --out $OUT --request-rate 8
 """
@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--no-precompile", dest="precompile", action="store_false",
+                   help="let the server compile lazily (live traffic then waits on XLA compiles)")
     ns = p.parse_args()
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,13 +53,14 @@ def main() -> None:
     with open(out / "server.log", "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "rtp_jax.cli", "serve", "--model", ns.ckpt, "--port", str(ns.port),
-             "--max-model-len", str(ns.max_model_len)], stdout=log, stderr=subprocess.STDOUT, env=env)
+             "--max-model-len", str(ns.max_model_len), *(["--precompile"] if ns.precompile else [])],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_healthy(url, server, 300)
             startup_s = time.perf_counter() - t0
             # Warm-up: compile the programs the measured run will need (same shapes, fewer requests).
             bench = [sys.executable, "-m", "rtp_jax.cli", "bench", "serve", "--base-url", url]
-            subprocess.run([*bench, "--num-prompts", "64", "--seed", "1"], env=env, check=True,
+            subprocess.run([*bench, "--num-prompts", "16", "--seed", "1"], env=env, check=True,
                            capture_output=True)
             summary_path = out / "serve.json"
             run = subprocess.run([*bench, "--num-prompts", str(ns.num_prompts), "--request-rate",
@@ -69,14 +72,15 @@ def main() -> None:
             server.wait(60)
     summary = json.loads(summary_path.read_text())
     rate = f"{ns.request_rate:g}"
+    server_cmd = (f"rtp-jax serve --model {ns.ckpt} --max-model-len {ns.max_model_len}"
+                  + (" --precompile" if ns.precompile else ""))
     merged = {f"serve_{rate}rps_ttft_ms": summary["ttft_ms"], f"serve_{rate}rps_itl_ms": summary["itl_ms"],
               f"serve_{rate}rps_output_tok_s": summary["output_token_throughput"],
               f"serve_{rate}rps_completed": summary["completed"],
               f"serve_{rate}rps_failed": summary["failed"],
               "serve_startup_s": startup_s,
-              "serve_command": f"rtp-jax serve --model {ns.ckpt} --max-model-len {ns.max_model_len}; "
-                               f"rtp-jax bench serve --num-prompts {ns.num_prompts} "
-                               f"--request-rate {ns.request_rate} (after a 64-prompt warm-up)"}
+              "serve_command": f"{server_cmd}; rtp-jax bench serve --num-prompts {ns.num_prompts} "
+                               f"--request-rate {ns.request_rate} (after a 16-prompt warm-up)"}
     decode = out / "decode.json"
     if decode.exists():
         from rtp_jax.bench_cli import write_report

@@ -45,6 +45,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     num_decode_steps: int = 8
     async_scheduling: bool = True
+    precompile: bool = False
     seed: int = 0
     attention_backend: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
@@ -95,6 +96,8 @@ class EngineArgs:
         g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
         g.add_argument("--num-decode-steps", type=int, default=8,
                        help="decode steps per device call when no request waits (1 = one step per call)")
+        g.add_argument("--precompile", action="store_true",
+                       help="compile every batch-shape bucket at start-up (no XLA stalls on live traffic)")
         g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                        help="read each step's tokens before scheduling the next (no host/device overlap)")
         g.add_argument("--seed", type=int, default=0)
@@ -147,7 +150,10 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     else:  # GGUF: dequantized tensor by tensor on the host
         place = make_placer(mesh, model_config, config.parallel) if mesh is not None else default_placer
         graphdef, state = load_state(model_config, dtype, iter_weights(path, model_config), place)
-    return LLMEngine(make_engine_core(config, graphdef, state, mesh), tokenizer)
+    core = make_engine_core(config, graphdef, state, mesh)
+    if args.precompile:
+        core.precompile()
+    return LLMEngine(core, tokenizer)
 
 
 def enable_compilation_cache() -> None:

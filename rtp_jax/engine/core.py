@@ -13,6 +13,7 @@ on its own thread and talks to it through `serve/`'s queues.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from rtp_jax.cache import KVCacheManager
 from rtp_jax.config import EngineConfig
 from rtp_jax.engine.request import Logprob, PositionLogprobs, Request, RequestStatus
 from rtp_jax.engine.runner import HostLogprobs, InFlight, ModelRunner, StepResult
+from rtp_jax.engine.sampler import SamplingFlags
 from rtp_jax.engine.scheduler import ScheduledSeq, Scheduler
 from rtp_jax.engine.step import PipelineStep, allocate_kv_caches, make_decode_fn, make_step_fn
 from rtp_jax.models.attention import select_attention_backend
@@ -139,6 +141,14 @@ class EngineCore:
         self.num_steps = 0  # model steps (a K-step decode call counts K)
         self.num_device_calls = 0
         self.num_overlapped_calls = 0  # dispatched while the previous call was still unread
+
+    def precompile(self, flags: Sequence[SamplingFlags] | None = None, max_workers: int = 8) -> int:
+        """Compiles every bucket's step program for `flags` (default: all-greedy batches and sampled
+        batches without top-k/top-p) before serving, so live traffic never waits on XLA. Returns the
+        number of programs compiled; the persistent compilation cache makes a restart's pass fast."""
+        if flags is None:
+            flags = [SamplingFlags(), SamplingFlags(all_greedy=False)]
+        return self.runner.precompile(flags, self.config.scheduler.num_decode_steps, max_workers)
 
     # ---- requests -------------------------------------------------------------------------------
     def draw_seed(self) -> int:
@@ -352,6 +362,9 @@ class DataParallelEngineCore:
 
     def draw_seed(self) -> int:
         return self.cores[0].draw_seed()
+
+    def precompile(self, flags: Sequence[SamplingFlags] | None = None, max_workers: int = 8) -> int:
+        return sum(c.precompile(flags, max_workers) for c in self.cores)
 
     def validate(self, prompt_token_ids: list[int]) -> None:
         self.cores[0].validate(prompt_token_ids)

@@ -191,6 +191,52 @@ class ModelRunner:
         inputs = StepInputs(input_ids, positions, md, sample_idx, lp_idx_np, lp_tg_np, feed_rows, seq_rows)
         return inputs, spans
 
+    def dummy_inputs(self, num_tokens: int, num_seqs: int, num_blocks: int) -> StepInputs:
+        """All-padding inputs of padded shape (tokens, seqs, block-table width): what `build_inputs`
+        produces for a batch in those buckets (no scored prompt positions), so one program serves both."""
+        md = AttentionMetadata(np.full(num_tokens, self.num_blocks * self.block_size, np.int32),
+                               np.zeros(num_seqs, np.int32), np.zeros((num_seqs, num_blocks), np.int32),
+                               np.zeros(num_seqs + 1, np.int32), np.int32(0))
+        empty = np.zeros(0, np.int32)
+        return StepInputs(np.zeros(num_tokens, np.int32), np.zeros(num_tokens, np.int32), md,
+                          np.zeros(num_seqs, np.int32), empty, empty, np.full(num_tokens, -1, np.int32),
+                          np.full(num_seqs, self.max_seqs, np.int32))
+
+    def bucket_shapes(self, num_decode_steps: int) -> list[tuple[int, int, int, int]]:
+        """(tokens, seqs, block-table width, decode steps) of every program a batch can select: mixed
+        steps for each sequence bucket and each token bucket at least as large, and K-step decodes
+        (T == S) for each power of two K up to `num_decode_steps`."""
+        def buckets(maximum: int, minimum: int) -> list[int]:
+            return sorted({bucket(n, minimum, maximum) for n in range(1, maximum + 1)})
+
+        seqs, toks = buckets(self.max_seqs, 4), buckets(self.max_tokens, 16)
+        widths = [self.max_blocks_per_seq]
+        if self.bucket_block_tables:
+            widths = buckets(self.max_blocks_per_seq, 4)
+        ks = [1] + [1 << i for i in range(1, num_decode_steps.bit_length()) if 1 << i <= num_decode_steps]
+        if self._decode is None:
+            ks = [1]
+        return [(t, s, b, k) for s in seqs for b in widths for k in ks
+                for t in (toks if k == 1 else [s]) if t >= s]
+
+    def precompile(self, flags: Sequence[SamplingFlags], num_decode_steps: int,
+                   max_workers: int = 8) -> int:
+        """Compiles, in parallel threads, the program of every bucket shape for each of `flags`, so no
+        request waits on XLA later. Returns the number of programs compiled. Not for pipeline stages."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.last_tokens is None:
+            raise ValueError("precompile is not supported with pipeline_parallel_size > 1")
+        jobs = []
+        for t, s, b, k in self.bucket_shapes(num_decode_steps):
+            inp = self.dummy_inputs(t, s, b)
+            st = build_sampling_tensors([], [], [], [], [], [], num_rows=s)
+            fn = self._step if k == 1 else self._decode
+            jobs += [(fn, inp, st, f, 0 if k == 1 else k) for f in flags]
+        args = (self.state_leaves, self.kv_caches, self.last_tokens)
+        with ThreadPoolExecutor(max_workers) as pool:
+            return sum(pool.map(lambda j: j[0].compile(*args, *j[1:]), jobs))
+
     @staticmethod
     def _prompt_lp_range(s: ScheduledSeq) -> tuple[int, int]:
         """Prompt positions p in this chunk whose next prompt token's logprob is still owed.

@@ -110,18 +110,39 @@ def _on_mesh(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
     return call
 
 
-def _packed_jit(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
-    """jit `fn(leaves, kv, last_tokens, ibuf, fbuf, spec, flags, extra)` (kv and last_tokens donated; spec,
-    flags, extra static) and return `call(leaves, kv, last_tokens, inputs, sampling, flags, extra)`,
-    which packs the host arrays first."""
-    jitted = _on_mesh(jax.jit(fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2)), mesh)
+class PackedStep:
+    """A jitted step `fn(leaves, kv, last_tokens, ibuf, fbuf, spec, flags, extra)` (kv and last_tokens
+    donated; spec, flags, extra static), called as `step(leaves, kv, last_tokens, inputs, sampling, flags,
+    extra)`: the host arrays are packed first.
 
-    def call(leaves: list[jax.Array], kv_caches: KVCaches, last_tokens: jax.Array, inp: StepInputs,
-             st: SamplingTensors, flags: SamplingFlags, extra: int) -> Any:
+    `compile(...)` builds the program for one input shape ahead of time (`jit(...).lower().compile()`,
+    thread-safe, no execution); calls whose (layout, flags, extra) were compiled that way skip tracing.
+    """
+
+    def __init__(self, fn: Callable[..., Any], mesh: Any) -> None:
+        self._jitted = jax.jit(fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2))
+        self._mesh = mesh
+        self._compiled: dict[tuple[PackSpec, SamplingFlags, int], Any] = {}
+
+    def __call__(self, leaves: list[jax.Array], kv_caches: KVCaches, last_tokens: jax.Array,
+                 inp: StepInputs, st: SamplingTensors, flags: SamplingFlags, extra: int) -> Any:
         ibuf, fbuf, spec = pack((inp, st))
-        return jitted(leaves, kv_caches, last_tokens, ibuf, fbuf, spec, flags, extra)
+        compiled = self._compiled.get((spec, flags, extra))
+        if compiled is not None:
+            return compiled(leaves, kv_caches, last_tokens, ibuf, fbuf)
+        return _on_mesh(self._jitted, self._mesh)(leaves, kv_caches, last_tokens, ibuf, fbuf, spec, flags,
+                                                  extra)
 
-    return call
+    def compile(self, leaves: list[jax.Array], kv_caches: KVCaches, last_tokens: jax.Array,
+                inp: StepInputs, st: SamplingTensors, flags: SamplingFlags, extra: int) -> bool:
+        """Compiles the program these inputs' shapes select; False when it already was."""
+        ibuf, fbuf, spec = pack((inp, st))
+        key = (spec, flags, extra)
+        if key in self._compiled:
+            return False
+        lower = _on_mesh(self._jitted.lower, self._mesh)
+        self._compiled[key] = lower(leaves, kv_caches, last_tokens, ibuf, fbuf, spec, flags, extra).compile()
+        return True
 
 
 def make_step_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mesh: Any = None,
@@ -145,7 +166,7 @@ def make_step_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, mes
         out = _sample_outputs(model, hidden, inp, st, flags, prompt_top)
         return _constrain(kv_caches, kv_shardings), keep_tokens(last_tokens, inp.seq_rows, out.tokens), out
 
-    return _packed_jit(step, mesh)
+    return PackedStep(step, mesh)
 
 
 class DecodeOutputs(NamedTuple):
@@ -201,7 +222,7 @@ def make_decode_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, m
                                           (kv_caches, feed_tokens(inp, last_tokens), out0))
         return kv, keep_tokens(last_tokens, inp.seq_rows, last), out
 
-    return _packed_jit(decode, mesh)
+    return PackedStep(decode, mesh)
 
 
 def _flat(d: dict[Any, Any], prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], Any]:

@@ -221,3 +221,42 @@ def test_async_scheduling_equals_sync(llama_path: Path) -> None:
         assert sync_core.num_overlapped_calls == 0
         # Calls overlap except while the penalty request runs (its sampling reads its own tokens).
         assert core.num_overlapped_calls >= 5, (core.num_overlapped_calls, core.num_device_calls)
+
+
+def test_precompile_leaves_nothing_to_compile(llama_path: Path) -> None:
+    """After `precompile=True`, greedy and plain-sampled batches of any size (prefill chunks, mixed steps,
+    multi-step decodes) run without a single XLA compile, and give the same tokens as a lazily
+    compiling engine."""
+    import jax
+
+    kw = dict(dtype="float32", max_model_len=64, max_num_batched_tokens=32, max_num_seqs=4)
+    prompts = _prompts(6, seed=5)
+    prompts = [{"prompt_token_ids": p["prompt_token_ids"][:40]} for p in prompts]
+    params = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True) if i % 2
+              else SamplingParams(temperature=0.8, seed=i, max_tokens=13, ignore_eos=True) for i in range(6)]
+    lazy_llm = LLM(str(llama_path), **kw)
+    lazy = [o.outputs[0].token_ids for o in lazy_llm.generate(prompts, params, use_tqdm=False)]
+
+    llm = LLM(str(llama_path), precompile=True, **kw)
+    compiles: list[str] = []
+    counting = [True]
+
+    def listener(event: str, duration: float, **_: object) -> None:
+        if counting[0] and "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        counting[0] = False
+    assert llm.engine.core.num_device_calls > 5
+    assert compiles == [], f"{len(compiles)} programs compiled after precompile"
+    assert got == lazy
+    # Control: a fresh engine without precompile does compile on the same workload in this process.
+    counting[0] = True
+    try:
+        LLM(str(llama_path), **kw).generate(prompts, params, use_tqdm=False)
+    finally:
+        counting[0] = False
+    assert compiles, "the listener must see compiles of a lazily compiling engine"
