@@ -112,17 +112,23 @@ def make_inputs(case: Case, seed: int, copies: int) -> tuple[list[tuple], tuple]
     return sets, meta
 
 
-def time_calls(fn: Callable, sets: list[tuple], iters: int = 10) -> float:
-    """Median seconds per call: one jit runs fn over every input set (launch gaps amortized)."""
+def timed(fn: Callable, sets: list[tuple], iters: int = 10) -> tuple[float, Any]:
+    """(median seconds per call, output for sets[0]): one jit runs fn over every input set (launch gaps
+    amortized)."""
     run = jax.jit(lambda all_sets: [fn(*s) for s in all_sets])
-    jax.block_until_ready(run(sets))
+    out = jax.block_until_ready(run(sets))
     jax.block_until_ready(run(sets))
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         jax.block_until_ready(run(sets))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)) / len(sets)
+    return float(np.median(times)) / len(sets), out[0]
+
+
+def time_calls(fn: Callable, sets: list[tuple], iters: int = 10) -> float:
+    """Median seconds per call (see `timed`)."""
+    return timed(fn, sets, iters)[0]
 
 
 def measure_machine() -> dict[str, float]:

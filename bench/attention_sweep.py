@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,19 +26,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import attention as A  # noqa: E402  (bench/attention.py: cases, inputs, built-in and cuDNN callers)
 
 T0 = time.time()
-
-
-def timed(fn: Callable, sets: list[tuple], iters: int = 10) -> tuple[float, Any]:
-    """(median seconds per call, output for sets[0]) of one jit over every input set."""
-    run = jax.jit(lambda all_sets: [fn(*s) for s in all_sets])
-    out = jax.block_until_ready(run(sets))
-    jax.block_until_ready(run(sets))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(sets))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) / len(sets), out[0]
 
 
 def decode_variants(base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -78,7 +64,7 @@ def run_case(case: A.Case, budget_s: float, prefill_grid: list[dict[str, Any]] |
             r["variants"].append(dict(cfg=cfg, error="skipped: time budget"))
             continue
         try:
-            sec, out = timed(A.ours(case, **cfg), sets)
+            sec, out = A.timed(A.ours(case, **cfg), sets)
             err = A.relative_error(np.asarray(out, np.float32), ref)
         except Exception as e:  # a tuning point that does not compile is recorded, not fatal
             r["variants"].append(dict(cfg=cfg, error=f"{type(e).__name__}: {str(e)[:300]}"))
@@ -93,7 +79,7 @@ def run_case(case: A.Case, budget_s: float, prefill_grid: list[dict[str, Any]] |
         cfg = dict(k_splits=ks, pages_per_compute_block=min(8 if ks > 1 or pages > 16 else 16, pages // ks),
                    block_h=16)
         try:
-            sec, out = timed(A.builtin(case, cfg), bsets)
+            sec, out = A.timed(A.builtin(case, cfg), bsets)
             err = A.relative_error(np.asarray(out, np.float32), ref)
             r["jax_builtin"] = dict(cfg=cfg, seconds=sec, rel_err=err)
         except Exception as e:
@@ -108,7 +94,7 @@ def run_case(case: A.Case, budget_s: float, prefill_grid: list[dict[str, Any]] |
                                                 is_causal=True, implementation="cudnn")
 
         try:
-            r["cudnn_s"] = timed(cudnn, sets)[0]
+            r["cudnn_s"] = A.timed(cudnn, sets)[0]
         except Exception as e:
             r["cudnn_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     ok = [x for x in r["variants"] if "seconds" in x]
