@@ -1,11 +1,11 @@
-"""Where the host time of one decode step goes, and what host-to-device paths the loader could use.
+"""What host-to-device paths the loader can use, measured on the machine.
 
-    python3 bench/probe_host.py --ckpt /var/tmp/rtp_bench/llama3-8b --out $OUT
+    python3 bench/probe_host.py --ckpt /var/tmp/rtp_bench/llama3-8b --out $OUT [--only h2d,load]
 
-Prototype measurements only (no engine edits): per decode step at batch 1, the cost of flattening the
-nnx.State, of dispatching the jitted step with the nnx.State versus with its flat list of leaves, of
-`jax.device_put` of the StepInputs / SamplingTensors pytrees, and of reading the sampled tokens back;
-then raw host-to-device bandwidth from pageable numpy, from mmap views, and through `pinned_host` memory.
+Prototype measurements only (no engine edits): raw host-to-device bandwidth from pageable numpy, from
+mmap views and through `pinned_host` memory (h2d), and the host primitives of the loader's staging path
+(load). The step-dispatch probe that led to the packed, flat-leaf step (bench/notes_bench.md) was removed
+once the engine adopted it; bench/profile_engine.py profiles the engine itself.
 """
 
 from __future__ import annotations
@@ -33,81 +33,6 @@ def timeit(fn: Any, n: int = 50) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1e3
-
-
-def probe_step(ckpt: str, res: dict[str, Any]) -> None:
-    import jax
-
-    from rtp_jax import LLM, SamplingParams
-    from rtp_jax.engine.sampler import build_sampling_tensors
-
-    llm = LLM(ckpt, max_model_len=4096)
-    runner = llm.engine.core.runner
-    captured: dict[str, Any] = {}
-    orig_build, orig_step = runner.build_inputs, runner._step
-
-    def build(*a: Any, **k: Any) -> Any:
-        r = orig_build(*a, **k)
-        captured["host_inputs"] = r[0]
-        return r
-
-    def step(state: Any, kv: Any, inp: Any, st: Any, flags: Any, pt: Any) -> Any:
-        captured["args"] = (inp, st, flags, pt)
-        return orig_step(state, kv, inp, st, flags, pt)
-
-    runner.build_inputs, runner._step = build, step
-    rng = np.random.default_rng(0)
-    for _ in range(2):  # compile the decode buckets
-        hi = min(128000, llm.engine.core.config.model.vocab_size)
-        llm.generate([{"prompt_token_ids": rng.integers(100, hi, 128).tolist()}],
-                     SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
-    inp, st, flags, pt = captured["args"]
-    host_inp = captured["host_inputs"]
-    state = runner.state
-    res["state_leaves"] = len(jax.tree.leaves(state))
-    res["flatten_state_ms"] = timeit(lambda: jax.tree.leaves(state), 200)
-    leaves, treedef = jax.tree.flatten(state)
-
-    def run_state() -> None:
-        kv, out = orig_step(state, runner.kv_caches, inp, st, flags, pt)
-        runner.kv_caches = kv
-        captured["out"] = out
-
-    flat_step = jax.jit(lambda lv, kv, i, s, f, p: orig_step(jax.tree.unflatten(treedef, lv), kv, i, s, f, p),
-                        static_argnums=(4, 5), donate_argnums=(1,))
-
-    def run_flat() -> None:
-        kv, out = flat_step(leaves, runner.kv_caches, inp, st, flags, pt)
-        runner.kv_caches = kv
-        captured["out"] = out
-
-    for name, fn in (("state", run_state), ("flat_leaves", run_flat)):
-        fn()
-        jax.block_until_ready(captured["out"].tokens)
-        disp, total = [], []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            fn()
-            t1 = time.perf_counter()
-            np.asarray(captured["out"].tokens)
-            t2 = time.perf_counter()
-            disp.append(t1 - t0)
-            total.append(t2 - t0)
-        res[f"dispatch_{name}_ms"] = statistics.median(disp) * 1e3
-        res[f"dispatch_plus_device_{name}_ms"] = statistics.median(total) * 1e3
-    params = [SamplingParams(max_tokens=40, ignore_eos=True)]
-    res["device_put_inputs_ms"] = timeit(lambda: jax.block_until_ready(jax.device_put(host_inp)), 100)
-    res["num_input_arrays"] = len(jax.tree.leaves(host_inp))
-    host_st = build_sampling_tensors(params, [1], [0], [[1, 2]], [[]], [[]],
-                                     num_rows=host_inp.sample_idx.shape[0])
-    res["num_sampling_arrays"] = len(jax.tree.leaves(host_st))
-    res["device_put_sampling_ms"] = timeit(lambda: jax.block_until_ready(jax.device_put(host_st)), 100)
-    packed = np.concatenate([np.ravel(x).view(np.uint8) for x in jax.tree.leaves(host_inp)])
-    res["device_put_one_packed_buffer_ms"] = timeit(lambda: jax.device_put(packed).block_until_ready(), 100)
-    out = captured["out"]
-    jax.block_until_ready(out.tokens)
-    res["read_tokens_ms"] = timeit(lambda: np.asarray(out.tokens + 0), 50)
-    del llm
 
 
 def probe_h2d(ckpt: str, res: dict[str, Any]) -> None:
@@ -251,11 +176,11 @@ def main() -> None:
     p.add_argument("--ckpt", default="/var/tmp/rtp_bench/llama3-8b")
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
-    p.add_argument("--only", default="h2d,step", help="comma list of probes: h2d, step, load")
+    p.add_argument("--only", default="h2d", help="comma list of probes: h2d, load")
     ns = p.parse_args()
     write_checkpoint(ns.ckpt, ns.shape)
     res: dict[str, Any] = {}
-    probes = {"h2d": probe_h2d, "step": probe_step, "load": probe_load}
+    probes = {"h2d": probe_h2d, "load": probe_load}
     for fn in (probes[k] for k in ns.only.split(",")):
         try:
             fn(ns.ckpt, res)
@@ -265,7 +190,7 @@ def main() -> None:
             res[f"{fn.__name__}_error"] = traceback.format_exc()[-2000:]
             print(f"{fn.__name__} failed: {e}", flush=True)
         print(json.dumps(res, indent=1), flush=True)
-    name = "probe_host.json" if ns.only == "h2d,step" else f"probe_{ns.only.replace(',', '_')}.json"
+    name = "probe_host.json" if ns.only == "h2d" else f"probe_{ns.only.replace(',', '_')}.json"
     Path(ns.out, name).write_text(json.dumps(res, indent=2))
 
 

@@ -291,8 +291,3 @@ class ModelRunner:
             lp = HostLogprobs(*(x[None] for x in (lp.target, lp.rank, lp.top_ids, lp.top)))
         prompt_lp = HostLogprobs.from_device(f.prompt_logprobs)
         return StepResult(np.asarray(f.tokens)[None], lp, prompt_lp, f.spans)
-
-    def execute(self, seqs: Sequence[ScheduledSeq], block_tables: Sequence[list[int]],
-                seeds: Sequence[int], num_decode_steps: int = 1) -> StepResult:
-        """dispatch, then collect."""
-        return self.collect(self.dispatch(seqs, block_tables, seeds, num_decode_steps))
