@@ -27,382 +27,48 @@ Sharded placement reads only what this process's devices hold: for each distinct
 `sharding.addressable_devices_indices_map(shape)`, the rows of axis 0 it covers are read (exactly its
 bytes when only axis 0 is split; the covering rows, then a slice, otherwise) and sent to the devices
 that hold that shard; the global array is assembled with `jax.make_array_from_single_device_arrays`.
+
+This module is the pipeline (`FastLoader`, `load_model_state`) and the public API; its parts live in
+`reading` (plan, preads), `staging` (slab, mmap ranges), `shards` (shard rows, row-piece jobs),
+`transfer` (device puts, piece joins, casts), `accounting` (budget, stats) and `abstract` (model
+shapes). Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import mmap
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rtp_jax.loader.safetensors_io import TensorEntry, checkpoint_files, read_header
+from rtp_jax.loader.abstract import abstract_state
+from rtp_jax.loader.accounting import ByteBudget, LoadStats
+from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
+from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
+from rtp_jax.loader.staging import _PAGE, StagingSlab, _MappedRange
+from rtp_jax.loader.transfer import _aliases, _assemble, _cast, _key_devices, _put_piece, _transfer
+
+__all__ = [
+    "ByteBudget",
+    "FastLoader",
+    "LoadStats",
+    "PlannedTensor",
+    "ShardingFor",
+    "StagingSlab",
+    "abstract_state",
+    "load_model_state",
+    "mesh_sharding_for",
+    "plan_checkpoint",
+    "pread_into",
+]
 
 ShardingFor = Callable[[str, tuple[int, ...]], Any]  # (name, shape) -> jax.sharding.Sharding | None
-
-_MAX_PREAD = 1 << 30  # Linux caps one read at ~2 GiB; stay well under
-
-
-# ---- budget --------------------------------------------------------------------------------------
-class ByteBudget:
-    """A counting semaphore over bytes, with the peak in use recorded (the instrumented counter).
-
-    `acquire(n)` blocks until n bytes are free; a request larger than the limit waits until nothing
-    else is in flight, then goes alone (so `peak <= max(limit, largest request)`).
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit <= 0:
-            raise ValueError(f"max_inflight_bytes must be positive, got {limit}")
-        self.limit = int(limit)
-        self.in_use = 0
-        self.peak = 0
-        self._cv = threading.Condition()
-
-    def acquire(self, n: int) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: self.in_use == 0 or self.in_use + n <= self.limit)
-            self.in_use += n
-            self.peak = max(self.peak, self.in_use)
-
-    def release(self, n: int) -> None:
-        with self._cv:
-            self.in_use -= n
-            assert self.in_use >= 0, "ByteBudget released more than it acquired"
-            self._cv.notify_all()
-
-
-# ---- staging -------------------------------------------------------------------------------------
-_PAGE = 4096
-_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14; not exported by the mmap module
-
-
-class StagingSlab:
-    """One page-aligned host buffer of `size` bytes, faulted in once and reused by every tensor of a load.
-
-    `alloc(n)` returns the offset of a free page-aligned range of n bytes (first fit; blocks until one is
-    free, so requests must be <= size), `view(offset, n)` a uint8 view of it, `free(offset)` gives it back.
-    With `dma_map(client)` the slab is registered with the device runtime (pinned, e.g. cudaHostRegister
-    through PJRT `DmaMap`), and `jax.device_put` of a view then DMAs straight from it instead of first
-    copying into the runtime's own pinned staging buffer. Reusing one faulted-in buffer instead of a fresh
-    one per tensor saves the page faults and zeroing of every loaded byte.
-    """
-
-    def __init__(self, size: int, populate_threads: int = 8) -> None:
-        self.size = max(_PAGE, -(-int(size) // _PAGE) * _PAGE)
-        self._map = mmap.mmap(-1, self.size)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self._map.madvise(mmap.MADV_HUGEPAGE)
-            except (OSError, ValueError):
-                pass
-        t0 = time.perf_counter()
-        self.array = np.frombuffer(self._map, np.uint8)
-        self.address = int(self.array.ctypes.data)
-        _populate(self.array, populate_threads)
-        self.setup_s = time.perf_counter() - t0
-        self.in_use = self.peak = 0
-        self._free: list[tuple[int, int]] = [(0, self.size)]  # sorted (start, end) holes
-        self._used: dict[int, int] = {}  # start -> end
-        self._cv = threading.Condition()
-        self._client: Any = None
-
-    def dma_map(self, client: Any) -> bool:
-        """Registers the slab for direct DMA with `client` (a jax backend); False where unsupported."""
-        t0 = time.perf_counter()
-        try:
-            client.dma_map(self.address, self.size)
-        except Exception:  # noqa: BLE001 - e.g. UNIMPLEMENTED on the CPU backend
-            return False
-        self._client = client
-        self.setup_s += time.perf_counter() - t0
-        return True
-
-    @property
-    def dma_mapped(self) -> bool:
-        return self._client is not None
-
-    def _fit(self, n: int) -> int | None:
-        for i, (a, b) in enumerate(self._free):
-            if b - a >= n:
-                self._free[i:i + 1] = [(a + n, b)] if a + n < b else []
-                self._used[a] = a + n
-                return a
-        return None
-
-    def alloc(self, n: int) -> int:
-        n = max(_PAGE, -(-n // _PAGE) * _PAGE)
-        if n > self.size:
-            raise ValueError(f"{n} bytes do not fit a {self.size}-byte staging slab")
-        with self._cv:
-            while (off := self._fit(n)) is None:
-                self._cv.wait()
-            self.in_use += n
-            self.peak = max(self.peak, self.in_use)
-            return off
-
-    def free(self, offset: int) -> None:
-        with self._cv:
-            end = self._used.pop(offset)
-            self.in_use -= end - offset
-            holes = sorted([*self._free, (offset, end)])
-            merged: list[tuple[int, int]] = []
-            for a, b in holes:
-                if merged and merged[-1][1] == a:
-                    merged[-1] = (merged[-1][0], b)
-                else:
-                    merged.append((a, b))
-            self._free = merged
-            self._cv.notify_all()
-
-    def view(self, offset: int, n: int) -> np.ndarray:
-        return self.array[offset:offset + n]
-
-    def close(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.dma_unmap(self.address)
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
-            self._client = None
-        del self.array
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a view; the mapping goes with it
-            pass
-
-
-def _populate(buf: np.ndarray, threads: int) -> None:
-    """Faults in every page of `buf` from `threads` threads (MADV_POPULATE_WRITE through libc, which
-    releases the GIL; else a write to each page)."""
-    import ctypes
-
-    piece = max(_PAGE, -(-len(buf) // max(1, threads) // _PAGE) * _PAGE)
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    except (OSError, AttributeError):
-        madvise = None
-
-    def one(start: int) -> None:
-        part = buf[start:start + piece]
-        if madvise is None or madvise(int(part.ctypes.data), len(part), _MADV_POPULATE_WRITE) != 0:
-            part[::_PAGE] = 0
-
-    with ThreadPoolExecutor(max(1, threads)) as ex:
-        list(ex.map(one, range(0, len(buf), piece)))
-
-
-# ---- reading -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PlannedTensor:
-    path: Path
-    entry: TensorEntry
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    @property
-    def nbytes(self) -> int:
-        return self.entry.end - self.entry.start
-
-
-def plan_checkpoint(directory: str | Path) -> list[PlannedTensor]:
-    """Every tensor of an HF safetensors directory, file by file, each file in data-offset order."""
-    out = []
-    for path in checkpoint_files(Path(directory)):
-        for entry in read_header(path):
-            nbytes = entry.end - entry.start
-            expected = int(np.prod(entry.shape, dtype=np.int64)) * entry.dtype.itemsize
-            if nbytes != expected:
-                raise ValueError(f"tensor {entry.name!r}: {nbytes} bytes on disk, but shape {entry.shape} "
-                                 f"needs {expected}")
-            out.append(PlannedTensor(path, entry))
-    return out
-
-
-def pread_into(fd: int, buf: memoryview, offset: int) -> None:
-    """Fills `buf` from `fd` at `offset` (loops over short reads); raises on end of file."""
-    done, n = 0, len(buf)
-    while done < n:
-        got = os.preadv(fd, [buf[done:done + min(n - done, _MAX_PREAD)]], offset + done)
-        if got <= 0:
-            raise ValueError(f"file ends {n - done} bytes before the data does (truncated checkpoint?)")
-        done += got
-
-
-@dataclass
-class LoadStats:
-    """What one pass moved and how long it took; `peak_inflight_bytes` is the budget's high-water mark."""
-
-    num_tensors: int = 0
-    bytes_read: int = 0
-    bytes_to_device: int = 0
-    seconds: float = 0.0
-    peak_inflight_bytes: int = 0
-    read_s: float = 0.0  # summed over workers (so it can exceed `seconds`)
-    transfer_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
-
-
-class _Files:
-    """Open file descriptors (and lazily, read-only mmaps) of a checkpoint, shared by all workers."""
-
-    def __init__(self, paths: list[Path], use_mmap: bool) -> None:
-        self.fds = {p: os.open(p, os.O_RDONLY) for p in paths}
-        self.maps: dict[Path, mmap.mmap] = {}
-        if use_mmap:
-            for p, fd in self.fds.items():
-                if os.fstat(fd).st_size:
-                    self.maps[p] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-
-    def close(self) -> None:
-        for m in self.maps.values():
-            try:
-                m.close()
-            except BufferError:  # a caller still holds a view; the mapping goes with it
-                pass
-        for fd in self.fds.values():
-            os.close(fd)
-
-
-def _row_range(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, int, tuple[slice, ...]]:
-    """Rows [r0, r1) of axis 0 that a shard index covers, and the rest of the index within them."""
-    if not shape:
-        return 0, 1, ()
-    s0 = index[0] if index else slice(None)
-    r0, r1, step = s0.indices(shape[0])
-    if step != 1:
-        raise ValueError(f"strided shard index {index} is not supported")
-    rest = tuple(index[1:]) + (slice(None),) * (len(shape) - 1 - len(index[1:]))
-    return r0, r1, rest
-
-
-def _is_full(rest: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
-    return all(s.indices(d) == (0, d, 1) for s, d in zip(rest, shape[1:], strict=True))
-
-
-def _row_bytes(t: PlannedTensor) -> int:
-    shape = t.entry.shape
-    return t.nbytes // shape[0] if shape and shape[0] else (0 if shape else t.nbytes)
-
-
-def _shard_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[Any, ...]:
-    r0, r1, rest = _row_range(index, shape)
-    return (r0, r1, tuple(s.indices(d) for s, d in zip(rest, shape[1:], strict=True)))
-
-
-def _device_keys(t: PlannedTensor, sharding: Any) -> list[tuple[Any, tuple[Any, ...]]]:
-    """(device, shard key) for each addressable device of `sharding`, in its order."""
-    shape = t.entry.shape
-    return [(d, _shard_key(index, shape))
-            for d, index in sharding.addressable_devices_indices_map(shape).items()]
-
-
-def _shard_reads(t: PlannedTensor, sharding: Any) -> dict[Any, tuple[int, int, tuple[slice, ...]]]:
-    """What to read for `t` under `sharding`: shard key -> (r0, r1, rest index), one per distinct local
-    shard (one key covering everything for None or a scalar)."""
-    shape = t.entry.shape
-    if sharding is None or not shape:
-        return {None: (0, shape[0] if shape else 1, (slice(None),) * max(0, len(shape) - 1))}
-    out: dict[Any, tuple[int, int, tuple[slice, ...]]] = {}
-    for index in sharding.addressable_devices_indices_map(shape).values():
-        key = _shard_key(index, shape)
-        if key not in out:
-            out[key] = _row_range(index, shape)
-    return out
-
-
-def _aliases(out: Any, lo: int, hi: int) -> bool:
-    """Whether a shard of `out` lives in host bytes [lo, hi) (a host backend that aliased a numpy view)."""
-    try:
-        ptrs = [s.data.unsafe_buffer_pointer() for s in out.addressable_shards]
-    except Exception:  # noqa: BLE001 - no pointer: a device buffer
-        return False
-    return any(lo <= p < hi for p in ptrs)
-
-
-def _madvise_fn() -> Callable[[int, int, int], int] | None:
-    """libc `madvise(addr, length, advice)` through ctypes (which releases the GIL), or None."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
-
-
-class _MappedRange:
-    """A read-only mmap of bytes [start, start + nbytes) of a file, faulted in by parallel
-    MADV_POPULATE_READ calls of `chunk` bytes (reads from disk when cold, maps page-cache pages when
-    warm); `array` is the uint8 view. `close()` unmaps it (or leaves it to the GC while a view lives)."""
-
-    def __init__(self, fd: int, start: int, nbytes: int, readers: ThreadPoolExecutor, chunk: int) -> None:
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        self._map = mmap.mmap(fd, nbytes + start - base, offset=base, access=mmap.ACCESS_READ)
-        self.array = np.frombuffer(self._map, np.uint8, nbytes, start - base)
-        whole = np.frombuffer(self._map, np.uint8)
-        addr, size = int(whole.ctypes.data), len(whole)
-        del whole
-        self.lo, self.hi = addr, addr + size
-        madvise = _madvise_fn()
-        if madvise is not None and size:
-            step = max(_PAGE, chunk // _PAGE * _PAGE)
-            futs = [readers.submit(madvise, addr + o, min(step, size - o), _MADV_POPULATE_READ)
-                    for o in range(0, size, step)]
-            for f in futs:
-                f.result()  # a failure (old kernel) only means pages fault in during the copy
-
-    def close(self) -> None:
-        del self.array
-        try:
-            self._map.close()
-        except BufferError:
-            pass
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What one worker reads and sends: row ranges (shard key, r0, r1, rest index) of one tensor.
-    `parts == 1`: the whole tensor (every local shard); else piece `part` of `parts`, one range."""
-
-    tensor: PlannedTensor
-    ranges: tuple[tuple[Any, int, int, tuple[slice, ...]], ...]
-    part: int
-    parts: int
-    nbytes: int
-
-
-def _split_jobs(t: PlannedTensor, reads: dict[Any, tuple[int, int, tuple[slice, ...]]], split_bytes: int
-                ) -> list[_Job]:
-    """`t`'s jobs: one for all of `reads` (shard key -> (r0, r1, rest)) when they hold at most
-    `split_bytes` (or `split_bytes <= 0`, or a scalar), else each shard's rows cut into near-equal
-    pieces of at most `split_bytes` (at least one row each)."""
-    rb = _row_bytes(t)
-    total = sum(r1 - r0 for r0, r1, _ in reads.values()) * rb
-    if split_bytes <= 0 or total <= split_bytes or not t.entry.shape:
-        return [_Job(t, tuple((k, r0, r1, rest) for k, (r0, r1, rest) in reads.items()), 0, 1, total)]
-    ranges = []
-    for key, (r0, r1, rest) in reads.items():
-        n = max(1, -(-(r1 - r0) * rb // split_bytes))
-        step = max(1, -(-(r1 - r0) // n))
-        ranges += [(key, a, min(a + step, r1), rest) for a in range(r0, r1, step)]
-    return [_Job(t, (r,), i, len(ranges), (r[2] - r[1]) * rb) for i, r in enumerate(ranges)]
 
 
 @dataclass(frozen=True)
@@ -744,135 +410,6 @@ class FastLoader:
         t2 = time.perf_counter()
         self.stats.read_s += t1 - t0
         self.stats.transfer_s += t2 - t1
-
-
-def _transfer(hosts: dict[Any, np.ndarray], t: PlannedTensor, sharding: Any) -> tuple[Any, int]:
-    """(jax.Array of `t` placed in `sharding`, bytes sent) from the host rows of each shard key."""
-    import jax
-
-    if sharding is None or not t.entry.shape:
-        (host,) = hosts.values()
-        return jax.device_put(host, sharding), host.nbytes
-    singles, nsent = [], 0
-    for device, key in _device_keys(t, sharding):
-        singles.append(jax.device_put(hosts[key], device))
-        nsent += hosts[key].nbytes
-    return jax.make_array_from_single_device_arrays(t.entry.shape, sharding, singles), nsent
-
-
-def _key_devices(t: PlannedTensor, sharding: Any, key: Any) -> list[Any]:
-    """The devices of `sharding` that hold the shard `key` of `t` ([None]: the default device)."""
-    if sharding is None or not t.entry.shape:
-        return [None]
-    return [d for d, k in _device_keys(t, sharding) if k == key]
-
-
-def _put_piece(host: np.ndarray, devices: list[Any], lo: int, hi: int) -> dict[Any, Any]:
-    """{device: jax.Array} of `host` sent to each of `devices` (None: the default one), complete on
-    return, and not aliasing host bytes [lo, hi) (a host backend that kept the view gets a copy)."""
-    import jax
-
-    out = {d: jax.device_put(host, d) for d in devices}
-    for d, a in out.items():
-        a.block_until_ready()
-        if hi and _aliases(a, lo, hi):
-            out[d] = jax.device_put(np.array(host), d)
-            out[d].block_until_ready()
-    return out
-
-
-_JOINS: dict[Any, Any] = {}
-
-
-def _join(chunks: list[tuple[int, Any]], dtype: np.dtype | None, how: str) -> Any:
-    """One device array from row chunks [(first row, array)] on one device, sorted and contiguous from
-    the first one's row, cast to `dtype` (None: keep). how="concat": one jitted concatenate + cast;
-    "dus": a zero buffer updated in place (donated) by each chunk, then cast."""
-    import jax
-    import jax.numpy as jnp
-
-    chunks = sorted(chunks, key=lambda c: c[0])
-    base = chunks[0][0]
-    arrays = [a for _, a in chunks]
-    if how == "concat":
-        fn = _JOINS.get(("concat", dtype))
-        if fn is None:
-            fn = _JOINS["concat", dtype] = jax.jit(
-                lambda *c: jnp.concatenate(c) if dtype is None else jnp.concatenate(c).astype(dtype))
-        return fn(*arrays)
-    if how != "dus":
-        raise ValueError(f"assemble must be 'concat' or 'dus', got {how!r}")
-    fn = _JOINS.get("dus")
-    if fn is None:
-        fn = _JOINS["dus"] = jax.jit(lambda buf, c, i: jax.lax.dynamic_update_slice_in_dim(buf, c, i, 0),
-                                     donate_argnums=0)
-    rows = sum(a.shape[0] for a in arrays)
-    device = next(iter(arrays[0].devices()))
-    buf = jnp.zeros((rows, *arrays[0].shape[1:]), arrays[0].dtype, device=device)
-    for r0, a in chunks:
-        buf = fn(buf, a, np.int32(r0 - base))
-    return buf if dtype is None or dtype == buf.dtype else _cast(buf, dtype)
-
-
-def _assemble(t: PlannedTensor, sharding: Any, parts: list[tuple[Any, int, dict[Any, Any]]],
-              dtype: np.dtype | None, how: str) -> Any:
-    """The jax.Array of `t` in `sharding` (None: the default device) from its pieces
-    [(shard key, first row, {device: rows on that device})], joined per device by `_join`."""
-    import jax
-
-    per_device: dict[Any, list[tuple[int, Any]]] = {}
-    for _, r0, arrays in parts:
-        for d, a in arrays.items():
-            per_device.setdefault(d, []).append((r0, a))
-    singles = {d: _join(chunks, dtype, how) for d, chunks in per_device.items()}
-    if sharding is None or not t.entry.shape:
-        (out,) = singles.values()
-        return out
-    return jax.make_array_from_single_device_arrays(t.entry.shape, sharding,
-                                                    [singles[d] for d, _ in _device_keys(t, sharding)])
-
-
-_CASTS: dict[Any, Any] = {}
-
-
-def _cast(x: Any, dtype: np.dtype) -> Any:
-    """Casts on the device where `x` lives (jitted per dtype; output sharding follows the input's)."""
-    import jax
-
-    fn = _CASTS.get(dtype)
-    if fn is None:
-        fn = _CASTS[dtype] = jax.jit(lambda a: a.astype(dtype))
-    return fn(x)
-
-
-# ---- whole models --------------------------------------------------------------------------------
-class _KeyRngs:
-    """Stands in for `nnx.Rngs` while tracing a model for its shapes: `params()` is always the same key.
-
-    Models only draw init keys (`rngs.params()`); `nnx.Rngs` bumps a counter that is a tracer under
-    `nnx.eval_shape`, and each bump builds a jax error message by walking the whole trace (flax checks
-    `getattr(tracer, "sharding", None)`), quadratic in the model size: 0.75 s of 0.78 s for an 8B Llama
-    on a CPU-only box, 0.13 s without it."""
-
-    def params(self) -> Any:
-        import jax
-
-        return jax.random.key(0)
-
-
-def abstract_state(config: Any, dtype: Any) -> tuple[Any, Any]:
-    """`rtp_jax.models.params.abstract_model` (graphdef, shape-only state), traced with `_KeyRngs`; falls
-    back to the original where a model needs a real `nnx.Rngs`."""
-    from flax import nnx
-
-    from rtp_jax.models import get_model_class
-    from rtp_jax.models.params import abstract_model
-
-    cls = get_model_class(config.architecture)
-    try:
-        return nnx.split(nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=_KeyRngs())))
-    except (AttributeError, TypeError):
-        return abstract_model(config, dtype)
 
 
 def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for: ShardingFor | None = None,

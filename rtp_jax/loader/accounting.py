@@ -1,0 +1,55 @@
+"""The accounting of one loader pass: `ByteBudget` bounds the host bytes in flight (and records their
+peak), `LoadStats` records what the pass moved and how long it took. Kept apart from the pipeline so the
+counters can be read and tested without it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ByteBudget:
+    """A counting semaphore over bytes, with the peak in use recorded (the instrumented counter).
+
+    `acquire(n)` blocks until n bytes are free; a request larger than the limit waits until nothing
+    else is in flight, then goes alone (so `peak <= max(limit, largest request)`).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError(f"max_inflight_bytes must be positive, got {limit}")
+        self.limit = int(limit)
+        self.in_use = 0
+        self.peak = 0
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self.in_use == 0 or self.in_use + n <= self.limit)
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.in_use -= n
+            assert self.in_use >= 0, "ByteBudget released more than it acquired"
+            self._cv.notify_all()
+
+
+@dataclass
+class LoadStats:
+    """What one pass moved and how long it took; `peak_inflight_bytes` is the budget's high-water mark."""
+
+    num_tensors: int = 0
+    bytes_read: int = 0
+    bytes_to_device: int = 0
+    seconds: float = 0.0
+    peak_inflight_bytes: int = 0
+    read_s: float = 0.0  # summed over workers (so it can exceed `seconds`)
+    transfer_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0

@@ -1,0 +1,175 @@
+"""Host staging buffers of the fast loader: the reused, pre-faulted `StagingSlab` (first-fit allocator,
+optional registration with the device runtime for direct DMA) and `_MappedRange`, an mmap of a file range
+faulted in by parallel MADV_POPULATE_READ, used while the slab is not ready or for jobs larger than it.
+Both are about where a job's host bytes live until their transfer completes; no reading logic here."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+_PAGE = 4096
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14; not exported by the mmap module
+
+
+class StagingSlab:
+    """One page-aligned host buffer of `size` bytes, faulted in once and reused by every tensor of a load.
+
+    `alloc(n)` returns the offset of a free page-aligned range of n bytes (first fit; blocks until one is
+    free, so requests must be <= size), `view(offset, n)` a uint8 view of it, `free(offset)` gives it back.
+    With `dma_map(client)` the slab is registered with the device runtime (pinned, e.g. cudaHostRegister
+    through PJRT `DmaMap`), and `jax.device_put` of a view then DMAs straight from it instead of first
+    copying into the runtime's own pinned staging buffer. Reusing one faulted-in buffer instead of a fresh
+    one per tensor saves the page faults and zeroing of every loaded byte.
+    """
+
+    def __init__(self, size: int, populate_threads: int = 8) -> None:
+        self.size = max(_PAGE, -(-int(size) // _PAGE) * _PAGE)
+        self._map = mmap.mmap(-1, self.size)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except (OSError, ValueError):
+                pass
+        t0 = time.perf_counter()
+        self.array = np.frombuffer(self._map, np.uint8)
+        self.address = int(self.array.ctypes.data)
+        _populate(self.array, populate_threads)
+        self.setup_s = time.perf_counter() - t0
+        self.in_use = self.peak = 0
+        self._free: list[tuple[int, int]] = [(0, self.size)]  # sorted (start, end) holes
+        self._used: dict[int, int] = {}  # start -> end
+        self._cv = threading.Condition()
+        self._client: Any = None
+
+    def dma_map(self, client: Any) -> bool:
+        """Registers the slab for direct DMA with `client` (a jax backend); False where unsupported."""
+        t0 = time.perf_counter()
+        try:
+            client.dma_map(self.address, self.size)
+        except Exception:  # noqa: BLE001 - e.g. UNIMPLEMENTED on the CPU backend
+            return False
+        self._client = client
+        self.setup_s += time.perf_counter() - t0
+        return True
+
+    @property
+    def dma_mapped(self) -> bool:
+        return self._client is not None
+
+    def _fit(self, n: int) -> int | None:
+        for i, (a, b) in enumerate(self._free):
+            if b - a >= n:
+                self._free[i:i + 1] = [(a + n, b)] if a + n < b else []
+                self._used[a] = a + n
+                return a
+        return None
+
+    def alloc(self, n: int) -> int:
+        n = max(_PAGE, -(-n // _PAGE) * _PAGE)
+        if n > self.size:
+            raise ValueError(f"{n} bytes do not fit a {self.size}-byte staging slab")
+        with self._cv:
+            while (off := self._fit(n)) is None:
+                self._cv.wait()
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+            return off
+
+    def free(self, offset: int) -> None:
+        with self._cv:
+            end = self._used.pop(offset)
+            self.in_use -= end - offset
+            holes = sorted([*self._free, (offset, end)])
+            merged: list[tuple[int, int]] = []
+            for a, b in holes:
+                if merged and merged[-1][1] == a:
+                    merged[-1] = (merged[-1][0], b)
+                else:
+                    merged.append((a, b))
+            self._free = merged
+            self._cv.notify_all()
+
+    def view(self, offset: int, n: int) -> np.ndarray:
+        return self.array[offset:offset + n]
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.dma_unmap(self.address)
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+            self._client = None
+        del self.array
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a view; the mapping goes with it
+            pass
+
+
+def _populate(buf: np.ndarray, threads: int) -> None:
+    """Faults in every page of `buf` from `threads` threads (MADV_POPULATE_WRITE through libc, which
+    releases the GIL; else a write to each page)."""
+    import ctypes
+
+    piece = max(_PAGE, -(-len(buf) // max(1, threads) // _PAGE) * _PAGE)
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        madvise = None
+
+    def one(start: int) -> None:
+        part = buf[start:start + piece]
+        if madvise is None or madvise(int(part.ctypes.data), len(part), _MADV_POPULATE_WRITE) != 0:
+            part[::_PAGE] = 0
+
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        list(ex.map(one, range(0, len(buf), piece)))
+
+
+def _madvise_fn() -> Callable[[int, int, int], int] | None:
+    """libc `madvise(addr, length, advice)` through ctypes (which releases the GIL), or None."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+class _MappedRange:
+    """A read-only mmap of bytes [start, start + nbytes) of a file, faulted in by parallel
+    MADV_POPULATE_READ calls of `chunk` bytes (reads from disk when cold, maps page-cache pages when
+    warm); `array` is the uint8 view. `close()` unmaps it (or leaves it to the GC while a view lives)."""
+
+    def __init__(self, fd: int, start: int, nbytes: int, readers: ThreadPoolExecutor, chunk: int) -> None:
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        self._map = mmap.mmap(fd, nbytes + start - base, offset=base, access=mmap.ACCESS_READ)
+        self.array = np.frombuffer(self._map, np.uint8, nbytes, start - base)
+        whole = np.frombuffer(self._map, np.uint8)
+        addr, size = int(whole.ctypes.data), len(whole)
+        del whole
+        self.lo, self.hi = addr, addr + size
+        madvise = _madvise_fn()
+        if madvise is not None and size:
+            step = max(_PAGE, chunk // _PAGE * _PAGE)
+            futs = [readers.submit(madvise, addr + o, min(step, size - o), _MADV_POPULATE_READ)
+                    for o in range(0, size, step)]
+            for f in futs:
+                f.result()  # a failure (old kernel) only means pages fault in during the copy
+
+    def close(self) -> None:
+        del self.array
+        try:
+            self._map.close()
+        except BufferError:
+            pass
