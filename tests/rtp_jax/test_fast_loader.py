@@ -39,6 +39,20 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
+def _sharding_by_name(specs: dict[str, PartitionSpec]):
+    """A `sharding_for(name, shape)` over a 2x2 mesh ("a", "b") of 4 devices: the spec of the first key
+    contained in the name, else replicated. Skips the test with fewer than 4 devices."""
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices")
+    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
+
+    def sharding_for(name, shape):
+        return NamedSharding(mesh, next((v for k, v in specs.items() if k in name), PartitionSpec()))
+
+    return sharding_for
+
+
 @pytest.mark.parametrize("family,dtype", [("llama", "bfloat16"), ("qwen3_moe", "float32")])
 @pytest.mark.parametrize("use_mmap", [False, True])
 def test_iter_host_matches_plain_iterator(tiny_hf_model, family, dtype, use_mmap):
@@ -148,15 +162,8 @@ def test_tensors_larger_than_a_piece_stream_through_a_small_slab(tiny_hf_model, 
     for name, a in FastLoader(path, **kw).iter_device(dtype=jnp.float32):
         assert a.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(a), ref[name].astype(np.float32))
-    devices = np.array(jax.devices()[:4])
-    if devices.size < 4:
-        pytest.skip("needs 4 devices")
-    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
-    specs = {"embed": PartitionSpec("a", None), "lm_head": PartitionSpec(None, "b"),
-             "gate_proj": PartitionSpec(("a", "b"), None)}
-
-    def sharding_for(name, shape):
-        return NamedSharding(mesh, next((v for k, v in specs.items() if k in name), PartitionSpec()))
+    sharding_for = _sharding_by_name({"embed": PartitionSpec("a", None), "lm_head": PartitionSpec(None, "b"),
+                                      "gate_proj": PartitionSpec(("a", "b"), None)})
 
     loader = FastLoader(path, **kw)
     for name, a in loader.iter_device(sharding_for=sharding_for, dtype=jnp.float32):
@@ -203,15 +210,7 @@ def test_staging_slab_allocator():
 
 def test_sharded_placement_through_a_small_slab(tiny_hf_model):
     path = tiny_hf_model("llama", sharded=True, dtype="float32")
-    devices = np.array(jax.devices()[:4])
-    if devices.size < 4:
-        pytest.skip("needs 4 devices")
-    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
-
-    def sharding_for(name, shape):
-        spec = PartitionSpec("a", None) if "q_proj" in name else \
-            PartitionSpec(None, "b") if "o_proj" in name else PartitionSpec()
-        return NamedSharding(mesh, spec)
+    sharding_for = _sharding_by_name({"q_proj": PartitionSpec("a", None), "o_proj": PartitionSpec(None, "b")})
 
     ref = dict(iter_safetensors(path))
     limit = 2 * max(x.nbytes for x in ref.values())
@@ -261,18 +260,8 @@ def test_early_exit_releases_everything(tiny_hf_model):
 
 def test_sharded_placement_reads_only_local_shards(tiny_hf_model):
     path = tiny_hf_model("llama", sharded=True, dtype="float32")
-    devices = np.array(jax.devices()[:4])
-    if devices.size < 4:
-        pytest.skip("needs 4 devices")
-    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
-    specs = {"q_proj": PartitionSpec("a", None), "o_proj": PartitionSpec(None, "b"),
-             "embed": PartitionSpec(("a", "b"), None)}
-
-    def sharding_for(name, shape):
-        for k, spec in specs.items():
-            if k in name:
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, PartitionSpec())
+    sharding_for = _sharding_by_name({"q_proj": PartitionSpec("a", None), "o_proj": PartitionSpec(None, "b"),
+                                      "embed": PartitionSpec(("a", "b"), None)})
 
     ref = dict(iter_safetensors(path))
     loader = FastLoader(path)
