@@ -66,9 +66,37 @@ def sharegpt_like(n: int = 1000, seed: int = 0, vocab: int = 128000) -> list[tup
 
 # ---- start-up in a fresh process -----------------------------------------------------------------
 _CHILD = r"""
-import json, sys, time
+import json, logging, re, sys, time
 t0 = time.perf_counter()
 import jax
+
+class Phases(logging.Handler):
+    # jax_log_compiles lines: per program, seconds spent tracing, lowering to MLIR and in XLA (or
+    # loading from the persistent cache), plus the cache hits, so a slow start-up names its phase.
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.s = {"tracing": 0.0, "lowering": 0.0, "xla": 0.0, "programs": [], "cache_hits": 0}
+
+    def emit(self, record):
+        msg = record.getMessage()
+        m = re.search(r"Finished (tracing(?: \+ transforming)?|jaxpr to MLIR module conversion"
+                      r"|XLA compilation)"
+                      r" (?:of )?(\S+) .*?in ([0-9.]+) sec", msg)
+        if m:
+            phase = {"t": "tracing", "j": "lowering", "X": "xla"}[m.group(1)[0]]
+            self.s[phase] += float(m.group(3))
+            if phase == "xla" and float(m.group(3)) > 0.05:
+                self.s["programs"].append([m.group(2), round(float(m.group(3)), 2)])
+        elif "Persistent compilation cache hit" in msg:
+            self.s["cache_hits"] += 1
+
+phases = Phases()
+for name in ("jax._src.dispatch", "jax._src.interpreters.pxla", "jax._src.compiler", "jax._src.pjit"):
+    lg = logging.getLogger(name)
+    lg.addHandler(phases)
+    lg.setLevel(logging.DEBUG)
+    lg.propagate = False
+jax.config.update("jax_log_compiles", True)
 cache = sys.argv[2]
 if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
@@ -88,7 +116,7 @@ out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
 t3 = time.perf_counter()
 print("CHILD " + json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "first_request_s": t3 - t2,
                              "backend": llm.engine.core.attention_backend,
-                             "n": len(out[0].outputs[0].token_ids)}))
+                             "n": len(out[0].outputs[0].token_ids), "compile": phases.s}))
 """
 
 
