@@ -135,9 +135,10 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     shards on the mesh; see `sharding.mesh` for the multi-host launch line.
     """
     initialize_distributed_from_env()  # before anything asks JAX for devices
-    path = resolve_model_path(args.model)
+    path = resolve_model_path(args.model, weights=args.load_format != "dummy")
     model_config = load_model_config(path)
-    tokenizer = Tokenizer.from_path(resolve_model_path(args.tokenizer) if args.tokenizer else path)
+    tok_path = resolve_model_path(args.tokenizer, weights=False) if args.tokenizer else path
+    tokenizer = Tokenizer.from_path(tok_path)
     config = args.engine_config(model_config)
     dtype = jnp.dtype(config.dtype)
     mesh = make_mesh(config.parallel) if config.parallel.world_size > 1 else None

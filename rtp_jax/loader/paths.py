@@ -56,11 +56,12 @@ def safetensors_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.safetensors") if p.is_file())
 
 
-def resolve_model_path(model: str | Path | None) -> Path:
+def resolve_model_path(model: str | Path | None, *, weights: bool = True) -> Path:
     """Resolves a user's model argument to a checked path.
 
     None means the embedded default model. Otherwise `model` must be an HF directory (config.json
     plus *.safetensors, single or sharded) or a .gguf file; anything else raises with what was expected.
+    `weights=False` (random weights, `load_format="dummy"`) accepts a directory with config.json alone.
     """
     if model is None:
         return embedded_model_path()
@@ -70,7 +71,8 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {str(path)!r} has no config.json ({EXPECTED})")
-        if not safetensors_files(path) and not (path / "state").is_dir():  # orbax: see loader.orbax_io
+        # orbax checkpoints hold a state/ folder instead: see loader.orbax_io
+        if weights and not safetensors_files(path) and not (path / "state").is_dir():
             raise ValueError(f"model directory {str(path)!r} has no *.safetensors files ({EXPECTED})")
         return path.resolve()
     if path.suffix.lower() == ".gguf" or is_gguf_file(path):

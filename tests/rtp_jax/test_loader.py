@@ -101,6 +101,25 @@ def test_hf_directory_resolves(tiny_hf_model: Callable[..., Path]) -> None:
     assert resolve_model_path(str(tiny_hf_model("llama2"))) == tiny_hf_model("llama2").resolve()
 
 
+def test_random_weights_need_only_the_config(tiny_hf_model: Callable[..., Path], tmp_path: Path) -> None:
+    """`load_format="dummy"` runs from a directory holding config.json and a tokenizer, no weights, and
+    its random weights have the checkpoint's shapes (so it generates the requested number of tokens)."""
+    import shutil
+
+    from rtp_jax import LLM, SamplingParams
+
+    src = tiny_hf_model("llama")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, tmp_path / name)
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        resolve_model_path(tmp_path)
+    assert resolve_model_path(tmp_path, weights=False) == tmp_path.resolve()
+    llm = LLM(str(tmp_path), load_format="dummy", max_model_len=64)
+    out = llm.generate([{"prompt_token_ids": [3, 4, 5]}], SamplingParams(max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
 # --- configs --------------------------------------------------------------------------------------
 
 
