@@ -10,7 +10,9 @@ seconds between its lines say which kernels are rebuilt when an executable is lo
 (`vlog_gaps` in the result: the largest gaps and the line that ends each).
 
 Variants: `base` (the engine's defaults), `reference` (XLA attention instead of the Pallas kernel),
-`no_triton_gemm` (`--xla_gpu_enable_triton_gemm=false`: cuBLAS GEMMs).
+`no_triton_gemm` (`--xla_gpu_enable_triton_gemm=false`: cuBLAS GEMMs); and, loading a written
+checkpoint instead of random weights, `ckpt` (the fast loader's defaults), `ckpt_nodma` (staging slab
+not registered for DMA) and `ckpt_nostaging` (no staging slab); these share one cache folder.
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "reference": ({}, {"attention_backend": "reference"}),
     "no_triton_gemm": ({"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}, {}),
 }
+# Variants that load the weights from a safetensors checkpoint (written first) with these FastLoader
+# keyword arguments; they share one cache folder, filled by the first of them to run.
+CKPT_VARIANTS: dict[str, dict[str, Any]] = {
+    "ckpt": {},
+    "ckpt_nodma": {"dma_map": False},
+    "ckpt_nostaging": {"staging": "none"},
+}
+# Prepended to the start-up child: FastLoader defaults from $RTP_PROBE_LOADER_KW (JSON).
+_PRELUDE = """
+import functools, json as _json, os as _os
+import rtp_jax.loader.fast as _fast
+_kw = _json.loads(_os.environ.get("RTP_PROBE_LOADER_KW", "{}"))
+if _kw:
+    _fast.FastLoader.__init__ = functools.partialmethod(_fast.FastLoader.__init__, **_kw)
+"""
 VMODULE = "ir_emitter_unnested=3,gpu_compiler=2,gpu_executable=2,nvptx_compiler=2,triton_fusion_emitter=2"
 _TS = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+)")
 
@@ -60,8 +77,8 @@ def vlog_gaps(text: str, top: int = 25) -> dict[str, Any]:
 def run_child(model: Path, cache: Path, engine_kw: dict[str, Any], env: dict[str, str],
               stderr_to: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(cache), json.dumps(engine_kw)],
-                       capture_output=True, text=True, env={**os.environ, **env}, timeout=400)
+    argv = [sys.executable, "-c", _PRELUDE + _CHILD, str(model), str(cache), json.dumps(engine_kw)]
+    p = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env}, timeout=400)
     wall = time.perf_counter() - t0
     if stderr_to is not None:
         stderr_to.write_text(p.stderr)
@@ -86,13 +103,26 @@ def main() -> None:
     (model / "config.json").write_text(json.dumps(hf_config(shape)))
     write_tokenizer(model, shape["vocab_size"])
     results: dict[str, Any] = {}
-    for i, name in enumerate(ns.variants.split(",")):
-        env, kw = VARIANTS[name]
-        kw = {"load_format": "dummy", "max_model_len": 4096, **kw}
-        cache = work / f"cache_{name}"
-        subprocess.run(["rm", "-rf", str(cache)], check=False)
-        res = {"cold": run_child(model, cache, kw, env, None)}
-        vlog = out / "warm_vlog.txt" if i == 0 else None
+    names = ns.variants.split(",")
+    ckpt_cache = work / "cache_ckpt"
+    if any(n in CKPT_VARIANTS for n in names):
+        from synth_ckpt import write_checkpoint
+
+        write_checkpoint(model, ns.shape)
+        subprocess.run(["sync"], check=False)
+        subprocess.run(["rm", "-rf", str(ckpt_cache)], check=False)
+    for i, name in enumerate(names):
+        if name in CKPT_VARIANTS:
+            env, kw = {"RTP_PROBE_LOADER_KW": json.dumps(CKPT_VARIANTS[name])}, {"max_model_len": 4096}
+            cache = ckpt_cache
+            res = {} if cache.exists() else {"cold": run_child(model, cache, kw, env, None)}
+        else:
+            env, kw = VARIANTS[name]
+            kw = {"load_format": "dummy", "max_model_len": 4096, **kw}
+            cache = work / f"cache_{name}"
+            subprocess.run(["rm", "-rf", str(cache)], check=False)
+            res = {"cold": run_child(model, cache, kw, env, None)}
+        vlog = out / f"warm_vlog_{name}.txt" if i == 0 else None
         warm_env = {**env, "TF_CPP_VMODULE": VMODULE, "TF_CPP_MIN_LOG_LEVEL": "0"} if vlog else env
         res["warm"] = run_child(model, cache, kw, warm_env, vlog)
         if vlog is not None:
@@ -101,15 +131,19 @@ def main() -> None:
         results[name] = res
         (out / "probe_startup.json").write_text(json.dumps(results, indent=1))
         for label in ("cold", "warm"):
+            if label not in res:
+                continue
             r = res[label]
             c = r.get("compile", {})
             print(f"{name} {label}: wall {r['wall_s']:.1f} s, "
                   f"first request {r.get('first_request_s', -1):.1f} s, "
                   f"tracing {c.get('tracing', 0):.1f} lowering {c.get('lowering', 0):.1f} "
-                  f"xla {c.get('xla', 0):.1f} hits {c.get('cache_hits')} programs {c.get('programs')}"
+                  f"xla {c.get('xla', 0):.1f} hits {c.get('cache_hits')} programs {c.get('programs')} "
+                  f"cpu {r.get('first_request_cpu_s', -1):.1f} s threads {r.get('threads_after_build')}"
                   f"{' ERROR ' + r['error'][-300:] if 'error' in r else ''}", flush=True)
-    if "base" in results and "warm_vlog" in results["base"]:
-        v = results["base"]["warm_vlog"]
+    first = results.get(names[0], {})
+    if "warm_vlog" in first:
+        v = first["warm_vlog"]
         print(f"warm vlog: {v['lines']} lines over {v['span_s']:.1f} s, 'Generating' {v['generating']} "
               f"({v['generating_distinct']} distinct); largest gaps:")
         for g, ln in v["gaps"][:12]:

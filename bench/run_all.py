@@ -110,11 +110,17 @@ from rtp_jax import LLM
 t1 = time.perf_counter()
 llm = LLM(sys.argv[1], **json.loads(sys.argv[3]))
 t2 = time.perf_counter()
+import os, threading
+threads = sorted(t.name for t in threading.enumerate())
+cpu0 = os.times()
 ids = list(range(100, 228))
 params = SamplingParams(max_tokens=16, ignore_eos=True)
 out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
 t3 = time.perf_counter()
+cpu1 = os.times()
 print("CHILD " + json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "first_request_s": t3 - t2,
+                             "first_request_cpu_s": cpu1.user + cpu1.system - cpu0.user - cpu0.system,
+                             "threads_after_build": threads,
                              "backend": llm.engine.core.attention_backend,
                              "n": len(out[0].outputs[0].token_ids), "compile": phases.s}))
 """
