@@ -122,6 +122,7 @@ print("CHILD " + json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "first_req
                              "first_request_cpu_s": cpu1.user + cpu1.system - cpu0.user - cpu0.system,
                              "threads_after_build": threads,
                              "backend": llm.engine.core.attention_backend,
+                             "num_kv_blocks": llm.engine.core.num_blocks,
                              "n": len(out[0].outputs[0].token_ids), "compile": phases.s}))
 """
 

@@ -12,6 +12,7 @@ on its own thread and talks to it through `serve/`'s queues.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,8 +63,17 @@ def _kv_bytes_per_block(config: EngineConfig) -> int:
     return 2 * layers * config.cache.block_size * kv_heads * m.head_dim * itemsize
 
 
+_MEMORY_GRANULES = 64  # the KV pool grows in steps of 1/64 of device memory (see plan_num_blocks)
+
+
 def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> int:
-    """Blocks that fit in `gpu_memory_utilization` of device memory after the weights (already placed).
+    """Blocks that fit in `gpu_memory_utilization` of device memory after the weights (already placed
+    and transferred: the caller waits for them).
+
+    The free bytes are rounded down to a multiple of 1/64 of the device's memory: the pool's size is
+    baked into every compiled program (the KV arrays are inputs), so a few MB more or less in use at
+    start-up (loader buffers not yet collected) must not change it, or a restart misses the persistent
+    compilation cache and compiles everything again.
 
     On devices without memory stats (CPU) the pool is capped at what `max_num_seqs` full-length
     sequences need, and at 2 GiB.
@@ -78,7 +88,8 @@ def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> i
         # Leave room for activations and logits of the largest step.
         free -= 4 * sc.max_num_batched_tokens * config.model.hidden_size * 4 * 16
         free -= sc.max_num_seqs * config.model.vocab_size * 4 * 4
-        num_blocks = int(free // per_block)
+        granule = stats["bytes_limit"] // _MEMORY_GRANULES
+        num_blocks = int((free - free % granule) // per_block)
     else:
         num_blocks = min(_CPU_KV_BYTES // per_block, sc.max_num_seqs * blocks_per_seq + 1)
     if num_blocks < blocks_per_seq + 1:
@@ -113,6 +124,9 @@ class EngineCore:
         if mesh is not None and mesh.shape["dp"] != 1:
             raise ValueError("EngineCore runs one dp replica; use make_engine_core for data parallelism")
         self.mesh = mesh
+        # Memory in use is final once the weights have arrived and unreferenced loader buffers are gone.
+        jax.block_until_ready(state)
+        gc.collect()
         self.num_blocks = plan_num_blocks(config, None if mesh is None else mesh.devices.flat[0])
         self.kv = KVCacheManager(self.num_blocks, cc.block_size,
                                  enable_prefix_caching=cc.enable_prefix_caching)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -260,3 +261,31 @@ def test_precompile_leaves_nothing_to_compile(llama_path: Path) -> None:
     finally:
         counting[0] = False
     assert compiles, "the listener must see compiles of a lazily compiling engine"
+
+
+class _FakeDevice:
+    """A device whose memory statistics the test sets (CPU devices report none)."""
+
+    def __init__(self, in_use: int, limit: int = 80 << 30) -> None:
+        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+    def memory_stats(self) -> dict[str, int]:
+        return self.stats
+
+
+def test_kv_pool_size_ignores_small_differences_in_memory_in_use(llama_path: Path) -> None:
+    """The KV pool's block count (baked into every compiled program's input shapes) changes in steps of
+    1/64 of device memory: sweeping the memory in use over 4 GiB of an 80 GiB device in 8 MiB steps
+    gives at most 4 GiB / 1.25 GiB + 1 distinct counts, each held over at least a 1.25 GiB stretch
+    (bar the sweep's ends), so a restart with a few MB more in use keeps its compiled programs."""
+    from rtp_jax.engine.args import EngineArgs
+    from rtp_jax.engine.core import plan_num_blocks
+    from rtp_jax.loader import load_model_config
+
+    config = EngineArgs(model=str(llama_path), max_model_len=256).engine_config(load_model_config(llama_path))
+    step, sweep, granule = 8 << 20, 4 << 30, (80 << 30) // 64
+    counts = [plan_num_blocks(config, _FakeDevice((16 << 30) + d)) for d in range(0, sweep, step)]
+    runs = [len(list(g)) for _, g in itertools.groupby(counts)]
+    assert len(runs) <= sweep // granule + 1, runs
+    assert all(r * step >= granule for r in runs[1:-1]), runs
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] > 0
