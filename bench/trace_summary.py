@@ -87,13 +87,37 @@ def summarise(path: str, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def long_kernels(path: str, min_us: float) -> str:
+    """Device kernels that ran at least `min_us`, one row per kernel name: count, mean us, and the
+    trace's arguments of its first occurrence (XLA puts the HLO op and module there), to tell apart
+    kernels that a family-level summary lumps together."""
+    events, procs, threads = load_events(path)
+    device_pids = {p for p, n in procs.items() if "GPU" in n or "/device:" in n}
+    rows: dict[str, list[Any]] = {}
+    for e in events:
+        if e["pid"] in device_pids and e.get("dur", 0) >= min_us \
+                and "Stream" in threads.get((e["pid"], e["tid"]), ""):
+            r = rows.setdefault(e["name"], [0, 0.0, e.get("args", {})])
+            r[0] += 1
+            r[1] += e["dur"]
+    lines = [f"# kernels >= {min_us:g} us in {path}", "| kernel | count | us/each | args |",
+             "|---|---|---|---|"]
+    for name, (n, dur, args) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {name[:70]} | {n} | {dur / n:.1f} | {json.dumps(args)[:400]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("traces", nargs="+")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--long-us", type=float, default=0.0,
+                   help="also list each kernel that ran at least this long, with its trace arguments")
     ns = p.parse_args()
     for t in ns.traces:
         print(summarise(t, ns.top))
+        if ns.long_us > 0:
+            print(long_kernels(t, ns.long_us))
 
 
 if __name__ == "__main__":
