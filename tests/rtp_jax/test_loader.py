@@ -327,3 +327,26 @@ def test_gguf_writer_helper_records_llama_arch(tiny_hf_model: Callable[..., Path
     assert json.loads((tiny_hf_model("mixtral") / "config.json").read_text())["architectures"] == [
         "MixtralForCausalLM"
     ]
+
+
+def test_random_state_is_seeded_per_layer_and_matches_the_model(tiny_hf_model: Callable[..., Path]) -> None:
+    """`random_state` (load_format="dummy") fills every parameter with the model's own init (unit norms,
+    std-0.02 matrices) in the requested dtype, gives each layer its own draw, and is a function of the
+    seed: the same seed gives the same weights, another seed other weights."""
+    import jax.numpy as jnp
+
+    from rtp_jax.models.params import abstract_model, flat_param_shapes, random_state
+
+    config = load_model_config(tiny_hf_model("llama"))
+    _, state = random_state(config, jnp.bfloat16, seed=3)
+    flat = {k: np.asarray(v, np.float32) for k, v in flat_param_shapes(state).items()}
+    assert set(flat) == set(flat_param_shapes(abstract_model(config, jnp.bfloat16)[1]))
+    assert {str(v.dtype) for v in flat_param_shapes(state).values()} == {"bfloat16"}
+    assert np.all(flat["model.layers.0.input_layernorm.weight"] == 1.0)
+    up0, up1 = flat["model.layers.0.mlp.up_proj.weight"], flat["model.layers.1.mlp.up_proj.weight"]
+    assert not np.array_equal(up0, up1)
+    assert abs(float(up0.std()) - 0.02) < 0.002
+    again = flat_param_shapes(random_state(config, jnp.bfloat16, seed=3)[1])
+    other = flat_param_shapes(random_state(config, jnp.bfloat16, seed=4)[1])
+    assert np.array_equal(np.asarray(again["model.layers.1.mlp.up_proj.weight"], np.float32), up1)
+    assert not np.array_equal(np.asarray(other["model.layers.1.mlp.up_proj.weight"], np.float32), up1)
