@@ -124,9 +124,11 @@ class EngineCore:
         if mesh is not None and mesh.shape["dp"] != 1:
             raise ValueError("EngineCore runs one dp replica; use make_engine_core for data parallelism")
         self.mesh = mesh
-        # Memory in use is final once the weights have arrived and unreferenced loader buffers are gone.
-        jax.block_until_ready(state)
-        gc.collect()
+        if cc.num_blocks is None and jax.default_backend() != "cpu":
+            # Memory in use is final once the weights have arrived and unreferenced loader buffers are
+            # gone (the CPU pool does not depend on it, and a collection costs tests time).
+            jax.block_until_ready(state)
+            gc.collect()
         self.num_blocks = plan_num_blocks(config, None if mesh is None else mesh.devices.flat[0])
         self.kv = KVCacheManager(self.num_blocks, cc.block_size,
                                  enable_prefix_caching=cc.enable_prefix_caching)
