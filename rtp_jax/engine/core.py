@@ -172,23 +172,29 @@ class EngineCore:
 
     def validate(self, prompt_token_ids: list[int]) -> None:
         m, sc = self.config.model, self.config.scheduler
-        if not prompt_token_ids:
+        if len(prompt_token_ids) == 0:
             raise ValueError("prompt is empty: at least one token is needed")
         if len(prompt_token_ids) >= sc.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens, but max_model_len is {sc.max_model_len} "
                 f"(the prompt plus at least one generated token must fit)"
             )
+        # One vectorised check (a per-token Python loop cost ~0.2 ms per 2k-token prompt, paid on TTFT).
+        try:
+            ids = np.asarray(prompt_token_ids)
+        except ValueError:  # ragged nesting: reported below
+            ids = np.zeros((0, 0))
+        if ids.ndim == 1 and ids.dtype.kind in "biu" and ids.min() >= 0 and ids.max() < m.vocab_size:
+            return
         bad = [t for t in prompt_token_ids
                if not (isinstance(t, (int, np.integer)) and 0 <= t < m.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {m.vocab_size}), got {bad[:3]}")
+        raise ValueError(f"prompt token ids must be integers in [0, {m.vocab_size}), got {bad[:3]}")
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.validate(request.prompt_token_ids)
-        request.prompt_token_ids = [int(t) for t in request.prompt_token_ids]
+        request.prompt_token_ids = np.asarray(request.prompt_token_ids, np.int64).tolist()  # plain ints
         if request.params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         self.requests[request.request_id] = request

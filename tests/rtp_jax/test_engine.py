@@ -121,8 +121,9 @@ def test_logprobs_structure(llama_path: Path) -> None:
 
 
 def test_bad_input_raises_and_engine_keeps_serving(llama_path: Path) -> None:
-    """Invalid sampling params name the field; an over-long prompt raises ValueError without queueing
-    anything, and the engine then serves a valid request normally."""
+    """Invalid sampling params name the field; an over-long prompt, an empty one, and token ids that are
+    not integers in [0, vocab) raise ValueError without queueing anything; numpy ids are accepted as plain
+    ints; and the engine then serves a valid request normally."""
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
@@ -135,9 +136,15 @@ def test_bad_input_raises_and_engine_keeps_serving(llama_path: Path) -> None:
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": list(range(3, 103))}],
                      use_tqdm=False)
-    with pytest.raises(ValueError, match="token ids"):
-        llm.generate({"prompt_token_ids": [1, 99999]}, use_tqdm=False)
+    for bad in ([1, 99999], [1, -1], [1, 2.5], [1, "a"], [1, None], [[1, 2], [3]], [2**70]):
+        with pytest.raises(ValueError, match="token ids"):
+            llm.generate({"prompt_token_ids": bad}, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+    ids = np.array([5, 6, 7], np.int32)  # numpy ids are accepted and stored as plain ints
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert out.prompt_token_ids == [5, 6, 7] and all(type(t) is int for t in out.prompt_token_ids)
     out = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3
 
