@@ -170,7 +170,9 @@ class EngineCore:
     def draw_seed(self) -> int:
         return int(self._rng.integers(0, 2**63))
 
-    def validate(self, prompt_token_ids: list[int]) -> None:
+    def validate(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        """The prompt's ids as plain ints; ValueError (naming what is wrong) if it is empty, too long
+        for `max_model_len`, or holds anything but integers in [0, vocab_size)."""
         m, sc = self.config.model, self.config.scheduler
         if len(prompt_token_ids) == 0:
             raise ValueError("prompt is empty: at least one token is needed")
@@ -185,7 +187,7 @@ class EngineCore:
         except ValueError:  # ragged nesting: reported below
             ids = np.zeros((0, 0))
         if ids.ndim == 1 and ids.dtype.kind in "biu" and ids.min() >= 0 and ids.max() < m.vocab_size:
-            return
+            return ids.astype(np.int64).tolist()
         bad = [t for t in prompt_token_ids
                if not (isinstance(t, (int, np.integer)) and 0 <= t < m.vocab_size)]
         raise ValueError(f"prompt token ids must be integers in [0, {m.vocab_size}), got {bad[:3]}")
@@ -193,8 +195,7 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        self.validate(request.prompt_token_ids)
-        request.prompt_token_ids = np.asarray(request.prompt_token_ids, np.int64).tolist()  # plain ints
+        request.prompt_token_ids = self.validate(request.prompt_token_ids)
         if request.params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         self.requests[request.request_id] = request
@@ -388,8 +389,8 @@ class DataParallelEngineCore:
     def precompile(self, flags: Sequence[SamplingFlags] | None = None, max_workers: int = 8) -> int:
         return sum(c.precompile(flags, max_workers) for c in self.cores)
 
-    def validate(self, prompt_token_ids: list[int]) -> None:
-        self.cores[0].validate(prompt_token_ids)
+    def validate(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        return self.cores[0].validate(prompt_token_ids)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self._owner:

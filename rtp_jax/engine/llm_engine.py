@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from rtp_jax.config import SamplingParams
 from rtp_jax.engine.core import EngineCore, EngineCoreOutput
 from rtp_jax.engine.request import Logprob, PositionLogprobs, Request, RequestStatus
@@ -88,8 +86,7 @@ class LLMEngine:
         if request_id in self._outputs:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
-        self.core.validate(token_ids)
-        token_ids = np.asarray(token_ids, np.int64).tolist()  # plain ints, whatever the caller passed
+        token_ids = self.core.validate(token_ids)  # plain ints, whatever the caller passed
         out = RequestOutput(request_id, text, token_ids, [],
                             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         eos = self.tokenizer.eos_token_ids
