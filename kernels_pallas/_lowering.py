@@ -19,6 +19,33 @@ except ImportError:  # pragma: no cover - a future JAX without the Triton loweri
 LOWERINGS = ("triton",)
 
 
+def mosaic_gpu_modules() -> tuple[Any, Any]:
+    """(pallas, pallas.mosaic_gpu) for the Hopper kernels; needs `plgpu.kernel` and, for interpret mode
+    on the CPU, the Mosaic GPU interpreter (jax >= 0.11)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return pl, plgpu
+
+
+def mosaic_gpu_available() -> bool:
+    """Whether this JAX has the Pallas Mosaic GPU API the Hopper kernels use (`plgpu.kernel`, wgmma)."""
+    try:
+        _, plgpu = mosaic_gpu_modules()
+    except ImportError:  # pragma: no cover
+        return False
+    return all(hasattr(plgpu, n) for n in ("kernel", "wgmma", "copy_gmem_to_smem", "Barrier"))
+
+
+def mosaic_gpu_interpretable() -> bool:
+    """Whether this JAX can run Mosaic GPU kernels on the CPU (`InterpretGPUParams`, jax >= 0.11)."""
+    try:
+        _, plgpu = mosaic_gpu_modules()
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(plgpu, "InterpretGPUParams")
+
+
 def gpu_lowering(lowering: str, *, num_warps: int, num_stages: int) -> dict[str, Any]:
     """`pallas_call` keyword arguments selecting the GPU lowering and its launch knobs.
 
