@@ -235,16 +235,15 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dtype: str = "bfloat16"
-    attention_backend: str = "auto"  # "auto" | "reference" | "pallas"
+    attention_backend: str = "auto"  # "auto" | "reference" | "pallas" | "pallas-triton"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "reference", "pallas"):
-            raise ValueError(
-                f"attention_backend must be 'auto', 'reference' or 'pallas', got {self.attention_backend!r}"
-            )
+        backends = ("auto", "reference", "pallas", "pallas-triton")
+        if self.attention_backend not in backends:
+            raise ValueError(f"attention_backend must be one of {backends}, got {self.attention_backend!r}")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:

@@ -31,7 +31,7 @@ from rtp_jax.engine.runner import HostLogprobs, InFlight, ModelRunner, StepResul
 from rtp_jax.engine.sampler import SamplingFlags
 from rtp_jax.engine.scheduler import ScheduledSeq, Scheduler
 from rtp_jax.engine.step import PipelineStep, allocate_kv_caches, make_decode_fn, make_step_fn
-from rtp_jax.models.attention import select_attention_backend
+from rtp_jax.models.attention import AttentionBackend, select_attention_backend
 from rtp_jax.models.params import place_state
 from sharding.attention import shard_attention
 from sharding.mesh import make_mesh, replica_meshes, stage_layers, stage_meshes
@@ -133,14 +133,15 @@ class EngineCore:
         self.kv = KVCacheManager(self.num_blocks, cc.block_size,
                                  enable_prefix_caching=cc.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.kv)
-        self.attention_backend, attn_fn = select_attention_backend(config.attention_backend)
+        backend = select_attention_backend(config.attention_backend)
+        self.attention_backend = backend.name
         kv_shardings = None
         if mesh is not None:
             state = place_state(state, make_placer(mesh, m, config.parallel))
             kv_shardings = kv_cache_shardings(mesh, m, config.parallel)
         kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks, cc.block_size, m.num_kv_heads,
                                        m.head_dim, jnp.dtype(config.dtype), kv_shardings)
-        step_fn, decode_fn = _step_fns(config, graphdef, state, attn_fn, mesh, kv_shardings)
+        step_fn, decode_fn = _step_fns(config, graphdef, state, backend, mesh, kv_shardings)
         last_tokens = None
         if not isinstance(step_fn, PipelineStep):
             where = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -347,18 +348,20 @@ class EngineCore:
         return None
 
 
-def _step_fns(config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State, attn_fn: Any,
+def _step_fns(config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State, backend: AttentionBackend,
               mesh: Mesh | None, kv_shardings: list[Any] | None) -> tuple[Any, Any]:
     """(mixed step, multi-step decode or None) for this core's devices."""
     treedef = jax.tree.structure(state)
     if mesh is None:
-        return make_step_fn(graphdef, treedef, attn_fn), make_decode_fn(graphdef, treedef, attn_fn)
+        return (make_step_fn(graphdef, treedef, backend.mixed),
+                make_decode_fn(graphdef, treedef, backend.decode))
     m = config.model
     stages = stage_meshes(mesh)
-    attn_fns = [shard_attention(attn_fn, sm, m.num_heads, m.num_kv_heads) for sm in stages]
+    attn_fns = [shard_attention(backend.mixed, sm, m.num_heads, m.num_kv_heads) for sm in stages]
     if len(stages) == 1:
+        decode_attn = shard_attention(backend.decode, stages[0], m.num_heads, m.num_kv_heads)
         return (make_step_fn(graphdef, treedef, attn_fns[0], mesh, kv_shardings),
-                make_decode_fn(graphdef, treedef, attn_fns[0], mesh, kv_shardings))
+                make_decode_fn(graphdef, treedef, decode_attn, mesh, kv_shardings))
     pp = len(stages)
     return PipelineStep(graphdef, state, attn_fns, stages, stage_layers(m.num_layers, pp),
                         lambda name: param_stage(name, m.num_layers, pp), kv_shardings), None

@@ -1,7 +1,7 @@
 """The one attention call every model layer makes, and the paged KV-cache write.
 
-The backend (Pallas kernel on GPU, pure-JAX reference elsewhere) is chosen once at start-up by
-`select_attention_backend` and closed over by the jitted step; models only see `AttentionFn`.
+The backend (Pallas kernels on GPU, pure-JAX reference elsewhere) is chosen once at start-up by
+`select_attention_backend` and closed over by the jitted steps; models only see `AttentionFn`.
 """
 
 from __future__ import annotations
@@ -73,23 +73,65 @@ def _from_contract(kernel: Any, **tuning: Any) -> AttentionFn:
     return attn
 
 
-def select_attention_backend(name: str = "auto", **tuning: Any) -> tuple[str, AttentionFn]:
-    """Returns (backend name, attention function). "auto" is the Pallas kernel on GPU, else the reference."""
+ATTENTION_BACKENDS = ("auto", "reference", "pallas", "pallas-triton")
+
+
+class AttentionBackend(NamedTuple):
+    """The attention functions of one engine: `mixed` serves any ragged batch, `decode` batches of one
+    new token per sequence (row s of q is sequence s), which the multi-step decode program runs."""
+
+    name: str
+    mixed: AttentionFn
+    decode: AttentionFn
+
+
+def select_attention_backend(name: str = "auto", **tuning: Any) -> AttentionBackend:
+    """"auto" is "pallas" on a GPU, else "reference". "pallas": the Triton-lowered ragged kernel for mixed
+    batches and, on Hopper (sm_90) with Mosaic GPU, the TMA/wgmma decode kernel for pure-decode batches;
+    "pallas-triton": the ragged kernel for both; "reference": pure JAX (any backend)."""
     if name == "auto":
         name = "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
     if name == "reference":
-        return name, _from_contract(ragged_paged_attention_reference)
-    if name == "pallas":
+        fn = _from_contract(ragged_paged_attention_reference)
+        return AttentionBackend(name, fn, fn)
+    if name in ("pallas", "pallas-triton"):
         from kernels_pallas import ragged_paged_attention
 
-        return name, _from_contract(ragged_paged_attention, **tuning)
-    raise ValueError(f"attention_backend must be 'auto', 'reference' or 'pallas', got {name!r}")
+        mixed = _from_contract(ragged_paged_attention, **tuning)
+        decode = _mosaic_decode(mixed) if name == "pallas" and _hopper_mosaic_available() else mixed
+        return AttentionBackend(name, mixed, decode)
+    raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+
+
+def _mosaic_decode(fallback: AttentionFn) -> AttentionFn:
+    """The Mosaic GPU decode kernel where it applies (bf16/fp16, head_dim % 64 == 0), else `fallback`;
+    decided from static shapes at trace time."""
+    from kernels_pallas.paged_decode_mgpu import paged_decode_attention, supports
+
+    def attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMetadata, *,
+             sm_scale: float, sliding_window: int | None, soft_cap: float | None) -> jax.Array:
+        if not supports(q, k_cache) or q.shape[0] != md.kv_lens.shape[0]:
+            return fallback(q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
+                            soft_cap=soft_cap)
+        return paged_decode_attention(q, k_cache, v_cache, md.kv_lens, md.block_tables, sm_scale=sm_scale,
+                                      sliding_window=sliding_window, soft_cap=soft_cap)
+
+    return attn
 
 
 def _pallas_available() -> bool:
     import kernels_pallas
 
     return hasattr(kernels_pallas, "ragged_paged_attention")
+
+
+def _hopper_mosaic_available() -> bool:
+    """A Hopper GPU (wgmma, TMA) and a JAX with Pallas Mosaic GPU."""
+    from kernels_pallas._lowering import mosaic_gpu_available
+
+    dev = jax.devices()[0]
+    hopper = dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+    return hopper and mosaic_gpu_available()
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

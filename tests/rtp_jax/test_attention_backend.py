@@ -1,0 +1,123 @@
+"""Which attention functions an engine gets for mixed and for pure-decode batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtp_jax.config import EngineConfig, ModelConfig
+from rtp_jax.models.attention import AttentionMetadata, _mosaic_decode, select_attention_backend
+
+
+def test_reference_and_triton_only_backends_use_one_function_for_both_batch_kinds():
+    """"reference" and "pallas-triton" serve decode batches with their mixed-batch function."""
+    for name in ("reference", "pallas-triton"):
+        backend = select_attention_backend(name)
+        assert backend.name == name and backend.decode is backend.mixed
+
+
+def test_pallas_decode_falls_back_off_hopper():
+    """Without a Hopper GPU (this CPU run), "pallas" decodes with the ragged kernel too."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the non-GPU fallback")
+    backend = select_attention_backend("pallas")
+    assert backend.decode is backend.mixed
+
+
+def test_unknown_backend_names_the_choices():
+    """A typo is refused by the selector and by EngineConfig, listing the valid names."""
+    with pytest.raises(ValueError, match="pallas-triton"):
+        select_attention_backend("flash")
+    with pytest.raises(ValueError, match="attention_backend"):
+        model = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=8, intermediate_size=8,
+                            num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8)
+        EngineConfig(model=model, attention_backend="flash")
+
+
+def test_mosaic_decode_routes_unsupported_batches_to_the_fallback():
+    """fp32 caches, head_dim 32, or more query rows than sequences go to the ragged kernel untouched."""
+    calls = []
+
+    def fallback(q, k, v, md, *, sm_scale, sliding_window, soft_cap):
+        calls.append(q.shape)
+        return q
+
+    attn = _mosaic_decode(fallback)
+    md = AttentionMetadata(jnp.zeros(2, jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros((2, 1), jnp.int32),
+                           jnp.arange(3, dtype=jnp.int32), jnp.int32(2))
+    cases = [((2, 4, 64), jnp.float32), ((2, 4, 32), jnp.bfloat16), ((5, 4, 64), jnp.bfloat16)]
+    for shape, dtype in cases:
+        q = jnp.zeros(shape, dtype)
+        cache = jnp.zeros((4, 16, 2, shape[-1]), dtype)
+        attn(q, cache, cache, md, sm_scale=1.0, sliding_window=None, soft_cap=None)
+    assert calls == [shape for shape, _ in cases]
+
+
+def _write_peaked_llama(directory: Path) -> Path:
+    """A 2-layer Llama (8 q / 2 KV heads of 64) with weights scaled so greedy choices are clear-cut."""
+    import json
+
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from hf_models import write_tiny_tokenizer
+
+    d, inter, vocab, heads, kv_heads, hd = 512, 1024, 512, 8, 2, 64
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=d,
+                  intermediate_size=inter, num_hidden_layers=2, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=hd,
+                  vocab_size=vocab, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  torch_dtype="bfloat16", bos_token_id=0, eos_token_id=2, tie_word_embeddings=False)
+    rng = np.random.default_rng(0)
+
+    def w(out: int, inp: int, scale: float = 1.0) -> np.ndarray:
+        return (scale * rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(ml_dtypes.bfloat16)
+
+    t = {"model.embed_tokens.weight": w(vocab, d, np.sqrt(d)), "lm_head.weight": w(vocab, d, 4.0),
+         "model.norm.weight": np.ones(d, ml_dtypes.bfloat16)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        ones = np.ones(d, ml_dtypes.bfloat16)
+        t |= {p + "self_attn.q_proj.weight": w(heads * hd, d, 2.0),
+              p + "self_attn.k_proj.weight": w(kv_heads * hd, d, 2.0),
+              p + "self_attn.v_proj.weight": w(kv_heads * hd, d),
+              p + "self_attn.o_proj.weight": w(d, heads * hd),
+              p + "mlp.gate_proj.weight": w(inter, d), p + "mlp.up_proj.weight": w(inter, d),
+              p + "mlp.down_proj.weight": w(d, inter), p + "input_layernorm.weight": ones,
+              p + "post_attention_layernorm.weight": ones}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(t, str(directory / "model.safetensors"))
+    write_tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU decode kernel needs a GPU")
+def test_engine_decodes_the_same_with_the_mosaic_kernel(tmp_path: Path):
+    """Greedy continuations (contexts crossing 64-token tiles) agree between "pallas" (Mosaic GPU decode) and
+    "pallas-triton"; where they first differ, the logprobs so far agree to bf16 noise."""
+    from rtp_jax import LLM, SamplingParams
+
+    path = _write_peaked_llama(tmp_path / "peaked")
+    prompts = [{"prompt_token_ids": [int(x) for x in np.random.default_rng(n).integers(3, 500, n)]}
+               for n in (5, 60, 130, 250)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=1)
+    runs = {}
+    for backend in ("pallas", "pallas-triton"):
+        llm = LLM(str(path), dtype="bfloat16", max_model_len=512, num_kv_blocks=128,
+                  attention_backend=backend)
+        runs[backend] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    same = 0
+    for a, b in zip(runs["pallas"], runs["pallas-triton"], strict=True):
+        pairs = zip(a.token_ids, b.token_ids, strict=True)
+        n = next((i for i, (x, y) in enumerate(pairs) if x != y), len(a.token_ids))
+        same += n
+        for i in range(n):
+            tok = a.token_ids[i]
+            assert abs(a.logprobs[i][tok].logprob - b.logprobs[i][tok].logprob) < 0.05
+    assert same >= 0.9 * sum(len(a.token_ids) for a in runs["pallas"])
