@@ -97,9 +97,11 @@ def select_attention_backend(name: str = "auto", **tuning: Any) -> AttentionBack
     if name in ("pallas", "pallas-triton"):
         from kernels_pallas import ragged_paged_attention
 
-        mixed = _from_contract(ragged_paged_attention, **tuning)
-        decode = _mosaic_decode(mixed) if name == "pallas" and _hopper_mosaic_available() else mixed
-        return AttentionBackend(name, mixed, decode)
+        ragged = _from_contract(ragged_paged_attention, **tuning)
+        if name == "pallas-triton" or not _hopper_mosaic_available():
+            return AttentionBackend(name, ragged, ragged)
+        decode = _mosaic_decode(ragged)
+        return AttentionBackend(name, split_decode_rows(ragged, decode), decode)
     raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
 
 
@@ -115,6 +117,31 @@ def _mosaic_decode(fallback: AttentionFn) -> AttentionFn:
                             soft_cap=soft_cap)
         return paged_decode_attention(q, k_cache, v_cache, md.kv_lens, md.block_tables, sm_scale=sm_scale,
                                       sliding_window=sliding_window, soft_cap=soft_cap)
+
+    return attn
+
+
+def split_decode_rows(ragged: AttentionFn, decode: AttentionFn) -> AttentionFn:
+    """Mixed batches with their decode rows served by `decode`: the sequences with one query token
+    (gathered into one row each) go to `decode`, the rest to `ragged`, which sees the decode sequences as
+    empty (context 0) and skips them; the decode rows are then written over its output.
+
+    Continuous batching runs mostly such steps (the running decodes plus a prefill chunk), so this is where
+    the decode kernel's bandwidth pays. Static shapes: one decode row per sequence slot, whether used or not.
+    """
+
+    def attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMetadata, *,
+             sm_scale: float, sliding_window: int | None, soft_cap: float | None) -> jax.Array:
+        num_tokens, num_slots = q.shape[0], md.kv_lens.shape[0]
+        qsl = md.query_start_loc
+        is_decode = (jnp.arange(num_slots) < md.num_seqs) & (qsl[1:] - qsl[:-1] == 1)
+        rows = jnp.where(is_decode, qsl[:-1], num_tokens)  # out of range: dropped by the scatter
+        kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        dec_md = md._replace(kv_lens=jnp.where(is_decode, md.kv_lens, 0), query_start_loc=jnp.arange(
+            num_slots + 1, dtype=jnp.int32), num_seqs=jnp.int32(num_slots))
+        out_dec = decode(q[jnp.minimum(rows, num_tokens - 1)], k_cache, v_cache, dec_md, **kw)
+        out = ragged(q, k_cache, v_cache, md._replace(kv_lens=jnp.where(is_decode, 0, md.kv_lens)), **kw)
+        return out.at[rows].set(out_dec, mode="drop")
 
     return attn
 

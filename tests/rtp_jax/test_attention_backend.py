@@ -9,8 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas import ragged_paged_attention_reference
+from kernels_pallas.testing import make_ragged_batch
 from rtp_jax.config import EngineConfig, ModelConfig
-from rtp_jax.models.attention import AttentionMetadata, _mosaic_decode, select_attention_backend
+from rtp_jax.models.attention import (
+    AttentionMetadata,
+    _from_contract,
+    _mosaic_decode,
+    select_attention_backend,
+    split_decode_rows,
+)
 
 
 def test_reference_and_triton_only_backends_use_one_function_for_both_batch_kinds():
@@ -57,14 +65,36 @@ def test_mosaic_decode_routes_unsupported_batches_to_the_fallback():
     assert calls == [shape for shape, _ in cases]
 
 
+def test_split_decode_rows_equals_one_ragged_call():
+    """Decode rows (q_len 1, anywhere in the batch) served by the decode function and the rest by the ragged
+    one give the ragged result, padding tokens and padded slots included; the decode function sees one row
+    per sequence slot, with context 0 for the others."""
+    rng = np.random.default_rng(3)
+    batch = make_ragged_batch(rng, [1, 5, 1, 1, 12], [9, 20, 33, 1, 40], num_q_heads=4, num_kv_heads=2,
+                              head_dim=16, block_size=4, pad_tokens=3, pad_seqs=2)
+    q, k, v, lens, tables, qsl, n = batch.args()
+    md = AttentionMetadata(jnp.zeros(q.shape[0], jnp.int32), lens, tables, qsl, n)
+    ref = _from_contract(ragged_paged_attention_reference)
+    seen = []
+
+    def decode(q, k, v, md, **kw):
+        seen.append((q.shape[0], np.asarray(md.kv_lens)))
+        return ref(q, k, v, md, **kw)
+
+    kw = dict(sm_scale=0.25, sliding_window=None, soft_cap=None)
+    want = np.asarray(ref(q, k, v, md, **kw))
+    got = np.asarray(split_decode_rows(ref, decode)(q, k, v, md, **kw))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert seen[0][0] == 7 and list(seen[0][1]) == [9, 0, 33, 1, 0, 0, 0]
+
+
 def _write_peaked_llama(directory: Path) -> Path:
     """A 2-layer Llama (8 q / 2 KV heads of 64) with weights scaled so greedy choices are clear-cut."""
     import json
 
     import ml_dtypes
-    from safetensors.numpy import save_file
-
     from hf_models import write_tiny_tokenizer
+    from safetensors.numpy import save_file
 
     d, inter, vocab, heads, kv_heads, hd = 512, 1024, 512, 8, 2, 64
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=d,
@@ -121,3 +151,21 @@ def test_engine_decodes_the_same_with_the_mosaic_kernel(tmp_path: Path):
             tok = a.token_ids[i]
             assert abs(a.logprobs[i][tok].logprob - b.logprobs[i][tok].logprob) < 0.05
     assert same >= 0.9 * sum(len(a.token_ids) for a in runs["pallas"])
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Pallas kernels compile on a GPU")
+def test_pallas_mixed_batch_matches_reference_on_gpu():
+    """The "pallas" mixed function (decode rows by the Mosaic kernel where it applies) equals the reference
+    on a bf16 batch of decodes and prefill chunks."""
+    from kernels_pallas.testing import relative_error
+
+    rng = np.random.default_rng(4)
+    batch = make_ragged_batch(rng, [1, 40, 1, 1, 100, 1], [70, 40, 300, 1, 230, 129], num_q_heads=8,
+                              num_kv_heads=2, head_dim=128, block_size=16, pad_tokens=5, pad_seqs=2)
+    q, k, v, lens, tables, qsl, n = batch.args()
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    md = AttentionMetadata(jnp.zeros(q.shape[0], jnp.int32), lens, tables, qsl, n)
+    kw = dict(sm_scale=128**-0.5, sliding_window=None, soft_cap=None)
+    got = np.asarray(select_attention_backend("pallas").mixed(q, k, v, md, **kw), np.float32)
+    want = np.asarray(_from_contract(ragged_paged_attention_reference)(q, k, v, md, **kw), np.float32)
+    assert relative_error(got, want) < 1e-2
