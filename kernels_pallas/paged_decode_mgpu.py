@@ -127,6 +127,13 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
     block_kv = pages_per_tile * block_size
     dtype = q.dtype
     # q rows of a head group are contiguous in [S, KVH, group_pad, D]; the padding rows are zeros.
+    # Mosaic GPU takes only 256-byte aligned buffers; a caller's table or lengths may be a slice of a packed
+    # buffer (the engine's are), so both are recomputed here into buffers of their own. Entries past each
+    # context become page 0.
+    kv_lens = jnp.maximum(kv_lens, 0)
+    used_pages = (kv_lens + block_size - 1) // block_size
+    cols = jnp.arange(block_tables.shape[1], dtype=jnp.int32)
+    block_tables = jnp.where(cols[None, :] < used_pages[:, None], block_tables, 0)
     q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     split_out = num_splits > 1
@@ -220,8 +227,7 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
         def _memory() -> None:
             def fetch(i: jax.Array, slot: jax.Array, wait: bool) -> None:
                 # Page ids first: their loads are in flight while this warpgroup waits for the slot.
-                # Columns past the context are clamped to its last page (masked anyway): table
-                # entries there may be stale or out of range.
+                # Columns past the context are clamped to its last page (masked anyway).
                 pages = [bt_ref[s, jnp.minimum((start + i) * pages_per_tile + j, last_page)]
                          for j in range(pages_per_tile)]
                 streams = ((k_ref, k_smem, k_full, k_free), (v_ref, v_smem, v_full, v_free))

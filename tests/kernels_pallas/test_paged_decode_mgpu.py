@@ -54,6 +54,25 @@ def test_decode_matches_reference_across_tile_boundaries():
 
 
 @needs_kernel
+def test_metadata_sliced_from_one_packed_buffer():
+    """Lengths and tables sliced at odd offsets of one buffer inside a jit (as the engine packs its inputs):
+    the kernel still gets aligned copies (Mosaic GPU refuses unaligned buffers) and the same result."""
+    q, k, v, lens, tables, qsl, n = _decode_batch([5, 90, 200])
+    packed = jnp.concatenate([jnp.arange(3, dtype=jnp.int32), lens, tables.ravel()])
+
+    @jax.jit
+    def run(q, k, v, packed):
+        s = lens.shape[0]
+        return paged_decode_attention(q, k, v, packed[3:3 + s], packed[3 + s:].reshape(tables.shape),
+                                      sm_scale=0.125, interpret=not ON_GPU)
+
+    out = np.asarray(run(q, k, v, packed), np.float32)
+    ref = ragged_paged_attention_reference(q, k, v, lens, tables, qsl, n, sm_scale=0.125)
+    ref = np.asarray(ref, np.float32)
+    assert relative_error(out, ref) < 1e-2
+
+
+@needs_kernel
 def test_split_k_merge_matches_reference_with_empty_splits():
     """Three splits over contexts of 30 and 300 tokens (the short one leaves splits empty) merge exactly."""
     _check([30, 300], num_splits=3, pages_per_tile=4, num_stages=3)
