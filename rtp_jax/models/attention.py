@@ -6,6 +6,7 @@ The backend (Pallas kernels on GPU, pure-JAX reference elsewhere) is chosen once
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -100,8 +101,10 @@ def select_attention_backend(name: str = "auto", **tuning: Any) -> AttentionBack
         ragged = _from_contract(ragged_paged_attention, **tuning)
         if name == "pallas-triton" or not _hopper_mosaic_available():
             return AttentionBackend(name, ragged, ragged)
+        from kernels_pallas.paged_decode_mgpu import supports
+
         decode = _mosaic_decode(ragged)
-        return AttentionBackend(name, split_decode_rows(ragged, decode), decode)
+        return AttentionBackend(name, split_decode_rows(ragged, decode, applies=supports), decode)
     raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
 
 
@@ -121,17 +124,22 @@ def _mosaic_decode(fallback: AttentionFn) -> AttentionFn:
     return attn
 
 
-def split_decode_rows(ragged: AttentionFn, decode: AttentionFn) -> AttentionFn:
+def split_decode_rows(ragged: AttentionFn, decode: AttentionFn,
+                      applies: Callable[[jax.Array, jax.Array], bool] | None = None) -> AttentionFn:
     """Mixed batches with their decode rows served by `decode`: the sequences with one query token
     (gathered into one row each) go to `decode`, the rest to `ragged`, which sees the decode sequences as
     empty (context 0) and skips them; the decode rows are then written over its output.
 
     Continuous batching runs mostly such steps (the running decodes plus a prefill chunk), so this is where
     the decode kernel's bandwidth pays. Static shapes: one decode row per sequence slot, whether used or not.
+    `applies(q, k_cache)` (static shapes and dtypes) false: `ragged` alone serves the batch.
     """
 
     def attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMetadata, *,
              sm_scale: float, sliding_window: int | None, soft_cap: float | None) -> jax.Array:
+        if applies is not None and not applies(q, k_cache):
+            return ragged(q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
+                          soft_cap=soft_cap)
         num_tokens, num_slots = q.shape[0], md.kv_lens.shape[0]
         qsl = md.query_start_loc
         is_decode = (jnp.arange(num_slots) < md.num_seqs) & (qsl[1:] - qsl[:-1] == 1)

@@ -86,6 +86,9 @@ def test_split_decode_rows_equals_one_ragged_call():
     got = np.asarray(split_decode_rows(ref, decode)(q, k, v, md, **kw))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert seen[0][0] == 7 and list(seen[0][1]) == [9, 0, 33, 1, 0, 0, 0]
+    skipped = split_decode_rows(ref, decode, applies=lambda q, k: False)(q, k, v, md, **kw)
+    np.testing.assert_array_equal(np.asarray(skipped), want)
+    assert len(seen) == 1, "decode must not run where it does not apply"
 
 
 def _write_peaked_llama(directory: Path) -> Path:
