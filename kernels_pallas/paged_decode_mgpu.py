@@ -126,14 +126,15 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
     group_pad = -(-group // 8) * 8  # TMA boxes of whole 8-row tiles
     block_kv = pages_per_tile * block_size
     dtype = q.dtype
-    # q rows of a head group are contiguous in [S, KVH, group_pad, D]; the padding rows are zeros.
     # Mosaic GPU takes only 256-byte aligned buffers; a caller's table or lengths may be a slice of a packed
     # buffer (the engine's are), so both are recomputed here into buffers of their own. Entries past each
-    # context become page 0.
+    # context become page 0. (q is reshaped and padded below; unpadded, it must come aligned, as every
+    # array XLA allocates does.)
     kv_lens = jnp.maximum(kv_lens, 0)
     used_pages = (kv_lens + block_size - 1) // block_size
     cols = jnp.arange(block_tables.shape[1], dtype=jnp.int32)
     block_tables = jnp.where(cols[None, :] < used_pages[:, None], block_tables, 0)
+    # q rows of a head group are contiguous in [S, KVH, group_pad, D]; the padding rows are zeros.
     q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     split_out = num_splits > 1
