@@ -1,8 +1,9 @@
 """The one place that knows how each JAX version spells the Pallas GPU lowerings.
 
-Kernels import `tl_dot`, `masked_load`, `masked_store` and call `gpu_lowering(...)` for the
-`pallas_call` keyword arguments; nothing else in `kernels_pallas` names a lowering module, so a
-JAX upgrade (the Triton lowering is deprecated from 0.11) touches this file alone.
+The ragged kernels (Triton lowering) import `tl_dot`, `masked_load`, `masked_store` and call
+`gpu_lowering(...)` for the `pallas_call` keyword arguments; the Hopper decode kernel (Mosaic GPU) gets its
+modules from `mosaic_gpu_modules()`. Nothing else in `kernels_pallas` names a lowering module, so a JAX
+upgrade (the Triton lowering is deprecated from 0.11) touches this file alone.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def mosaic_gpu_interpretable() -> bool:
 def gpu_lowering(lowering: str, *, num_warps: int, num_stages: int) -> dict[str, Any]:
     """`pallas_call` keyword arguments selecting the GPU lowering and its launch knobs.
 
-    The kernels here are written in the pointer-style Pallas dialect (masked gathers of KV pages),
-    which only the Triton lowering compiles; Mosaic GPU needs a TMA/warpgroup rewrite (see
-    bench/notes_attention.md), so it is refused here rather than failing deep in lowering.
+    The ragged kernels are written in the pointer-style Pallas dialect (masked gathers of KV pages),
+    which only the Triton lowering compiles; the Mosaic GPU kernel is a separate TMA/warpgroup program
+    (paged_decode_mgpu.py), so "mosaic" is refused here rather than failing deep in lowering.
     """
     if lowering == "triton":
         if _pltriton is None:
