@@ -226,6 +226,9 @@ class ParallelConfig:
         )
 
 
+ATTENTION_BACKENDS = ("auto", "reference", "pallas", "pallas-triton")  # see models/attention.py
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine core needs, assembled by `LLM` or the CLI."""
@@ -235,15 +238,15 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dtype: str = "bfloat16"
-    attention_backend: str = "auto"  # "auto" | "reference" | "pallas" | "pallas-triton"
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        backends = ("auto", "reference", "pallas", "pallas-triton")
-        if self.attention_backend not in backends:
-            raise ValueError(f"attention_backend must be one of {backends}, got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {self.attention_backend!r}")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention_reference
+from rtp_jax.config import ATTENTION_BACKENDS
 
 
 class AttentionMetadata(NamedTuple):
@@ -74,12 +75,9 @@ def _from_contract(kernel: Any, **tuning: Any) -> AttentionFn:
     return attn
 
 
-ATTENTION_BACKENDS = ("auto", "reference", "pallas", "pallas-triton")
-
-
 class AttentionBackend(NamedTuple):
-    """The attention functions of one engine: `mixed` serves any ragged batch, `decode` batches of one
-    new token per sequence (row s of q is sequence s), which the multi-step decode program runs."""
+    """The attention functions of one engine: `mixed` serves any ragged batch (the step program), `decode`
+    batches of one new token per sequence, row s of q being sequence s (the multi-step decode program)."""
 
     name: str
     mixed: AttentionFn
@@ -87,9 +85,10 @@ class AttentionBackend(NamedTuple):
 
 
 def select_attention_backend(name: str = "auto", **tuning: Any) -> AttentionBackend:
-    """"auto" is "pallas" on a GPU, else "reference". "pallas": the Triton-lowered ragged kernel for mixed
-    batches and, on Hopper (sm_90) with Mosaic GPU, the TMA/wgmma decode kernel for pure-decode batches;
-    "pallas-triton": the ragged kernel for both; "reference": pure JAX (any backend)."""
+    """"auto" is "pallas" on a GPU, else "reference". "pallas": the Triton-lowered ragged kernel, and on
+    Hopper (sm_90) with Mosaic GPU the TMA/wgmma decode kernel for every sequence with one new token (in
+    mixed batches via `split_decode_rows`); "pallas-triton": the ragged kernel alone; "reference": pure
+    JAX."""
     if name == "auto":
         name = "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
     if name == "reference":
