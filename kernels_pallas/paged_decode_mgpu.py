@@ -48,16 +48,18 @@ def default_decode_tuning(num_seqs: int, num_kv_heads: int, block_size: int,
                           max_context: int) -> dict[str, Any]:
     """pages_per_tile / num_stages / num_splits for a decode batch.
 
-    From the H200 sweep (bench/attention_mgpu.py, notes_attention.md): tiles of 128 tokens, two in flight,
-    except for short contexts, where 64-token tiles let two blocks share an SM; split-K only while there
-    are fewer than ~2 (sequence, head) programs per SM, keeping >= 2 tiles per split.
+    From the H200 sweep (bench/attention_mgpu.py, notes_attention.md, 2026-12-01): tiles of 128 tokens
+    (64 when the whole context fits in one), two in flight, KV heads innermost in the grid (1-3% over
+    heads outermost); split-K only while there are fewer than ~2 (sequence, head) programs per SM,
+    keeping >= 2 tiles per split.
     """
-    tile_tokens = 64 if max_context <= 512 else 128
+    tile_tokens = 64 if max_context <= 64 else 128
     pages_per_tile = max(1, tile_tokens // block_size)
     programs = max(num_seqs * num_kv_heads, 1)
     tiles = max(-(-max_context // (pages_per_tile * block_size)), 1)
     num_splits = max(1, min(-(-264 // programs), tiles // 2, 16))
-    return {"pages_per_tile": pages_per_tile, "num_stages": 2, "num_splits": num_splits}
+    return {"pages_per_tile": pages_per_tile, "num_stages": 2, "num_splits": num_splits,
+            "heads_inner": True}
 
 
 def paged_decode_attention(
@@ -80,7 +82,8 @@ def paged_decode_attention(
     padded slots, whose rows come out as zeros); block_tables: int32[S, max_blocks].
     Returns [S, num_q_heads, head_dim] in q's dtype.
     `tuning`: pages_per_tile (KV pages per pipeline stage; tile = pages * block_size tokens, a multiple
-    of 64), num_stages (tiles in flight per block), num_splits (split-K factor).
+    of 64), num_stages (tiles in flight per block), num_splits (split-K factor), heads_inner (grid order:
+    the KV heads of a sequence in adjacent blocks).
     Constraints: bf16 or fp16; head_dim a multiple of 64; group = q heads per KV head <= 64.
     """
     num_seqs, num_q_heads, head_dim = q.shape
@@ -102,7 +105,9 @@ def paged_decode_attention(
     if (params["pages_per_tile"] * block_size) % 64:  # the PV wgmma's K dimension
         raise ValueError(f"pages_per_tile * block_size must be a multiple of 64, got "
                          f"{params['pages_per_tile']} * {block_size}")
-    smem = shared_memory_bytes(head_dim, block_size, q.dtype.itemsize, **params)
+    smem = shared_memory_bytes(head_dim, block_size, q.dtype.itemsize,
+                               pages_per_tile=params["pages_per_tile"], num_stages=params["num_stages"],
+                               num_splits=params["num_splits"])
     if smem > SMEM_LIMIT:
         raise ValueError(f"tuning {params} needs {smem} bytes of shared memory (limit {SMEM_LIMIT}); "
                          "lower num_stages or pages_per_tile")
@@ -114,11 +119,12 @@ def paged_decode_attention(
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret",
-                                             "pages_per_tile", "num_stages", "num_splits", "memory_only"))
+                                             "pages_per_tile", "num_stages", "num_splits", "heads_inner",
+                                             "memory_only"))
 def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens: jax.Array,
                   block_tables: jax.Array, *, sm_scale: float, sliding_window: int | None,
                   soft_cap: float | None, interpret: bool, pages_per_tile: int, num_stages: int,
-                  num_splits: int, memory_only: bool = False) -> jax.Array:
+                  num_splits: int, heads_inner: bool = True, memory_only: bool = False) -> jax.Array:
     pl, plgpu = mosaic_gpu_modules()
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -272,7 +278,10 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
         scratch.append(plgpu.SMEM((BLOCK_M, block_kv), dtype, transforms=tiled))
     call = plgpu.kernel(
         kernel, out_type=out_types, scratch_types=scratch,
-        grid=(num_kv_heads, num_seqs, num_splits), grid_names=("h", "s", "k"),
+        # The last grid axis varies fastest. Heads innermost: the KV heads of one page ([block_size,
+        # num_kv_heads, head_dim], contiguous) are read by blocks running at the same time.
+        **(dict(grid=(num_seqs, num_splits, num_kv_heads), grid_names=("s", "k", "h")) if heads_inner
+           else dict(grid=(num_kv_heads, num_seqs, num_splits), grid_names=("h", "s", "k"))),
         num_threads=2, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),

@@ -198,9 +198,12 @@ NUM_SMS = 132  # H100 SXM; the split heuristics aim for a few programs per SM
 
 
 def default_tuning(
-    num_tokens: int, num_slots: int, group: int, max_context: int, num_kv_heads: int
+    num_tokens: int, num_slots: int, group: int, max_context: int, num_kv_heads: int, block_size: int = 16
 ) -> dict[str, Any]:
     """Static tuning from the call's shapes (the engine's buckets); see bench/results/attention.md.
+
+    KV steps are sized in tokens (128 for decode, 64 or 128 for prefill) and divided into pages of
+    `block_size`, so larger pages do not grow the shared-memory tiles.
 
     Every call: per-head kernel with K/V rows gathered straight from the flat cache view
     (row_gather; 1.2-4x faster on H100 than gathering [pages, 16, D] and reshaping).
@@ -213,19 +216,23 @@ def default_tuning(
     The fused-heads kernel (fuse_heads=True) is opt-in: not faster.
     """
     common = dict(fuse_heads=False, num_stages=2, row_gather=True, single_loop=False, heavy_first=False)
+
+    def pages(tokens: int) -> int:
+        return max(1, tokens // block_size)
+
     if num_tokens <= num_slots:
         programs = num_kv_heads * max(1, num_slots)
         kv_blocks = max(1, max_context // 128)
         num_splits = int(min(kv_blocks, max(4, 2 * NUM_SMS // programs), 16))
-        return dict(common, block_q=max(1, 16 // group), pages_per_block=8, num_splits=num_splits,
+        return dict(common, block_q=max(1, 16 // group), pages_per_block=pages(128), num_splits=num_splits,
                     heads_inner=num_slots >= 8, num_warps=4, single_loop=True)
     if num_slots > 8:  # mixed batches (many sequences): the 2026-11-25 knobs measured slower there
-        return dict(common, block_q=max(1, 64 // group), pages_per_block=4, num_warps=4, num_splits=1,
-                    heads_inner=False, row_gather=False)
+        return dict(common, block_q=max(1, 64 // group), pages_per_block=pages(64), num_warps=4,
+                    num_splits=1, heads_inner=False, row_gather=False)
     common.update(num_splits=1, heads_inner=False, heavy_first=True, num_stages=3)
     if num_tokens >= 4096:
-        return dict(common, block_q=max(1, 128 // group), pages_per_block=8, num_warps=8)
-    return dict(common, block_q=max(1, 64 // group), pages_per_block=4, num_warps=4)
+        return dict(common, block_q=max(1, 128 // group), pages_per_block=pages(128), num_warps=8)
+    return dict(common, block_q=max(1, 64 // group), pages_per_block=pages(64), num_warps=4)
 
 
 def _pow2(n: int) -> int:
@@ -435,7 +442,7 @@ def ragged_paged_attention(
         raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
     group = num_q_heads // num_kv_heads
     params = default_tuning(
-        num_tokens, kv_lens.shape[0], group, block_tables.shape[1] * block_size, num_kv_heads
+        num_tokens, kv_lens.shape[0], group, block_tables.shape[1] * block_size, num_kv_heads, block_size
     )
     params.setdefault("lowering", "triton")
     unknown = set(tuning) - set(params)

@@ -94,6 +94,13 @@ def test_head_layouts_and_block_sizes(shape, tuning):
     _check([17, 130], shape=shape, num_splits=2, num_stages=2, **tuning)
 
 
+@needs_kernel
+@pytest.mark.parametrize("heads_inner", [False, True])
+def test_grid_orders_give_the_same_result(heads_inner):
+    """KV heads outermost or innermost in the grid (only the blocks' order changes): as the reference."""
+    _check([33, 190], pad_seqs=1, num_splits=2, pages_per_tile=4, num_stages=2, heads_inner=heads_inner)
+
+
 def test_default_tuning_splits_small_batches_and_keeps_tiles_whole():
     """Few (sequence, head) programs get split-K to fill the GPU; tiles are whole multiples of 64 tokens."""
     one = default_decode_tuning(1, 8, 16, 4096)

@@ -139,6 +139,17 @@ def test_decode_default_tuning() -> None:
     assert prefill["heavy_first"] and prefill["row_gather"] and prefill["block_q"] * 4 == 128
 
 
+def test_default_tuning_sizes_kv_steps_in_tokens() -> None:
+    """Larger pages give fewer pages per KV step, not larger tiles (64-token pages overflowed shared
+    memory on the GPU with 8 pages per step)."""
+    from kernels_pallas.ragged_paged_attention import default_tuning
+
+    for shape in ((64, 64, 4, 4096, 8), (4096, 1, 4, 4096, 8), (600, 20, 4, 1024, 8), (512, 1, 4, 512, 8)):
+        tokens = {bs: default_tuning(*shape, block_size=bs)["pages_per_block"] * bs for bs in (16, 32, 64)}
+        assert len(set(tokens.values())) == 1, tokens
+    assert default_tuning(64, 64, 4, 4096, 8, block_size=256)["pages_per_block"] == 1
+
+
 def test_fused_heads_rejects_non_power_of_two_kv_heads() -> None:
     batch = _batch([1, 1], [9, 20], group=2, kv_heads=3)
     with pytest.raises(ValueError, match="power-of-two"):
