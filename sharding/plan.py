@@ -24,7 +24,8 @@ _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def hf_param_shapes(mc: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> shape of every parameter (MoE experts stacked [E, out, in], as in models/moe.py)."""
+    """Parameter name -> shape of every parameter: HF names, MoE experts stacked [E, out, in] (as in
+    models/moe.py), a dense MLP's gate and up projections fused [2, I, D] (models/fused.py)."""
     d, hd, v = mc.hidden_size, mc.head_dim, mc.vocab_size
     q, kv = mc.num_heads * hd, mc.num_kv_heads * hd
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
@@ -46,7 +47,7 @@ def hf_param_shapes(mc: ModelConfig) -> dict[str, tuple[int, ...]]:
                        p + "mlp.experts.up_proj": (e, m, d), p + "mlp.experts.down_proj": (e, d, m)}
         else:
             m = mc.intermediate_size
-            shapes |= {p + "mlp.gate_proj.weight": (m, d), p + "mlp.up_proj.weight": (m, d),
+            shapes |= {p + "mlp.gate_up_proj.weight": (2, m, d),
                        p + "mlp.down_proj.weight": (d, m)}
     return shapes
 

@@ -5,9 +5,10 @@ Two tables keep the rules readable and the mesh decisions in one place:
   logical_axes(model, parallel) -> {logical axis: mesh axis or None}
 so "kv heads are replicated when there are fewer than tp" is one entry, not a special case per tensor.
 
-Linear weights keep HF's [out, in] layout: column-parallel (q/k/v, gate/up) splits dim 0 on tp,
-row-parallel (o, down) splits dim 1 and XLA inserts the all-reduce. MoE experts are stacked
-[E, out, in] and split on "ep" along E (and on "tp" along the expert's intermediate size).
+Linear weights keep HF's [out, in] layout: column-parallel (q/k/v, gate/up) splits the out dim on tp
+(dim 1 of the fused [2, I, D] gate/up), row-parallel (o, down) splits dim 1 and XLA inserts the
+all-reduce. MoE experts are stacked [E, out, in] and split on "ep" along E (and on "tp" along the
+expert's intermediate size).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ PARAM_RULES: tuple[Rule, ...] = (
     (r".*\.self_attn\.[kv]_proj\.weight", ("kv_heads", None)),
     (r".*\.self_attn\.[kv]_proj\.bias", ("kv_heads",)),
     (r".*\.self_attn\.o_proj\.weight", (None, "heads")),
-    (r".*\.mlp\.(gate|up)_proj\.weight", ("mlp", None)),
+    (r".*\.mlp\.gate_up_proj\.weight", (None, "mlp", None)),  # [2, I, D]: gate and up, split alike
+    (r".*\.mlp\.(gate|up)_proj\.weight", ("mlp", None)),  # the checkpoint's halves, as the loader places them
     (r".*\.mlp\.down_proj\.weight", (None, "mlp")),
     (r".*\.mlp\.gate\.weight", (None, None)),  # router: tiny, every device routes every token
     (r".*\.mlp\.experts\.(gate|up)_proj", ("experts", "expert_mlp", None)),

@@ -52,7 +52,15 @@ from rtp_jax.loader.accounting import ByteBudget, LoadStats
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
 from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
 from rtp_jax.loader.staging import _PAGE, StagingSlab, _MappedRange
-from rtp_jax.loader.transfer import _aliases, _assemble, _cast, _key_devices, _put_piece, _transfer
+from rtp_jax.loader.transfer import (
+    _aliases,
+    _assemble,
+    _cast,
+    _key_devices,
+    _put_piece,
+    _transfer,
+    stack_on_devices,
+)
 
 __all__ = [
     "ByteBudget",
@@ -425,6 +433,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
     from flax import nnx
 
     from rtp_jax.loader.orbax_io import is_orbax_checkpoint, restore_model_state
+    from rtp_jax.models.fused import fuse_stream
     from rtp_jax.models.params import flat_param_shapes, load_state, nest
 
     path = Path(path)
@@ -440,6 +449,11 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         tied_head = config.tie_word_embeddings and name == "lm_head.weight"
         return name.endswith("rotary_emb.inv_freq") or tied_head
 
+    def stack(name: str, parts: list[Any]) -> Any:
+        """A fused parameter from its halves, already on the devices: stacked there, in its own sharding."""
+        shape = (len(parts), *parts[0].shape)
+        return stack_on_devices(parts, sharding_for(name, shape) if sharding_for is not None else None)
+
     loader = FastLoader(path, skip=skip, **loader_kw)
     if config.is_moe:
         import jax
@@ -453,7 +467,8 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         # Tracing the model for its abstract state is pure Python (~0.1 s): overlap it with the reads.
         with ThreadPoolExecutor(1) as ex:
             abstract_fut = ex.submit(abstract_state, config, dtype)
-            loaded: dict[str, Any] = dict(loader.iter_device(sharding_for=sharding_for, dtype=dtype))
+            arrays = loader.iter_device(sharding_for=sharding_for, dtype=dtype)
+            loaded: dict[str, Any] = dict(fuse_stream(arrays, stack))
             graphdef, abstract = abstract_fut.result()
         expected = flat_param_shapes(abstract)
         for name, array in loaded.items():

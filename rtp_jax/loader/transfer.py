@@ -4,6 +4,7 @@ joining a tensor's row pieces per device (`_join`, `_assemble`) with the on-devi
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,21 @@ def _join(chunks: list[tuple[int, Any]], dtype: np.dtype | None, how: str) -> An
     for r0, a in chunks:
         buf = fn(buf, a, np.int32(r0 - base))
     return buf if dtype is None or dtype == buf.dtype else _cast(buf, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _stack_fn(sharding: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda *parts: jnp.stack(parts), out_shardings=sharding)
+
+
+def stack_on_devices(parts: list[Any], sharding: Any) -> Any:
+    """jnp.stack of device arrays sharded alike (e.g. two [I, D] halves split on I), placed in
+    `sharding` (e.g. [2, I, D] split on I: each device stacks its own rows, nothing crosses devices;
+    None: where the parts are)."""
+    return _stack_fn(sharding)(*parts)
 
 
 def _assemble(t: PlannedTensor, sharding: Any, parts: list[tuple[Any, int, dict[Any, Any]]],

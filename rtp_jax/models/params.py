@@ -10,7 +10,8 @@ them [E, out, in] (`model.layers.N.mlp.experts.gate_proj`). `map_moe_name` maps 
 (our name, expert index or None, fused half or None); a layer's experts of one projection are
 buffered on the host until all E arrived, then stacked and placed (one projection of one layer at a
 time, never the model). transformers 5's fused `experts.gate_up_proj` [E, 2I, D] and stacked
-`experts.down_proj` [E, D, I] are accepted too.
+`experts.down_proj` [E, D, I] are accepted too. A dense MLP's gate_proj and up_proj become one
+[2, I, D] parameter (models/fused.py), stacked when a layer's pair is complete.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from flax import nnx
 
 from rtp_jax.config import ModelConfig
 from rtp_jax.models import get_model_class
+from rtp_jax.models.fused import fuse_stream
 
 # Checkpoint entries that carry no parameters of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -91,6 +93,14 @@ def map_moe_name(name: str) -> tuple[str, int | None, str | None]:
     return name.replace(".block_sparse_moe.gate.", ".mlp.gate."), None, None
 
 
+def stack_halves(name: str, parts: list[Any]) -> np.ndarray | jax.Array:
+    """Stacks a fused parameter's halves where they are: on the host, or on their device(s)."""
+    del name
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.stack(parts)
+    return jnp.stack([jnp.asarray(p) for p in parts])
+
+
 def default_placer(name: str, x: np.ndarray | jax.Array) -> jax.Array:
     del name
     return jax.device_put(x)
@@ -118,10 +128,13 @@ def load_state(
         else:
             loaded[name] = place(name, np.asarray(array).astype(want.dtype, copy=False))
 
-    for ckpt_name, array in weights:
-        tied_head = cfg.tie_word_embeddings and ckpt_name == "lm_head.weight"
-        if ckpt_name.endswith(_IGNORED_SUFFIXES) or tied_head:
-            continue
+    def relevant() -> Iterator[tuple[str, np.ndarray | jax.Array]]:
+        for ckpt_name, array in weights:
+            tied_head = cfg.tie_word_embeddings and ckpt_name == "lm_head.weight"
+            if not (ckpt_name.endswith(_IGNORED_SUFFIXES) or tied_head):
+                yield ckpt_name, array
+
+    for ckpt_name, array in fuse_stream(relevant(), stack_halves):
         name, expert, fused = map_moe_name(ckpt_name) if cfg.is_moe else (ckpt_name, None, None)
         if name not in expected:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} does not belong to a {cfg.architecture} model")

@@ -343,10 +343,11 @@ def test_random_state_is_seeded_per_layer_and_matches_the_model(tiny_hf_model: C
     assert set(flat) == set(flat_param_shapes(abstract_model(config, jnp.bfloat16)[1]))
     assert {str(v.dtype) for v in flat_param_shapes(state).values()} == {"bfloat16"}
     assert np.all(flat["model.layers.0.input_layernorm.weight"] == 1.0)
-    up0, up1 = flat["model.layers.0.mlp.up_proj.weight"], flat["model.layers.1.mlp.up_proj.weight"]
-    assert not np.array_equal(up0, up1)
+    gate_up = "model.layers.{}.mlp.gate_up_proj.weight"
+    (gate0, up0), up1 = flat[gate_up.format(0)], flat[gate_up.format(1)][1]
+    assert not np.array_equal(up0, up1) and not np.array_equal(gate0, up0)
     assert abs(float(up0.std()) - 0.02) < 0.002
     again = flat_param_shapes(random_state(config, jnp.bfloat16, seed=3)[1])
     other = flat_param_shapes(random_state(config, jnp.bfloat16, seed=4)[1])
-    assert np.array_equal(np.asarray(again["model.layers.1.mlp.up_proj.weight"], np.float32), up1)
-    assert not np.array_equal(np.asarray(other["model.layers.1.mlp.up_proj.weight"], np.float32), up1)
+    assert np.array_equal(np.asarray(again[gate_up.format(1)], np.float32)[1], up1)
+    assert not np.array_equal(np.asarray(other[gate_up.format(1)], np.float32)[1], up1)

@@ -16,7 +16,7 @@ from rtp_jax.models.params import abstract_model, flat_param_shapes, place_state
 from sharding import hf_param_shapes, make_mesh, plan, stage_meshes, validate
 from sharding.mesh import distributed_env, initialize_distributed_from_env
 from sharding.placement import make_placer
-from sharding.rules import kv_cache_spec, param_specs
+from sharding.rules import kv_cache_spec, logical_axes, param_spec, param_specs
 
 
 def test_mesh_axes_and_order() -> None:
@@ -48,7 +48,10 @@ def test_specs_are_the_documented_layout() -> None:
     assert specs["model.norm.weight"] == P()
     dense = param_specs(hf_param_shapes(DENSE), DENSE, layout("tp2"))
     assert dense["model.layers.0.self_attn.k_proj.weight"] == P("tp", None)
-    assert dense["model.layers.0.mlp.gate_proj.weight"] == P("tp", None)
+    assert dense["model.layers.0.mlp.gate_up_proj.weight"] == P(None, "tp", None)
+    # The checkpoint's halves, placed by the loader before they are stacked, split on the same rows.
+    half = param_spec("model.layers.0.mlp.up_proj.weight", 2, logical_axes(DENSE, layout("tp2")))
+    assert half == P("tp", None)
     assert dense["model.layers.0.mlp.down_proj.weight"] == P(None, "tp")
     assert kv_cache_spec(DENSE, layout("tp2")) == P(None, None, "tp", None)
     assert kv_cache_spec(DENSE, layout("tp8")) == P(None, None, None, None)
