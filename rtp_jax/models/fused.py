@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 _HALF = re.compile(r"(model\.layers\.\d+\.mlp)\.(gate|up)_proj\.weight")
-_FUSED = re.compile(r"(model\.layers\.\d+\.mlp)\.gate_up_proj\.weight")
 HALVES = ("gate", "up")  # order along the fused parameter's first axis
 
 Stack = Callable[[str, list[Any]], Any]
@@ -26,12 +25,6 @@ def fused_name(checkpoint_name: str) -> tuple[str, int] | None:
     """(the model's parameter, index along its first axis) for a fused half, else None."""
     m = _HALF.fullmatch(checkpoint_name)
     return (f"{m[1]}.gate_up_proj.weight", HALVES.index(m[2])) if m else None
-
-
-def checkpoint_names(param_name: str) -> list[str]:
-    """The checkpoint tensors a model parameter is made of (itself, unless it is fused)."""
-    m = _FUSED.fullmatch(param_name)
-    return [f"{m[1]}.{h}_proj.weight" for h in HALVES] if m else [param_name]
 
 
 def fuse_stream(named: Iterable[tuple[str, Any]], stack: Stack) -> Iterator[tuple[str, Any]]:

@@ -12,7 +12,7 @@ from rtp_jax.config import ParallelConfig
 from rtp_jax.loader import iter_weights, load_model_config
 from rtp_jax.loader.fast import load_model_state
 from rtp_jax.loader.safetensors_io import iter_safetensors
-from rtp_jax.models.fused import checkpoint_names, fuse_stream, fused_name
+from rtp_jax.models.fused import fuse_stream, fused_name
 from rtp_jax.models.params import flat_param_shapes, load_state
 from sharding.rules import logical_axes, param_spec
 
@@ -23,9 +23,6 @@ def test_names_map_both_ways():
     assert fused_name("model.layers.3.mlp.up_proj.weight") == ("model.layers.3.mlp.gate_up_proj.weight", 1)
     assert fused_name("model.layers.3.mlp.down_proj.weight") is None
     assert fused_name("model.layers.3.mlp.experts.0.gate_proj.weight") is None
-    assert checkpoint_names("model.layers.3.mlp.gate_up_proj.weight") == [
-        "model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"]
-    assert checkpoint_names("model.norm.weight") == ["model.norm.weight"]
 
 
 def test_fuse_stream_pairs_halves_in_any_order_and_passes_the_rest():
