@@ -1,0 +1,188 @@
+"""Two questions for the GPU, on the Llama-3-8B shape with random weights (no checkpoint to write).
+
+    python3 bench/probe_programs.py --out $OUT [--parts gemm,offline] [--offline 1024x16384,512x8192]
+
+gemm:    the engine's mixed-step program at T tokens (all-padding inputs: GEMMs and elementwise work,
+         no attention), compiled with XLA's defaults (Triton GEMMs where its autotuner picks them) and
+         with `xla_gpu_enable_triton_gemm=false` (cuBLAS for every GEMM), timed per call (median of
+         repeats of ~30 ms of queued calls). Says above which T the prefill programs should use cuBLAS.
+offline: the issue's offline workload (bench/run_all.py's `sharegpt_like`, 1000 requests) through an
+         engine with max_num_seqs x max_num_batched_tokens as given, one child process per setting: a
+         first run (XLA compiles inside) and a second, warm one. Prints output tokens/s of both.
+Writes probe_programs.json under --out; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from synth_ckpt import SHAPES, hf_config, write_tokenizer  # noqa: E402
+
+CUBLAS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def model_dir(shape: str) -> str:
+    d = Path(tempfile.mkdtemp(prefix="rtp_probe_"))
+    (d / "config.json").write_text(json.dumps(hf_config(SHAPES[shape])))
+    write_tokenizer(d, SHAPES[shape]["vocab_size"])
+    return str(d)
+
+
+def time_step(jitted: Any, runner: Any, t: int, flags: Any) -> float:
+    """Seconds per call of one step program at T = t (one sequence slot bucket: min(t, 256))."""
+    import jax
+
+    from rtp_jax.engine.packing import pack
+    from rtp_jax.engine.sampler import build_sampling_tensors
+
+    s = min(t, 256)
+    inp = runner.dummy_inputs(t, s, runner.max_blocks_per_seq)
+    st = build_sampling_tensors([], [], [], [], [], [], num_rows=s)
+    ibuf, fbuf, spec = pack((inp, st))
+    ibuf, fbuf = jax.device_put(ibuf), jax.device_put(fbuf)
+    kv, last = runner.kv_caches, runner.last_tokens
+
+    def calls(n: int) -> None:
+        nonlocal kv, last
+        out = None
+        for _ in range(n):
+            kv, last, out = jitted(runner.state_leaves, kv, last, ibuf, fbuf, spec, flags, 0)
+        jax.block_until_ready(out.tokens)
+
+    calls(1)  # compile
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 0.3:
+        calls(4)
+        n += 4
+    per = (time.perf_counter() - t0) / n
+    reps = max(2, int(0.03 / per))
+    times = []
+    for _ in range(10):
+        t1 = time.perf_counter()
+        calls(reps)
+        times.append((time.perf_counter() - t1) / reps)
+    runner.kv_caches, runner.last_tokens = kv, last
+    return statistics.median(times)
+
+
+def part_gemm(shape: str, tokens: list[int]) -> list[dict[str, Any]]:
+    import jax
+
+    from rtp_jax import LLM
+    from rtp_jax.engine.sampler import SamplingFlags
+
+    llm = LLM(model_dir(shape), load_format="dummy", max_model_len=4096, num_kv_blocks=1024,
+              max_num_batched_tokens=max(tokens), max_num_seqs=min(256, max(tokens)))
+    runner = llm.engine.core.runner
+    fn = runner._step._jitted.__wrapped__
+    variants = {"default": {}, "cublas": CUBLAS}
+    rows = []
+    for t in tokens:
+        row: dict[str, Any] = {"tokens": t}
+        for name, opts in variants.items():
+            jitted = jax.jit(fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2), compiler_options=opts)
+            try:
+                row[f"{name}_us"] = time_step(jitted, runner, t, SamplingFlags()) * 1e6
+            except Exception as e:  # noqa: BLE001 - keep the other rows
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+_OFFLINE_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1] + "/bench")
+import jax
+from run_all import run_steps, sharegpt_like
+from rtp_jax import LLM
+kw = json.loads(sys.argv[3])
+compile_s = [0.0]
+def listener(event, duration, **_):
+    if "backend_compile" in event:
+        compile_s[0] += duration
+jax.monitoring.register_event_duration_secs_listener(listener)
+t0 = time.perf_counter()
+llm = LLM(sys.argv[2], load_format="dummy", max_model_len=4096, **kw)
+res = {"engine_kwargs": kw, "build_s": time.perf_counter() - t0, "num_kv_blocks": llm.engine.core.num_blocks}
+reqs = sharegpt_like(int(sys.argv[6]), 0, min(128000, int(sys.argv[5])))
+n_in = sum(len(i) for i, _ in reqs)
+for label in ("first", "warm"):
+    llm.engine.core.kv.reset_prefix_cache()
+    c0 = compile_s[0]
+    r = run_steps(llm, reqs, deadline=time.perf_counter() + float(sys.argv[4]))
+    res[label] = {"wall_s": r["wall_s"], "compile_s": compile_s[0] - c0, "finished": r["finished"],
+                  "output_tok_s": r["output_tokens"] / r["wall_s"],
+                  "total_tok_s": (r["output_tokens"] + n_in) / r["wall_s"], "calls": len(r["steps"])}
+    print("ROW " + json.dumps({label: res[label]}), flush=True)
+print("CHILD " + json.dumps(res), flush=True)
+"""
+
+
+def part_offline(shape: str, settings: list[str], budget_s: float, num_requests: int) -> list[dict[str, Any]]:
+    d = model_dir(shape)
+    rows = []
+    t_end = time.perf_counter() + budget_s
+    for s in settings:
+        seqs, toks = (int(x) for x in s.split("x"))
+        left = t_end - time.perf_counter()
+        if left < 60:
+            rows.append({"setting": s, "skipped": "no time left"})
+            continue
+        kw = {"max_num_seqs": seqs, "max_num_batched_tokens": toks}
+        p = subprocess.run([sys.executable, "-c", _OFFLINE_CHILD, str(ROOT), d, json.dumps(kw),
+                            str(max(30.0, (left - 40) / 2)), str(SHAPES[shape]["vocab_size"]),
+                            str(num_requests)], capture_output=True, text=True, timeout=left)
+        child = next((json.loads(ln[6:]) for ln in p.stdout.splitlines() if ln.startswith("CHILD ")), None)
+        row = {"setting": s, **(child or {"error": p.stderr[-1500:], "stdout": p.stdout[-800:]})}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--parts", default="gemm,offline")
+    p.add_argument("--tokens", default="128,256,512,1024,2048,4096")
+    p.add_argument("--offline", default="1024x16384,512x8192")
+    p.add_argument("--offline-budget-s", type=float, default=400)
+    p.add_argument("--num-requests", type=int, default=1000)
+    ns = p.parse_args()
+    parts = set(ns.parts.split(","))
+    res: dict[str, Any] = {"git_sha": os.environ.get("RTP_GIT_SHA", ""), "shape": ns.shape}
+    if "gemm" in parts:
+        res["gemm"] = part_gemm(ns.shape, [int(t) for t in ns.tokens.split(",")])
+    if "offline" in parts:
+        res["offline"] = part_offline(ns.shape, ns.offline.split(","), ns.offline_budget_s, ns.num_requests)
+    Path(ns.out).mkdir(parents=True, exist_ok=True)
+    (Path(ns.out) / "probe_programs.json").write_text(json.dumps(res, indent=1))
+    print("\n| T | default us | cuBLAS us |\n|---|---|---|")
+    for r in res.get("gemm", []):
+        nan = float("nan")
+        print(f"| {r['tokens']} | {r.get('default_us', nan):.0f} | {r.get('cublas_us', nan):.0f} |")
+    print("\n| max_num_seqs x tokens | first out tok/s (compile s) | warm out tok/s | warm total tok/s |")
+    print("|---|---|---|---|")
+    for r in res.get("offline", []):
+        f, w = r.get("first", {}), r.get("warm", {})
+        print(f"| {r['setting']} | {f.get('output_tok_s', 0):.0f} ({f.get('compile_s', 0):.0f}) | "
+              f"{w.get('output_tok_s', 0):.0f} | {w.get('total_tok_s', 0):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
