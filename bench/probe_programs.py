@@ -1,14 +1,17 @@
-"""Two questions for the GPU, on the Llama-3-8B shape with random weights (no checkpoint to write).
+"""Questions for the GPU, on the Llama-3-8B shape with random weights (no checkpoint to write).
 
-    python3 bench/probe_programs.py --out $OUT [--parts gemm,offline] [--offline 1024x16384,512x8192]
+    python3 bench/probe_programs.py --out $OUT [--parts ttft,gemm,offline] [--offline 1024x16384,512x8192]
 
+ttft:    TTFT of a fresh 2048-token prompt with the fresh-prompt program (cuDNN attention) and the cuBLAS
+         option of large step programs each on and off, in one engine.
 gemm:    the engine's mixed-step program at T tokens (all-padding inputs: GEMMs and elementwise work,
          no attention), compiled with XLA's defaults (Triton GEMMs where its autotuner picks them) and
          with `xla_gpu_enable_triton_gemm=false` (cuBLAS for every GEMM), timed per call (median of
          repeats of ~30 ms of queued calls). Says above which T the prefill programs should use cuBLAS.
 offline: the issue's offline workload (bench/run_all.py's `sharegpt_like`, 1000 requests) through an
          engine with max_num_seqs x max_num_batched_tokens as given, one child process per setting: a
-         first run (XLA compiles inside) and a second, warm one. Prints output tokens/s of both.
+         first run (XLA compiles inside) and a second, warm one. Prints output tokens/s of both; each
+         child's output is streamed to offline_<setting>.log under --out.
 Writes probe_programs.json under --out; prints a table last.
 """
 
@@ -88,7 +91,7 @@ def part_gemm(shape: str, tokens: list[int]) -> list[dict[str, Any]]:
     llm = LLM(model_dir(shape), load_format="dummy", max_model_len=4096, num_kv_blocks=1024,
               max_num_batched_tokens=max(tokens), max_num_seqs=min(256, max(tokens)))
     runner = llm.engine.core.runner
-    fn = runner._step._jitted.__wrapped__
+    fn = runner._step._fn
     variants = {"default": {}, "cublas": CUBLAS}
     rows = []
     for t in tokens:
@@ -133,7 +136,8 @@ print("CHILD " + json.dumps(res), flush=True)
 """
 
 
-def part_offline(shape: str, settings: list[str], budget_s: float, num_requests: int) -> list[dict[str, Any]]:
+def part_offline(shape: str, settings: list[str], budget_s: float, num_requests: int,
+                 out: Path) -> list[dict[str, Any]]:
     d = model_dir(shape)
     rows = []
     t_end = time.perf_counter() + budget_s
@@ -144,13 +148,53 @@ def part_offline(shape: str, settings: list[str], budget_s: float, num_requests:
             rows.append({"setting": s, "skipped": "no time left"})
             continue
         kw = {"max_num_seqs": seqs, "max_num_batched_tokens": toks}
-        p = subprocess.run([sys.executable, "-c", _OFFLINE_CHILD, str(ROOT), d, json.dumps(kw),
-                            str(max(30.0, (left - 40) / 2)), str(SHAPES[shape]["vocab_size"]),
-                            str(num_requests)], capture_output=True, text=True, timeout=left)
-        child = next((json.loads(ln[6:]) for ln in p.stdout.splitlines() if ln.startswith("CHILD ")), None)
-        row = {"setting": s, **(child or {"error": p.stderr[-1500:], "stdout": p.stdout[-800:]})}
+        log = out / f"offline_{s}.log"
+        with open(log, "w") as f:  # streamed: a child cut short still leaves its rows
+            p = subprocess.Popen([sys.executable, "-c", _OFFLINE_CHILD, str(ROOT), d, json.dumps(kw),
+                                  str(max(30.0, (left - 40) / 2)), str(SHAPES[shape]["vocab_size"]),
+                                  str(num_requests)], stdout=f, stderr=subprocess.STDOUT, text=True)
+            try:
+                p.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        lines = log.read_text().splitlines()
+        child = next((json.loads(ln[6:]) for ln in lines if ln.startswith("CHILD ")), None)
+        got = [json.loads(ln[4:]) for ln in lines if ln.startswith("ROW ")]
+        row = {"setting": s, **(child or {"partial": got, "tail": lines[-15:]})}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return rows
+
+
+def part_ttft(shape: str, repeats: int = 5) -> list[dict[str, Any]]:
+    """TTFT of a fresh 2048-token prompt on an idle engine, with the fresh-prompt program (cuDNN attention)
+    and the cuBLAS option for large programs each switched on and off, in one process."""
+    import rtp_jax.engine.step as step_mod
+    from rtp_jax import LLM, SamplingParams
+
+    llm = LLM(model_dir(shape), load_format="dummy", max_model_len=4096, num_kv_blocks=2048)
+    runner = llm.engine.core.runner
+    fresh, options = runner._fresh, step_mod.compiler_options
+    rng = __import__("numpy").random.default_rng(0)
+    rows = []
+    for use_fresh in (True, False):
+        for cublas in (True, False):
+            runner._fresh = fresh if use_fresh else None
+            step_mod.compiler_options = options if cublas else (lambda t: {})
+            times = []
+            for rep in range(1 + repeats):
+                ids = rng.integers(100, min(128000, SHAPES[shape]["vocab_size"]), 2048).tolist()
+                t0 = time.perf_counter()
+                llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, ignore_eos=True),
+                             use_tqdm=False)
+                if rep:
+                    times.append(time.perf_counter() - t0)
+            row = {"fresh": use_fresh and fresh is not None, "cublas": cublas,
+                   "ttft_ms": 1e3 * statistics.median(times), "all_ms": [round(1e3 * t, 2) for t in times]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    runner._fresh, step_mod.compiler_options = fresh, options
     return rows
 
 
@@ -166,12 +210,18 @@ def main() -> None:
     ns = p.parse_args()
     parts = set(ns.parts.split(","))
     res: dict[str, Any] = {"git_sha": os.environ.get("RTP_GIT_SHA", ""), "shape": ns.shape}
+    Path(ns.out).mkdir(parents=True, exist_ok=True)
+    if "ttft" in parts:
+        res["ttft"] = part_ttft(ns.shape)
     if "gemm" in parts:
         res["gemm"] = part_gemm(ns.shape, [int(t) for t in ns.tokens.split(",")])
     if "offline" in parts:
-        res["offline"] = part_offline(ns.shape, ns.offline.split(","), ns.offline_budget_s, ns.num_requests)
-    Path(ns.out).mkdir(parents=True, exist_ok=True)
+        res["offline"] = part_offline(ns.shape, ns.offline.split(","), ns.offline_budget_s, ns.num_requests,
+                                      Path(ns.out))
     (Path(ns.out) / "probe_programs.json").write_text(json.dumps(res, indent=1))
+    print("\n| fresh-prompt program | cuBLAS GEMMs >= 1024 tokens | TTFT 2k ms |\n|---|---|---|")
+    for r in res.get("ttft", []):
+        print(f"| {r['fresh']} | {r['cublas']} | {r['ttft_ms']:.1f} |")
     print("\n| T | default us | cuBLAS us |\n|---|---|---|")
     for r in res.get("gemm", []):
         nan = float("nan")

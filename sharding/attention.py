@@ -15,8 +15,11 @@ from jax.sharding import PartitionSpec as P
 from sharding import compat
 
 
-def shard_attention(attn_fn: Any, mesh: Any, num_heads: int, num_kv_heads: int) -> Any:
-    """Wraps an `AttentionFn` so each tp shard calls it on its own heads; identity when tp is 1."""
+def shard_attention(attn_fn: Any, mesh: Any, num_heads: int, num_kv_heads: int,
+                    uses_new_kv: bool = False) -> Any:
+    """Wraps an `AttentionFn` so each tp shard calls it on its own heads; identity when tp is 1.
+    `uses_new_kv`: pass the step's K/V (`new_kv`) through to `attn_fn`; else they are dropped here, so no
+    collective moves them for a kernel that reads only the caches."""
     tp = compat.axis_size(mesh, "tp")
     if tp == 1:
         return attn_fn
@@ -25,17 +28,26 @@ def shard_attention(attn_fn: Any, mesh: Any, num_heads: int, num_kv_heads: int) 
     shards_per_kv_head = 1 if kv_split else tp // num_kv_heads
 
     def sharded(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: Any, *, sm_scale: float,
-                sliding_window: int | None, soft_cap: float | None) -> jax.Array:
-        def local(q: jax.Array, k: jax.Array, v: jax.Array, md: Any) -> jax.Array:
+                sliding_window: int | None, soft_cap: float | None,
+                new_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        if not uses_new_kv:
+            new_kv = None
+
+        def local(q: jax.Array, k: jax.Array, v: jax.Array, md: Any,
+                  new_kv: tuple[jax.Array, jax.Array] | None) -> jax.Array:
             if not kv_split:
                 head = jax.lax.axis_index("tp") // shards_per_kv_head
                 k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=2)
                 v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=2)
+                if new_kv is not None:
+                    new_kv = tuple(jax.lax.dynamic_slice_in_dim(x, head, 1, axis=1) for x in new_kv)
             return attn_fn(q, k, v, md, sm_scale=sm_scale, sliding_window=sliding_window,
-                           soft_cap=soft_cap)
+                           soft_cap=soft_cap, new_kv=new_kv)
 
-        f = compat.shard_map(local, mesh, in_specs=(P(None, "tp", None), cache_spec, cache_spec, P()),
+        new_spec = P(None, "tp", None) if kv_split else P()
+        f = compat.shard_map(local, mesh, in_specs=(P(None, "tp", None), cache_spec, cache_spec, P(),
+                                                    None if new_kv is None else (new_spec, new_spec)),
                              out_specs=P(None, "tp", None))
-        return f(q, k_cache, v_cache, md)
+        return f(q, k_cache, v_cache, md, new_kv)
 
     return sharded

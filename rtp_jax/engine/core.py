@@ -141,7 +141,7 @@ class EngineCore:
             kv_shardings = kv_cache_shardings(mesh, m, config.parallel)
         kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks, cc.block_size, m.num_kv_heads,
                                        m.head_dim, jnp.dtype(config.dtype), kv_shardings)
-        step_fn, decode_fn = _step_fns(config, graphdef, state, backend, mesh, kv_shardings)
+        step_fn, decode_fn, fresh_fn = _step_fns(config, graphdef, state, backend, mesh, kv_shardings)
         last_tokens = None
         if not isinstance(step_fn, PipelineStep):
             where = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -151,6 +151,7 @@ class EngineCore:
             max_blocks_per_seq=-(-sc.max_model_len // cc.block_size),
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             bucket_block_tables=self.attention_backend == "reference", last_tokens=last_tokens,
+            fresh_fn=fresh_fn,
         )
         self._inflight: _Launched | None = None
         self.requests: dict[str, Request] = {}
@@ -349,22 +350,28 @@ class EngineCore:
 
 
 def _step_fns(config: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State, backend: AttentionBackend,
-              mesh: Mesh | None, kv_shardings: list[Any] | None) -> tuple[Any, Any]:
-    """(mixed step, multi-step decode or None) for this core's devices."""
+              mesh: Mesh | None, kv_shardings: list[Any] | None) -> tuple[Any, Any, Any]:
+    """(mixed step, multi-step decode or None, fresh-prompt step or None) for this core's devices."""
     treedef = jax.tree.structure(state)
     if mesh is None:
+        fresh = None if backend.fresh is None else make_step_fn(graphdef, treedef, backend.fresh)
         return (make_step_fn(graphdef, treedef, backend.mixed),
-                make_decode_fn(graphdef, treedef, backend.decode))
+                make_decode_fn(graphdef, treedef, backend.decode), fresh)
     m = config.model
     stages = stage_meshes(mesh)
     attn_fns = [shard_attention(backend.mixed, sm, m.num_heads, m.num_kv_heads) for sm in stages]
     if len(stages) == 1:
         decode_attn = shard_attention(backend.decode, stages[0], m.num_heads, m.num_kv_heads)
+        fresh = None
+        if backend.fresh is not None:
+            fresh_attn = shard_attention(backend.fresh, stages[0], m.num_heads, m.num_kv_heads,
+                                         uses_new_kv=True)
+            fresh = make_step_fn(graphdef, treedef, fresh_attn, mesh, kv_shardings)
         return (make_step_fn(graphdef, treedef, attn_fns[0], mesh, kv_shardings),
-                make_decode_fn(graphdef, treedef, decode_attn, mesh, kv_shardings))
+                make_decode_fn(graphdef, treedef, decode_attn, mesh, kv_shardings), fresh)
     pp = len(stages)
     return PipelineStep(graphdef, state, attn_fns, stages, stage_layers(m.num_layers, pp),
-                        lambda name: param_stage(name, m.num_layers, pp), kv_shardings), None
+                        lambda name: param_stage(name, m.num_layers, pp), kv_shardings), None, None
 
 
 class DataParallelEngineCore:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -20,6 +20,22 @@ from rtp_jax.engine.sampler import SamplingFlags, build_sampling_tensors
 from rtp_jax.engine.scheduler import ScheduledSeq
 from rtp_jax.engine.step import KVCaches, Logprobs, StepInputs
 from rtp_jax.models.attention import AttentionMetadata
+
+# Prompts with nothing cached before them and at least this many (padded) tokens, alone in their step,
+# run the `fresh_fn` program: cuDNN's dense attention beats the paged kernel there (H200, 2048 tokens:
+# 94 vs 159 us per layer); smaller ones are not worth another compiled program per token bucket.
+FRESH_MIN_TOKENS = 1024
+
+
+class ProgramShape(NamedTuple):
+    """One compiled program: `kind` "mixed", "decode" (`steps` > 1) or "fresh"; padded tokens, sequence
+    slots and block-table width."""
+
+    kind: str
+    tokens: int
+    seqs: int
+    width: int
+    steps: int = 1
 
 
 def bucket(n: int, minimum: int, maximum: int) -> int:
@@ -80,13 +96,15 @@ class ModelRunner:
     (`last_tokens`, one row per request, `max_num_seqs` rows), so the next call can be dispatched before
     the host has read this one's tokens; `dispatch` returns at once and `collect` reads the results.
     `last_tokens=None` (pipeline parallelism, whose step takes no such array) means the host must know
-    every input token.
+    every input token. `fresh_fn` (same signature as `step_fn`; None: not offered) serves a step that is
+    one prompt from position 0 of at least `FRESH_MIN_TOKENS` padded tokens.
     """
 
     def __init__(self, state: nnx.State, kv_caches: KVCaches, step_fn: Callable[..., Any],
                  decode_fn: Callable[..., Any] | None, *, block_size: int, num_blocks: int,
                  max_blocks_per_seq: int, max_num_batched_tokens: int, max_num_seqs: int,
-                 bucket_block_tables: bool = True, last_tokens: jax.Array | None = None) -> None:
+                 bucket_block_tables: bool = True, last_tokens: jax.Array | None = None,
+                 fresh_fn: Callable[..., Any] | None = None) -> None:
         self.state_leaves, self._state_treedef = jax.tree.flatten(state)
         self.kv_caches = kv_caches
         self.last_tokens = last_tokens
@@ -100,6 +118,7 @@ class ModelRunner:
         self.bucket_block_tables = bucket_block_tables
         self._step = step_fn
         self._decode = decode_fn
+        self._fresh = fresh_fn if last_tokens is not None else None
 
     @property
     def state(self) -> nnx.State:
@@ -202,10 +221,10 @@ class ModelRunner:
                           np.zeros(num_seqs, np.int32), empty, empty, np.full(num_tokens, -1, np.int32),
                           np.full(num_seqs, self.max_seqs, np.int32))
 
-    def bucket_shapes(self, num_decode_steps: int) -> list[tuple[int, int, int, int]]:
-        """(tokens, seqs, block-table width, decode steps) of every program a batch can select: mixed
-        steps for each sequence bucket and each token bucket at least as large, and K-step decodes
-        (T == S) for each power of two K up to `num_decode_steps`."""
+    def bucket_shapes(self, num_decode_steps: int) -> list[ProgramShape]:
+        """Every program a batch can select: mixed steps for each sequence bucket and each token bucket at
+        least as large, K-step decodes (T == S) for each power of two K up to `num_decode_steps`, and
+        fresh-prompt steps (one sequence slot bucket) for each token bucket from `FRESH_MIN_TOKENS`."""
         def buckets(maximum: int, minimum: int) -> list[int]:
             return sorted({bucket(n, minimum, maximum) for n in range(1, maximum + 1)})
 
@@ -213,11 +232,15 @@ class ModelRunner:
         widths = [self.max_blocks_per_seq]
         if self.bucket_block_tables:
             widths = buckets(self.max_blocks_per_seq, 4)
-        ks = [1] + [1 << i for i in range(1, num_decode_steps.bit_length()) if 1 << i <= num_decode_steps]
+        ks = [1 << i for i in range(1, num_decode_steps.bit_length()) if 1 << i <= num_decode_steps]
         if self._decode is None:
-            ks = [1]
-        return [(t, s, b, k) for s in seqs for b in widths for k in ks
-                for t in (toks if k == 1 else [s]) if t >= s]
+            ks = []
+        shapes = [ProgramShape("mixed", t, s, b) for s in seqs for b in widths for t in toks if t >= s]
+        shapes += [ProgramShape("decode", s, s, b, k) for s in seqs for b in widths for k in ks]
+        if self._fresh is not None:
+            big = [t for t in toks if t >= FRESH_MIN_TOKENS]
+            shapes += [ProgramShape("fresh", t, seqs[0], b) for b in widths for t in big]
+        return shapes
 
     def precompile(self, flags: Sequence[SamplingFlags], num_decode_steps: int,
                    max_workers: int = 8) -> int:
@@ -227,12 +250,12 @@ class ModelRunner:
 
         if self.last_tokens is None:
             raise ValueError("precompile is not supported with pipeline_parallel_size > 1")
+        fns = {"mixed": self._step, "decode": self._decode, "fresh": self._fresh}
         jobs = []
-        for t, s, b, k in self.bucket_shapes(num_decode_steps):
-            inp = self.dummy_inputs(t, s, b)
-            st = build_sampling_tensors([], [], [], [], [], [], num_rows=s)
-            fn = self._step if k == 1 else self._decode
-            jobs += [(fn, inp, st, f, 0 if k == 1 else k) for f in flags]
+        for p in self.bucket_shapes(num_decode_steps):
+            inp = self.dummy_inputs(p.tokens, p.seqs, p.width)
+            st = build_sampling_tensors([], [], [], [], [], [], num_rows=p.seqs)
+            jobs += [(fns[p.kind], inp, st, f, p.steps if p.kind == "decode" else 0) for f in flags]
         args = (self.state_leaves, self.kv_caches, self.last_tokens)
         with ThreadPoolExecutor(max_workers) as pool:
             return sum(pool.map(lambda j: j[0].compile(*args, *j[1:]), jobs))
@@ -277,7 +300,9 @@ class ModelRunner:
         if self.last_tokens is None:  # pipeline stages: host inputs only
             self.kv_caches, out = self._step(self.state_leaves, self.kv_caches, inputs, st, flags, prompt_top)
         else:
-            self.kv_caches, self.last_tokens, out = self._step(
+            fresh = (self._fresh is not None and len(seqs) == 1 and seqs[0].start == 0
+                     and inputs.input_ids.shape[0] >= FRESH_MIN_TOKENS)
+            self.kv_caches, self.last_tokens, out = (self._fresh if fresh else self._step)(
                 self.state_leaves, self.kv_caches, self.last_tokens, inputs, st, flags, prompt_top)
         return InFlight(out.tokens, out.logprobs, out.prompt_logprobs, spans, False)
 

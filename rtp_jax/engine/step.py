@@ -110,19 +110,40 @@ def _on_mesh(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
     return call
 
 
+# Step programs over at least this many tokens use cuBLAS for every GEMM instead of the Triton GEMMs XLA's
+# autotuner picks (H200, Llama-3-8B step, bench/probe_programs.py: 2-6% faster at 1024-4096 tokens, 5%
+# slower at 512). XLA options are per program, so decode steps keep Triton's small-batch GEMMs.
+CUBLAS_MIN_TOKENS = 1024
+
+
+def compiler_options(num_tokens: int) -> dict[str, Any]:
+    """XLA options of the step program over `num_tokens` (padded) tokens; GPU-only keys, inert elsewhere."""
+    return {"xla_gpu_enable_triton_gemm": False} if num_tokens >= CUBLAS_MIN_TOKENS else {}
+
+
 class PackedStep:
     """A jitted step `fn(leaves, kv, last_tokens, ibuf, fbuf, spec, flags, extra)` (kv and last_tokens
     donated; spec, flags, extra static), called as `step(leaves, kv, last_tokens, inputs, sampling, flags,
-    extra)`: the host arrays are packed first.
+    extra)`: the host arrays are packed first. The XLA options come from `compiler_options(T)`.
 
     `compile(...)` builds the program for one input shape ahead of time (`jit(...).lower().compile()`,
     thread-safe, no execution); calls whose (layout, flags, extra) were compiled that way skip tracing.
     """
 
     def __init__(self, fn: Callable[..., Any], mesh: Any) -> None:
-        self._jitted = jax.jit(fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2))
+        self._fn = fn
+        self._jits: dict[tuple[tuple[str, Any], ...], Any] = {}
         self._mesh = mesh
         self._compiled: dict[tuple[PackSpec, SamplingFlags, int], Any] = {}
+
+    def _jitted(self, num_tokens: int) -> Any:
+        opts = compiler_options(num_tokens)
+        key = tuple(sorted(opts.items()))
+        jitted = self._jits.get(key)
+        if jitted is None:
+            jitted = self._jits[key] = jax.jit(self._fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2),
+                                               compiler_options=opts or None)
+        return jitted
 
     def __call__(self, leaves: list[jax.Array], kv_caches: KVCaches, last_tokens: jax.Array,
                  inp: StepInputs, st: SamplingTensors, flags: SamplingFlags, extra: int) -> Any:
@@ -130,8 +151,8 @@ class PackedStep:
         compiled = self._compiled.get((spec, flags, extra))
         if compiled is not None:
             return compiled(leaves, kv_caches, last_tokens, ibuf, fbuf)
-        return _on_mesh(self._jitted, self._mesh)(leaves, kv_caches, last_tokens, ibuf, fbuf, spec, flags,
-                                                  extra)
+        jitted = self._jitted(inp.input_ids.shape[0])
+        return _on_mesh(jitted, self._mesh)(leaves, kv_caches, last_tokens, ibuf, fbuf, spec, flags, extra)
 
     def compile(self, leaves: list[jax.Array], kv_caches: KVCaches, last_tokens: jax.Array,
                 inp: StepInputs, st: SamplingTensors, flags: SamplingFlags, extra: int) -> bool:
@@ -140,7 +161,7 @@ class PackedStep:
         key = (spec, flags, extra)
         if key in self._compiled:
             return False
-        lower = _on_mesh(self._jitted.lower, self._mesh)
+        lower = _on_mesh(self._jitted(inp.input_ids.shape[0]).lower, self._mesh)
         self._compiled[key] = lower(leaves, kv_caches, last_tokens, ibuf, fbuf, spec, flags, extra).compile()
         return True
 

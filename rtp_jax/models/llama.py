@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k_cache, v_cache = write_kv(kv[0], kv[1], k, v, md.slot_mapping)
         o = attn_fn(q, k_cache, v_cache, md, sm_scale=cfg.head_dim**-0.5,
-                    sliding_window=cfg.sliding_window, soft_cap=None)
+                    sliding_window=cfg.sliding_window, soft_cap=None, new_kv=(k, v))
         return self.o_proj(o.reshape(t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
 
 
