@@ -108,7 +108,7 @@ def part_gemm(shape: str, tokens: list[int]) -> list[dict[str, Any]]:
 
 
 _OFFLINE_CHILD = r"""
-import json, sys, time
+import json, sys, threading, time
 sys.path.insert(0, sys.argv[1] + "/bench")
 import jax
 from run_all import run_steps, sharegpt_like
@@ -120,6 +120,11 @@ def listener(event, duration, **_):
         compile_s[0] += duration
 jax.monitoring.register_event_duration_secs_listener(listener)
 t0 = time.perf_counter()
+def progress():
+    while True:
+        time.sleep(20)
+        print(f"PROGRESS {time.perf_counter() - t0:.0f} s, compile {compile_s[0]:.0f} s", flush=True)
+threading.Thread(target=progress, daemon=True).start()
 llm = LLM(sys.argv[2], load_format="dummy", max_model_len=4096, **kw)
 res = {"engine_kwargs": kw, "build_s": time.perf_counter() - t0, "num_kv_blocks": llm.engine.core.num_blocks}
 reqs = sharegpt_like(int(sys.argv[6]), 0, min(128000, int(sys.argv[5])))
@@ -211,13 +216,14 @@ def main() -> None:
     parts = set(ns.parts.split(","))
     res: dict[str, Any] = {"git_sha": os.environ.get("RTP_GIT_SHA", ""), "shape": ns.shape}
     Path(ns.out).mkdir(parents=True, exist_ok=True)
+    # Offline first: its children need the whole GPU, and this process holds its memory once it uses it.
+    if "offline" in parts:
+        res["offline"] = part_offline(ns.shape, ns.offline.split(","), ns.offline_budget_s, ns.num_requests,
+                                      Path(ns.out))
     if "ttft" in parts:
         res["ttft"] = part_ttft(ns.shape)
     if "gemm" in parts:
         res["gemm"] = part_gemm(ns.shape, [int(t) for t in ns.tokens.split(",")])
-    if "offline" in parts:
-        res["offline"] = part_offline(ns.shape, ns.offline.split(","), ns.offline_budget_s, ns.num_requests,
-                                      Path(ns.out))
     (Path(ns.out) / "probe_programs.json").write_text(json.dumps(res, indent=1))
     print("\n| fresh-prompt program | cuBLAS GEMMs >= 1024 tokens | TTFT 2k ms |\n|---|---|---|")
     for r in res.get("ttft", []):
