@@ -173,34 +173,80 @@ def part_offline(shape: str, settings: list[str], budget_s: float, num_requests:
     return rows
 
 
-def part_ttft(shape: str, repeats: int = 5) -> list[dict[str, Any]]:
+def part_ttft(shape: str, ckpt: str | None, rounds: int = 4) -> list[dict[str, Any]]:
     """TTFT of a fresh 2048-token prompt on an idle engine, with the fresh-prompt program (cuDNN attention)
-    and the cuBLAS option for large programs each switched on and off, in one process."""
+    and the cuBLAS option for large programs each switched on and off, in one process; the variants take
+    turns (`rounds` rounds of 2 prompts each) so drifts hit them alike. Also the device time of the prefill
+    program alone (its last call replayed 10 times back to back)."""
+    import jax
+    import numpy as np
+
     import rtp_jax.engine.step as step_mod
     from rtp_jax import LLM, SamplingParams
 
-    llm = LLM(model_dir(shape), load_format="dummy", max_model_len=4096, num_kv_blocks=2048)
+    if ckpt:
+        from synth_ckpt import write_checkpoint
+
+        write_checkpoint(ckpt, shape)
+        llm = LLM(ckpt, max_model_len=4096, num_kv_blocks=2048)
+    else:
+        llm = LLM(model_dir(shape), load_format="dummy", max_model_len=4096, num_kv_blocks=2048)
     runner = llm.engine.core.runner
-    fresh, options = runner._fresh, step_mod.compiler_options
-    rng = __import__("numpy").random.default_rng(0)
+    step, fresh, options = runner._step, runner._fresh, step_mod.compiler_options
+    captured: list[Any] = []
+
+    def capture(fn: Any) -> Any:
+        def call(*a: Any) -> Any:
+            captured[:] = [fn, a]
+            return fn(*a)
+        return call
+
+    rng = np.random.default_rng(0)
+    vocab = min(128000, SHAPES[shape]["vocab_size"])
+    variants = [(f, c) for f in (True, False) for c in (True, False)]
+    times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
+    device: dict[tuple[bool, bool], float] = {}
+
+    def prompt() -> float:
+        ids = rng.integers(100, vocab, 2048).tolist()
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, ignore_eos=True),
+                     use_tqdm=False)
+        return time.perf_counter() - t0
+
+    def use(v: tuple[bool, bool]) -> None:
+        runner._step = capture(step)
+        runner._fresh = capture(fresh) if v[0] and fresh is not None else None
+        step_mod.compiler_options = options if v[1] else (lambda t: {})
+
+    for v in variants:  # compile every variant first
+        use(v)
+        prompt()
+    for _ in range(rounds):
+        for v in variants:
+            use(v)
+            times[v] += [prompt(), prompt()]
+    for v in variants:
+        use(v)
+        prompt()
+        fn, a = captured
+        leaves, kv, last, *rest = a
+        kv, last, out = fn(leaves, runner.kv_caches, runner.last_tokens, *rest)
+        jax.block_until_ready(out.tokens)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            kv, last, out = fn(leaves, kv, last, *rest)
+        jax.block_until_ready((kv, out.tokens))
+        runner.kv_caches, runner.last_tokens = kv, last
+        device[v] = (time.perf_counter() - t0) / 10
+    runner._step, runner._fresh, step_mod.compiler_options = step, fresh, options
     rows = []
-    for use_fresh in (True, False):
-        for cublas in (True, False):
-            runner._fresh = fresh if use_fresh else None
-            step_mod.compiler_options = options if cublas else (lambda t: {})
-            times = []
-            for rep in range(1 + repeats):
-                ids = rng.integers(100, min(128000, SHAPES[shape]["vocab_size"]), 2048).tolist()
-                t0 = time.perf_counter()
-                llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, ignore_eos=True),
-                             use_tqdm=False)
-                if rep:
-                    times.append(time.perf_counter() - t0)
-            row = {"fresh": use_fresh and fresh is not None, "cublas": cublas,
-                   "ttft_ms": 1e3 * statistics.median(times), "all_ms": [round(1e3 * t, 2) for t in times]}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    runner._fresh, step_mod.compiler_options = fresh, options
+    for v in variants:
+        row = {"fresh": v[0] and fresh is not None, "cublas": v[1],
+               "ttft_ms": 1e3 * statistics.median(times[v]), "device_ms": 1e3 * device[v],
+               "all_ms": [round(1e3 * t, 2) for t in times[v]]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -209,6 +255,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--parts", default="gemm,offline")
+    p.add_argument("--ckpt", default=None, help="ttft: write/use this checkpoint (random weights otherwise)")
     p.add_argument("--tokens", default="128,256,512,1024,2048,4096")
     p.add_argument("--offline", default="1024x16384,512x8192")
     p.add_argument("--offline-budget-s", type=float, default=400)
@@ -222,13 +269,14 @@ def main() -> None:
         res["offline"] = part_offline(ns.shape, ns.offline.split(","), ns.offline_budget_s, ns.num_requests,
                                       Path(ns.out))
     if "ttft" in parts:
-        res["ttft"] = part_ttft(ns.shape)
+        res["ttft"] = part_ttft(ns.shape, ns.ckpt)
     if "gemm" in parts:
         res["gemm"] = part_gemm(ns.shape, [int(t) for t in ns.tokens.split(",")])
     (Path(ns.out) / "probe_programs.json").write_text(json.dumps(res, indent=1))
-    print("\n| fresh-prompt program | cuBLAS GEMMs >= 1024 tokens | TTFT 2k ms |\n|---|---|---|")
+    print("\n| fresh-prompt program | cuBLAS GEMMs >= 1024 tokens | TTFT 2k ms | device ms |")
+    print("|---|---|---|---|")
     for r in res.get("ttft", []):
-        print(f"| {r['fresh']} | {r['cublas']} | {r['ttft_ms']:.1f} |")
+        print(f"| {r['fresh']} | {r['cublas']} | {r['ttft_ms']:.1f} | {r['device_ms']:.1f} |")
     print("\n| T | default us | cuBLAS us |\n|---|---|---|")
     for r in res.get("gemm", []):
         nan = float("nan")
