@@ -173,7 +173,8 @@ def part_offline(shape: str, settings: list[str], budget_s: float, num_requests:
     return rows
 
 
-def part_ttft(shape: str, ckpt: str | None, rounds: int = 4) -> list[dict[str, Any]]:
+def part_ttft(shape: str, ckpt: str | None, num_kv_blocks: int | None,
+              rounds: int = 4) -> list[dict[str, Any]]:
     """TTFT of a fresh 2048-token prompt on an idle engine, with the fresh-prompt program (cuDNN attention)
     and the cuBLAS option for large programs each switched on and off, in one process; the variants take
     turns (`rounds` rounds of 2 prompts each) so drifts hit them alike. Also the device time of the prefill
@@ -188,9 +189,9 @@ def part_ttft(shape: str, ckpt: str | None, rounds: int = 4) -> list[dict[str, A
         from synth_ckpt import write_checkpoint
 
         write_checkpoint(ckpt, shape)
-        llm = LLM(ckpt, max_model_len=4096, num_kv_blocks=2048)
+        llm = LLM(ckpt, max_model_len=4096, num_kv_blocks=num_kv_blocks)
     else:
-        llm = LLM(model_dir(shape), load_format="dummy", max_model_len=4096, num_kv_blocks=2048)
+        llm = LLM(model_dir(shape), load_format="dummy", max_model_len=4096, num_kv_blocks=num_kv_blocks)
     runner = llm.engine.core.runner
     step, fresh, options = runner._step, runner._fresh, step_mod.compiler_options
     captured: list[Any] = []
@@ -255,6 +256,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--parts", default="gemm,offline")
+    p.add_argument("--num-kv-blocks", type=int, default=2048, help="ttft: KV pool (0: from free memory)")
     p.add_argument("--ckpt", default=None, help="ttft: write/use this checkpoint (random weights otherwise)")
     p.add_argument("--tokens", default="128,256,512,1024,2048,4096")
     p.add_argument("--offline", default="1024x16384,512x8192")
@@ -269,7 +271,7 @@ def main() -> None:
         res["offline"] = part_offline(ns.shape, ns.offline.split(","), ns.offline_budget_s, ns.num_requests,
                                       Path(ns.out))
     if "ttft" in parts:
-        res["ttft"] = part_ttft(ns.shape, ns.ckpt)
+        res["ttft"] = part_ttft(ns.shape, ns.ckpt, ns.num_kv_blocks or None)
     if "gemm" in parts:
         res["gemm"] = part_gemm(ns.shape, [int(t) for t in ns.tokens.split(",")])
     (Path(ns.out) / "probe_programs.json").write_text(json.dumps(res, indent=1))
