@@ -212,8 +212,11 @@ class StepTimers:
         runner.build_inputs = build_inputs
         runner_mod.build_sampling_tensors = bst
         runner._step = wrap(orig_step)
+        self._orig_decode = runner._decode  # replayed calls of it count K model steps
         if runner._decode is not None:  # multi-step decode: K model steps per call
             runner._decode = wrap(runner._decode)
+        if runner._fresh is not None:  # a prompt alone in its step, from position 0
+            runner._fresh = wrap(runner._fresh)
         core, eng = llm.engine.core, llm.engine
         for obj, attr, key in ((core.scheduler, "schedule", "schedule"), (core, "_process", "core_process"),
                                (runner, "dispatch", "runner_dispatch"), (runner, "collect", "collect_wait"),
@@ -243,7 +246,7 @@ class StepTimers:
 
         runner = self.runner
         fn, inp, st, flags, arg = self.last
-        steps_per_call = 1 if fn is self._orig[2] else int(arg)
+        steps_per_call = int(arg) if fn is self._orig_decode else 1
         kv, last = runner.kv_caches, runner.last_tokens
         kv, last, out = fn(runner.state_leaves, kv, last, inp, st, flags, arg)
         jax.block_until_ready(out.tokens)

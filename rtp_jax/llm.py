@@ -31,6 +31,7 @@ class LLM:
     num_kv_blocks, enable_prefix_caching, seed, attention_backend, load_format, *_parallel_size)."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("offline", True)
         self.engine: LLMEngine = build_engine(EngineArgs.from_kwargs(model=model, **kwargs))
         self._ids = itertools.count()
 

@@ -297,3 +297,32 @@ def test_kv_pool_size_ignores_small_differences_in_memory_in_use(llama_path: Pat
     assert len(runs) <= sweep // granule + 1, runs
     assert all(r * step >= granule for r in runs[1:-1]), runs
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] > 0
+
+
+def test_batch_limit_defaults_follow_the_use(llama_path: Path) -> None:
+    """Unset limits: offline generation on a big GPU gets 1024 sequences x 16384 tokens (vLLM's `LLM`
+    defaults there), a server or a small GPU 256 x 2048, the CPU 64 x 512; a token budget set alone caps
+    the default sequence count so the two stay consistent."""
+    from rtp_jax.engine.args import EngineArgs, default_batch_limits
+    from rtp_jax.loader import load_model_config
+
+    gib = 1 << 30
+    assert default_batch_limits(True, 105 * gib, offline=True) == (1024, 16384)
+    assert default_batch_limits(True, 105 * gib, offline=False) == (256, 2048)
+    assert default_batch_limits(True, 30 * gib, offline=True) == (256, 2048)
+    assert default_batch_limits(False, 0, offline=True) == (64, 512)
+    model = load_model_config(llama_path)
+    args = EngineArgs(model=str(llama_path), offline=True, max_num_batched_tokens=32)
+    sc = args.engine_config(model).scheduler
+    assert (sc.max_num_seqs, sc.max_num_batched_tokens) == (32, 32)
+
+
+def test_llm_builds_its_engine_with_offline_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`LLM` asks for the offline batch limits unless the caller says otherwise."""
+    import rtp_jax.llm as llm_mod
+
+    seen = []
+    monkeypatch.setattr(llm_mod, "build_engine", lambda args: seen.append(args.offline))
+    LLM("some/model")
+    LLM("some/model", offline=False)
+    assert seen == [True, False]
