@@ -44,8 +44,9 @@ def model_dir(shape: str) -> str:
     return str(d)
 
 
-def time_step(jitted: Any, runner: Any, t: int, flags: Any) -> float:
-    """Seconds per call of one step program at T = t (one sequence slot bucket: min(t, 256))."""
+def time_step(jitted: Any, runner: Any, t: int, flags: Any, trace_to: Path | None = None) -> float:
+    """Seconds per call of one step program at T = t (one sequence slot bucket: min(t, 256)); with
+    `trace_to`, also a Perfetto trace of 3 more calls there and its kernel summary beside it (.txt)."""
     import jax
 
     from rtp_jax.engine.packing import pack
@@ -78,11 +79,24 @@ def time_step(jitted: Any, runner: Any, t: int, flags: Any) -> float:
         t1 = time.perf_counter()
         calls(reps)
         times.append((time.perf_counter() - t1) / reps)
+    if trace_to is not None:  # a few more calls under jax.profiler, summarised by bench/trace_summary.py
+        import glob
+        import shutil
+
+        from trace_summary import summarise
+
+        tmp = Path(tempfile.mkdtemp(prefix="rtp_trace_"))
+        with jax.profiler.trace(str(tmp), create_perfetto_trace=True):
+            calls(3)
+        found = glob.glob(str(tmp / "**" / "perfetto_trace.json.gz"), recursive=True)
+        if found:
+            shutil.copy(found[0], trace_to)
+            Path(str(trace_to) + ".txt").write_text(summarise(str(trace_to), top=30))
     runner.kv_caches, runner.last_tokens = kv, last
     return statistics.median(times)
 
 
-def part_gemm(shape: str, tokens: list[int]) -> list[dict[str, Any]]:
+def part_gemm(shape: str, tokens: list[int], trace: set[int], out: Path) -> list[dict[str, Any]]:
     import jax
 
     from rtp_jax import LLM
@@ -99,7 +113,8 @@ def part_gemm(shape: str, tokens: list[int]) -> list[dict[str, Any]]:
         for name, opts in variants.items():
             jitted = jax.jit(fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2), compiler_options=opts)
             try:
-                row[f"{name}_us"] = time_step(jitted, runner, t, SamplingFlags()) * 1e6
+                trace_to = out / f"trace_T{t}_{name}.json.gz" if t in trace else None
+                row[f"{name}_us"] = time_step(jitted, runner, t, SamplingFlags(), trace_to) * 1e6
             except Exception as e:  # noqa: BLE001 - keep the other rows
                 row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(json.dumps(row), flush=True)
@@ -259,6 +274,7 @@ def main() -> None:
     p.add_argument("--num-kv-blocks", type=int, default=2048, help="ttft: KV pool (0: from free memory)")
     p.add_argument("--ckpt", default=None, help="ttft: write/use this checkpoint (random weights otherwise)")
     p.add_argument("--tokens", default="128,256,512,1024,2048,4096")
+    p.add_argument("--trace-tokens", default="", help="gemm: T values to trace too (e.g. 1,256)")
     p.add_argument("--offline", default="1024x16384,512x8192")
     p.add_argument("--offline-budget-s", type=float, default=400)
     p.add_argument("--num-requests", type=int, default=1000)
@@ -273,7 +289,8 @@ def main() -> None:
     if "ttft" in parts:
         res["ttft"] = part_ttft(ns.shape, ns.ckpt, ns.num_kv_blocks or None)
     if "gemm" in parts:
-        res["gemm"] = part_gemm(ns.shape, [int(t) for t in ns.tokens.split(",")])
+        trace = {int(t) for t in ns.trace_tokens.split(",") if t}
+        res["gemm"] = part_gemm(ns.shape, [int(t) for t in ns.tokens.split(",")], trace, Path(ns.out))
     (Path(ns.out) / "probe_programs.json").write_text(json.dumps(res, indent=1))
     print("\n| fresh-prompt program | cuBLAS GEMMs >= 1024 tokens | TTFT 2k ms | device ms |")
     print("|---|---|---|---|")

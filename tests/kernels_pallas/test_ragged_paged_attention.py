@@ -53,7 +53,13 @@ def _batch(q_lens, kv_lens, *, group: int, head_dim: int = 32, block_size: int =
                              **kw)
 
 
-@pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
+# "mixed" batches hold decode and prefill rows, so for the kernel variants it alone runs in the suite; the
+# pure kinds are -m slow.
+MIXED_IN_SUITE = ["mixed", pytest.param("decode", marks=pytest.mark.slow),
+                  pytest.param("prefill", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("mode", ["decode", pytest.param("prefill", marks=pytest.mark.slow), "mixed"])
 @FAST
 @given(data=st.data())
 def test_random_ragged_batches_match_reference(mode: str, data: st.DataObject) -> None:
@@ -67,7 +73,7 @@ def test_random_ragged_batches_match_reference(mode: str, data: st.DataObject) -
            heads_inner=data.draw(st.booleans()))
 
 
-@pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("mode", MIXED_IN_SUITE)
 @FAST
 @given(data=st.data())
 def test_fused_heads_kernel_matches_reference(mode: str, data: st.DataObject) -> None:
@@ -80,7 +86,7 @@ def test_fused_heads_kernel_matches_reference(mode: str, data: st.DataObject) ->
            pages_per_block=data.draw(st.sampled_from([1, 2])), num_splits=data.draw(st.sampled_from([1, 3])))
 
 
-@pytest.mark.parametrize("mode", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("mode", MIXED_IN_SUITE)
 @FAST
 @given(data=st.data())
 def test_row_gather_single_loop_heavy_first_match_reference(mode: str, data: st.DataObject) -> None:

@@ -197,7 +197,9 @@ def test_async_scheduling_equals_sync(llama_path: Path, k: int) -> None:
     default, K = 8) and, marked slow (~45 s of compiles), with single steps."""
     prompts = _prompts(9, seed=11)
     base = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    sync_llm = LLM(str(llama_path), dtype="float32", max_model_len=128, async_scheduling=False)
+    kw = dict(dtype="float32", max_model_len=128, max_num_batched_tokens=32, max_num_seqs=8, num_kv_blocks=14,
+              enable_prefix_caching=False, num_decode_steps=k)
+    sync_llm = LLM(str(llama_path), async_scheduling=False, **kw)
     free = sync_llm.generate(prompts[1], base, use_tqdm=False)[0].outputs[0]
     params = [
         base,
@@ -212,9 +214,7 @@ def test_async_scheduling_equals_sync(llama_path: Path, k: int) -> None:
         SamplingParams(temperature=0.8, top_k=10, seed=2, max_tokens=30, ignore_eos=True),
     ]
 
-    def run(**kw: object) -> list[tuple]:
-        llm = LLM(str(llama_path), dtype="float32", max_model_len=128, max_num_batched_tokens=32,
-                  max_num_seqs=8, num_kv_blocks=14, enable_prefix_caching=False, **kw)
+    def run(llm: LLM) -> list[tuple]:
         outs = llm.generate(prompts, params, use_tqdm=False)
         core = llm.engine.core
         assert core.kv.num_free_blocks == 14 - 1, "every block returns to the pool"
@@ -223,8 +223,8 @@ def test_async_scheduling_equals_sync(llama_path: Path, k: int) -> None:
                   [{t: round(lp.logprob, 5) for t, lp in e.items()} for e in c.logprobs or []])
                  for c in o.outputs] for o in outs], core
 
-    ref, sync_core = run(async_scheduling=False, num_decode_steps=k)
-    got, core = run(async_scheduling=True, num_decode_steps=k)
+    ref, sync_core = run(sync_llm)  # the engine that produced `free`: its programs are compiled
+    got, core = run(LLM(str(llama_path), async_scheduling=True, **kw))
     assert got == ref, f"num_decode_steps={k}"
     assert core.scheduler.num_preemptions > 0, "the test must force preemption"
     assert sync_core.num_overlapped_calls == 0

@@ -104,7 +104,7 @@ def _post(live_server: LiveServer, path: str, body: object) -> None:
         assert '"error"' not in text, text
 
 
-_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
