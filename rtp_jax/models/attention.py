@@ -172,14 +172,16 @@ def fresh_attention(fallback: AttentionFn, implementation: str | None) -> Attent
     after the real tokens): dense causal attention over `new_kv` by `jax.nn.dot_product_attention`, no
     paged-cache reads. Causality keeps real queries off the padding keys. With cuDNN on an H200 this takes
     94 us per layer for a 2048-token Llama-3-8B prompt where the ragged Triton kernel takes 159
-    (bench/notes_attention.md). `implementation`: "cudnn", "xla" or None (JAX picks); shapes or options
-    cuDNN does not take (logit soft-capping, fp32, head_dim over 128) go to `fallback`, decided at trace
-    time."""
+    (bench/notes_attention.md). `implementation`: "cudnn", "xla" or None (JAX picks); what is not served
+    with cuDNN here (logit soft-capping, fp32, head_dim over 128, sliding windows, a token count not a
+    multiple of 64) goes to `fallback`, decided at trace time."""
 
     def attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMetadata, *,
              sm_scale: float, sliding_window: int | None, soft_cap: float | None,
              new_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        cudnn_ok = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
+        # What cuDNN's flash attention was verified on here; sliding windows and odd lengths stay paged.
+        cudnn_ok = (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
+                    and q.shape[0] % 64 == 0 and sliding_window is None)
         if new_kv is None or soft_cap is not None or (implementation == "cudnn" and not cudnn_ok):
             return fallback(q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
                             soft_cap=soft_cap)

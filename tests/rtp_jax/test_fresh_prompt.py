@@ -61,7 +61,8 @@ def test_fresh_attention_equals_the_paged_reference(window: int | None):
 
 
 def test_fresh_attention_hands_what_it_cannot_serve_to_the_fallback():
-    """Logit soft-capping, a call without the step's K/V, and (for cuDNN) fp32 go to the fallback."""
+    """Logit soft-capping, a call without the step's K/V, and for cuDNN fp32, a sliding window or a token
+    count not a multiple of 64 go to the fallback."""
     q, kc, vc, md, new_kv = _fresh_batch(n=10, padded=16)
     calls: list[str] = []
 
@@ -73,7 +74,13 @@ def test_fresh_attention_hands_what_it_cannot_serve_to_the_fallback():
     fresh_attention(fallback, "xla")(q, kc, vc, md, soft_cap=30.0, new_kv=new_kv, **base)
     fresh_attention(fallback, "xla")(q, kc, vc, md, soft_cap=None, **base)
     fresh_attention(fallback, "cudnn")(q, kc, vc, md, soft_cap=None, new_kv=new_kv, **base)
-    assert calls == ["fallback"] * 3
+    half = [x.astype(jnp.bfloat16) for x in (q, *new_kv)]
+    fresh_attention(fallback, "cudnn")(half[0], kc, vc, md, soft_cap=None, new_kv=tuple(half[1:]), **base)
+    q64, kc64, vc64, md64, kv64 = _fresh_batch(n=40, padded=64)
+    q64, *kv64 = [x.astype(jnp.bfloat16) for x in (q64, *kv64)]
+    fresh_attention(fallback, "cudnn")(q64, kc64, vc64, md64, soft_cap=None, sliding_window=8, sm_scale=0.25,
+                                       new_kv=tuple(kv64))
+    assert calls == ["fallback"] * 5
 
 
 @pytest.mark.parametrize("tp", [2, 4])
