@@ -25,20 +25,20 @@ _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 def hf_param_shapes(mc: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of every parameter: HF names, MoE experts stacked [E, out, in] (as in
-    models/moe.py), a dense MLP's gate and up projections fused [2, I, D] (models/fused.py)."""
+    models/moe.py), a dense MLP's gate and up projections fused [2, I, D] and q/k/v fused
+    [kv_heads, group + 2, head_dim, D] (models/fused.py)."""
     d, hd, v = mc.hidden_size, mc.head_dim, mc.vocab_size
-    q, kv = mc.num_heads * hd, mc.num_kv_heads * hd
+    q = mc.num_heads * hd
+    qkv = (mc.num_kv_heads, mc.num_heads // mc.num_kv_heads + 2, hd)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
     if not mc.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, d)
     for i in range(mc.num_layers):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                   p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                   p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q)}
+                   p + "self_attn.qkv_proj.weight": (*qkv, d), p + "self_attn.o_proj.weight": (d, q)}
         if mc.attention_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,)}
+            shapes[p + "self_attn.qkv_proj.bias"] = qkv
         if mc.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
         if mc.is_moe:
@@ -120,6 +120,10 @@ def collectives(mc: ModelConfig, pc: ParallelConfig, itemsize: int, batch_tokens
         reduce_act = _all_reduce(tp, act)
         out.append(Collective("embedding (vocab split)", "all-reduce", ("tp",), 1, reduce_act))
         out.append(Collective("attention o_proj", "all-reduce", ("tp",), mc.num_layers, reduce_act))
+        if mc.num_kv_heads % tp:  # fused q/k/v split on the hidden dim (sharding/rules.py)
+            qkv = batch_tokens * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * itemsize
+            out.append(Collective("attention qkv_proj (hidden split)", "all-reduce", ("tp",), mc.num_layers,
+                                  _all_reduce(tp, qkv)))
         if not mc.is_moe:
             out.append(Collective("mlp down_proj", "all-reduce", ("tp",), mc.num_layers, reduce_act))
         logits = batch_tokens * mc.vocab_size * 4

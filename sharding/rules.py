@@ -6,7 +6,8 @@ Two tables keep the rules readable and the mesh decisions in one place:
 so "kv heads are replicated when there are fewer than tp" is one entry, not a special case per tensor.
 
 Linear weights keep HF's [out, in] layout: column-parallel (q/k/v, gate/up) splits the out dim on tp
-(dim 1 of the fused [2, I, D] gate/up), row-parallel (o, down) splits dim 1 and XLA inserts the
+(dim 1 of the fused [2, I, D] gate/up, dim 0 (KV heads) of the fused
+[kv_heads, group + 2, head_dim, D] q/k/v), row-parallel (o, down) splits dim 1 and XLA inserts the
 all-reduce. MoE experts are stacked [E, out, in] and split on "ep" along E (and on "tp" along the
 expert's intermediate size).
 """
@@ -26,10 +27,12 @@ Rule = tuple[str, tuple[str | None, ...]]
 PARAM_RULES: tuple[Rule, ...] = (
     (r"model\.embed_tokens\.weight", ("vocab", None)),
     (r"lm_head\.weight", ("vocab", None)),
-    (r".*\.self_attn\.q_proj\.weight", ("heads", None)),
-    (r".*\.self_attn\.q_proj\.bias", ("heads",)),
-    (r".*\.self_attn\.[kv]_proj\.weight", ("kv_heads", None)),
-    (r".*\.self_attn\.[kv]_proj\.bias", ("kv_heads",)),
+    # [kv_heads, group + 2, head_dim, D]: split by KV head (with its query heads), else on D (see below)
+    (r".*\.self_attn\.qkv_proj\.weight", ("qkv_groups", None, None, "qkv_in")),
+    (r".*\.self_attn\.qkv_proj\.bias", ("qkv_groups", None, None)),
+    # the checkpoint's q/k/v, as the loader places them before they are fused: split alike
+    (r".*\.self_attn\.[qkv]_proj\.weight", ("qkv_groups", "qkv_in")),
+    (r".*\.self_attn\.[qkv]_proj\.bias", ("qkv_groups",)),
     (r".*\.self_attn\.o_proj\.weight", (None, "heads")),
     (r".*\.mlp\.gate_up_proj\.weight", (None, "mlp", None)),  # [2, I, D]: gate and up, split alike
     (r".*\.mlp\.(gate|up)_proj\.weight", ("mlp", None)),  # the checkpoint's halves, as the loader places them
@@ -47,10 +50,15 @@ KV_CACHE_AXES: tuple[str | None, ...] = (None, None, "kv_heads", None)
 def logical_axes(mc: ModelConfig, pc: ParallelConfig) -> dict[str, str | None]:
     """Where each logical axis lives on the mesh for this model and layout."""
     tp = pc.tensor_parallel_size
+    kv_split = mc.num_kv_heads % tp == 0
     return {
         "vocab": "tp",
         "heads": "tp",
-        "kv_heads": "tp" if mc.num_kv_heads % tp == 0 else None,  # fewer kv heads than tp: replicate
+        "kv_heads": "tp" if kv_split else None,  # fewer kv heads than tp: replicate the cache
+        # Fused q/k/v go by KV head groups; where those cannot split, the weight splits on its input
+        # dim instead (partial sums, one all-reduce per layer) rather than sit whole on every device.
+        "qkv_groups": "tp" if kv_split else None,
+        "qkv_in": None if kv_split else "tp",
         "mlp": "tp",
         "experts": "ep",
         "expert_mlp": "tp",

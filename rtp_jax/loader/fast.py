@@ -59,7 +59,7 @@ from rtp_jax.loader.transfer import (
     _key_devices,
     _put_piece,
     _transfer,
-    stack_on_devices,
+    fuse_on_devices,
 )
 
 __all__ = [
@@ -433,7 +433,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
     from flax import nnx
 
     from rtp_jax.loader.orbax_io import is_orbax_checkpoint, restore_model_state
-    from rtp_jax.models.fused import fuse_stream
+    from rtp_jax.models.fused import fuse_stream, fused_shape
     from rtp_jax.models.params import flat_param_shapes, load_state, nest
 
     path = Path(path)
@@ -449,10 +449,11 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         tied_head = config.tie_word_embeddings and name == "lm_head.weight"
         return name.endswith("rotary_emb.inv_freq") or tied_head
 
-    def stack(name: str, parts: list[Any]) -> Any:
-        """A fused parameter from its halves, already on the devices: stacked there, in its own sharding."""
-        shape = (len(parts), *parts[0].shape)
-        return stack_on_devices(parts, sharding_for(name, shape) if sharding_for is not None else None)
+    def combine(name: str, parts: list[Any]) -> Any:
+        """A fused parameter from its parts, already on the devices: combined there, in its own sharding."""
+        shape = fused_shape(name, [p.shape for p in parts], config.head_dim)
+        sharding = sharding_for(name, shape) if sharding_for is not None else None
+        return fuse_on_devices(name, parts, config.head_dim, sharding)
 
     loader = FastLoader(path, skip=skip, **loader_kw)
     if config.is_moe:
@@ -468,7 +469,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         with ThreadPoolExecutor(1) as ex:
             abstract_fut = ex.submit(abstract_state, config, dtype)
             arrays = loader.iter_device(sharding_for=sharding_for, dtype=dtype)
-            loaded: dict[str, Any] = dict(fuse_stream(arrays, stack))
+            loaded: dict[str, Any] = dict(fuse_stream(arrays, combine))
             graphdef, abstract = abstract_fut.result()
         expected = flat_param_shapes(abstract)
         for name, array in loaded.items():

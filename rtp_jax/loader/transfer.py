@@ -91,18 +91,20 @@ def _join(chunks: list[tuple[int, Any]], dtype: np.dtype | None, how: str) -> An
 
 
 @functools.lru_cache(maxsize=16)
-def _stack_fn(sharding: Any) -> Any:
+def _fuse_fn(fused: str, head_dim: int, sharding: Any) -> Any:
     import jax
     import jax.numpy as jnp
 
-    return jax.jit(lambda *parts: jnp.stack(parts), out_shardings=sharding)
+    from rtp_jax.models.fused import fuse_parts
+
+    return jax.jit(lambda *parts: fuse_parts(fused, parts, head_dim, jnp), out_shardings=sharding)
 
 
-def stack_on_devices(parts: list[Any], sharding: Any) -> Any:
-    """jnp.stack of device arrays sharded alike (e.g. two [I, D] halves split on I), placed in
-    `sharding` (e.g. [2, I, D] split on I: each device stacks its own rows, nothing crosses devices;
-    None: where the parts are)."""
-    return _stack_fn(sharding)(*parts)
+def fuse_on_devices(fused: str, parts: list[Any], head_dim: int, sharding: Any) -> Any:
+    """models/fused.py's combination of device arrays sharded alike (gate/up split on I, or q/k/v split on
+    heads / KV heads), placed in `sharding` (the fused parameter's: each device combines its own rows,
+    nothing crosses devices; None: where the parts are)."""
+    return _fuse_fn(fused, head_dim, sharding)(*parts)
 
 
 def _assemble(t: PlannedTensor, sharding: Any, parts: list[tuple[Any, int, dict[Any, Any]]],

@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3) as Flax NNX modules.
 
-Attribute names follow HF's parameter names (`model.layers.0.self_attn.q_proj.weight`), and linear
-weights keep HF's [out, in] layout, so loading a checkpoint is a rename, not a conversion.
+Attribute names follow HF's parameter names (`model.layers.0.self_attn.o_proj.weight`), and linear
+weights keep HF's [out, in] layout, so loading a checkpoint is a rename, not a conversion, except where
+HF's tensors are fused (models/fused.py: q/k/v into `qkv_proj`, gate/up into `gate_up_proj`).
 Family differences are config flags: `attention_bias` (Qwen2), `qk_norm` (Qwen3),
 `sliding_window` (Mistral), `tie_word_embeddings`, `rope_scaling`.
 """
@@ -57,12 +58,32 @@ class Embedding(nnx.Module):
         return jnp.einsum("nd,vd->nv", h, self.weight[...], preferred_element_type=jnp.float32)
 
 
+class QKVProj(nnx.Module):
+    """HF's q_proj, k_proj and v_proj as one parameter, weight: [kv_heads, group + 2, head_dim, dim]
+    (per KV head: its `group` query heads, its K head, its V head; see models/fused.py), bias likewise
+    without `dim`: one GEMM, no per-step weight concatenation, split on KV heads under tp."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+        kv, hd, d = cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        group = cfg.num_heads // kv
+        parts = [_init(rngs, (kv, n, hd, d), dtype) for n in (group, 1, 1)]
+        self.weight = nnx.Param(jnp.concatenate(parts, axis=1))
+        self.bias = nnx.Param(jnp.zeros((kv, group + 2, hd), dtype)) if cfg.attention_bias else None
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [T, dim] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim]."""
+        kv, group2, hd, _ = self.weight.shape
+        h = jnp.einsum("td,kghd->tkgh", x, self.weight[...])
+        if self.bias is not None:
+            h = h + self.bias[...]
+        q = h[:, :, : group2 - 2].reshape(x.shape[0], kv * (group2 - 2), hd)
+        return q, h[:, :, group2 - 2], h[:, :, group2 - 1]
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.qkv_proj = QKVProj(cfg, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, rngs=rngs)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
@@ -72,9 +93,7 @@ class Attention(nnx.Module):
                  md: AttentionMetadata, attn_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
         """x: [T, D] -> ([T, D], updated (k_cache, v_cache))."""
         cfg, t = self.cfg, x.shape[0]
-        q = self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self.qkv_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)

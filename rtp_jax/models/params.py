@@ -1,8 +1,9 @@
 """Builds a model's parameter state from HF-named tensors, without a random-init pass.
 
-The model's NNX paths spell HF names (`model.layers.0.self_attn.q_proj.weight`), so the mapping is
-`".".join(path)`. Each tensor is cast and placed on its device(s) as it arrives, so the host holds
-one tensor at a time, never a second copy of the model.
+The model's NNX paths spell HF names (`model.layers.0.self_attn.o_proj.weight`), so the mapping
+is `".".join(path)`, except for the tensors the model fuses (models/fused.py). Each tensor is cast
+and placed on its device(s) as it arrives, so the host holds one tensor at a time, never a second copy
+of the model.
 
 MoE checkpoints store one tensor per expert (`model.layers.N.mlp.experts.E.gate_proj.weight`; Mixtral:
 `model.layers.N.block_sparse_moe.experts.E.w1.weight`, w1/w3/w2 = gate/up/down); the model stacks
@@ -11,7 +12,8 @@ them [E, out, in] (`model.layers.N.mlp.experts.gate_proj`). `map_moe_name` maps 
 buffered on the host until all E arrived, then stacked and placed (one projection of one layer at a
 time, never the model). transformers 5's fused `experts.gate_up_proj` [E, 2I, D] and stacked
 `experts.down_proj` [E, D, I] are accepted too. A dense MLP's gate_proj and up_proj become one
-[2, I, D] parameter (models/fused.py), stacked when a layer's pair is complete.
+[2, I, D] parameter and an attention layer's q/k/v_proj one `qkv_proj` (models/fused.py), combined when a
+layer's parts are complete.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from flax import nnx
 
 from rtp_jax.config import ModelConfig
 from rtp_jax.models import get_model_class
-from rtp_jax.models.fused import fuse_stream
+from rtp_jax.models.fused import fuse_parts, fuse_stream
 
 # Checkpoint entries that carry no parameters of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -93,12 +95,16 @@ def map_moe_name(name: str) -> tuple[str, int | None, str | None]:
     return name.replace(".block_sparse_moe.gate.", ".mlp.gate."), None, None
 
 
-def stack_halves(name: str, parts: list[Any]) -> np.ndarray | jax.Array:
-    """Stacks a fused parameter's halves where they are: on the host, or on their device(s)."""
-    del name
-    if all(isinstance(p, np.ndarray) for p in parts):
-        return np.stack(parts)
-    return jnp.stack([jnp.asarray(p) for p in parts])
+def combine_parts(head_dim: int) -> Callable[[str, list[Any]], np.ndarray | jax.Array]:
+    """`fuse_stream`'s combine: a fused parameter from its parts where they are: on the host, or on
+    their device(s)."""
+
+    def combine(name: str, parts: list[Any]) -> np.ndarray | jax.Array:
+        if all(isinstance(p, np.ndarray) for p in parts):
+            return fuse_parts(name, parts, head_dim)
+        return fuse_parts(name, [jnp.asarray(p) for p in parts], head_dim, jnp)
+
+    return combine
 
 
 def default_placer(name: str, x: np.ndarray | jax.Array) -> jax.Array:
@@ -134,7 +140,7 @@ def load_state(
             if not (ckpt_name.endswith(_IGNORED_SUFFIXES) or tied_head):
                 yield ckpt_name, array
 
-    for ckpt_name, array in fuse_stream(relevant(), stack_halves):
+    for ckpt_name, array in fuse_stream(relevant(), combine_parts(cfg.head_dim)):
         name, expert, fused = map_moe_name(ckpt_name) if cfg.is_moe else (ckpt_name, None, None)
         if name not in expected:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} does not belong to a {cfg.architecture} model")

@@ -39,15 +39,19 @@ def test_specs_are_the_documented_layout() -> None:
     specs = param_specs(hf_param_shapes(MOE), MOE, layout("ep2-tp4"))
     assert specs["model.embed_tokens.weight"] == P("tp", None)
     assert specs["lm_head.weight"] == P("tp", None)
-    assert specs["model.layers.0.self_attn.q_proj.weight"] == P("tp", None)
-    assert specs["model.layers.0.self_attn.k_proj.weight"] == P(None, None)  # 2 kv heads < tp 4
+    # 2 kv heads < tp 4: the fused q/k/v cannot split by KV head, so it splits on its input dim
+    assert specs["model.layers.0.self_attn.qkv_proj.weight"] == P(None, None, None, "tp")
     assert specs["model.layers.0.self_attn.o_proj.weight"] == P(None, "tp")
     assert specs["model.layers.1.mlp.experts.gate_proj"] == P("ep", "tp", None)
     assert specs["model.layers.1.mlp.experts.down_proj"] == P("ep", None, "tp")
     assert specs["model.layers.1.mlp.gate.weight"] == P(None, None)
     assert specs["model.norm.weight"] == P()
     dense = param_specs(hf_param_shapes(DENSE), DENSE, layout("tp2"))
-    assert dense["model.layers.0.self_attn.k_proj.weight"] == P("tp", None)
+    assert dense["model.layers.0.self_attn.qkv_proj.weight"] == P("tp", None, None, None)
+    # The checkpoint's q/k/v, placed by the loader before they are fused, split by heads alike.
+    for part in "qkv":
+        name = f"model.layers.0.self_attn.{part}_proj.weight"
+        assert param_spec(name, 2, logical_axes(DENSE, layout("tp2"))) == P("tp", None)
     assert dense["model.layers.0.mlp.gate_up_proj.weight"] == P(None, "tp", None)
     # The checkpoint's halves, placed by the loader before they are stacked, split on the same rows.
     half = param_spec("model.layers.0.mlp.up_proj.weight", 2, logical_axes(DENSE, layout("tp2")))
@@ -84,8 +88,7 @@ def test_each_device_holds_only_its_shard() -> None:
     want = {
         "model.embed_tokens.weight": (v // 4, d),
         "lm_head.weight": (v // 4, d),
-        "model.layers.0.self_attn.q_proj.weight": (8 * hd // 4, d),
-        "model.layers.0.self_attn.k_proj.weight": (2 * hd, d),  # replicated: 2 kv heads < tp 4
+        "model.layers.0.self_attn.qkv_proj.weight": (2, 8 // 2 + 2, hd, d // 4),  # 2 kv heads < tp 4
         "model.layers.0.self_attn.o_proj.weight": (d, 8 * hd // 4),
         "model.layers.0.mlp.experts.gate_proj": (8 // 2, i // 4, d),
         "model.layers.0.mlp.experts.up_proj": (8 // 2, i // 4, d),
@@ -151,6 +154,12 @@ def test_plan_reports_bytes_and_traffic(capsys: pytest.CaptureFixture[str]) -> N
     assert kinds["moe combine (f32)"].axes == ("ep", "tp") and kinds["moe combine (f32)"].count == 2
     assert kinds["stage boundary activations"].bytes_per_device == 8 * 64 * 4
     assert p.collective_bytes_per_step > 0
+    assert "attention qkv_proj (hidden split)" not in kinds  # 2 kv heads split over tp 2
+    # tp 4 > 2 kv heads: the fused q/k/v splits on its input dim, so each layer all-reduces its output.
+    wide = {c.what: c for c in plan(MOE, layout("ep2-tp4"), dtype="float32", batch_tokens=8,
+                                     verbose=False).collectives}
+    qkv = wide["attention qkv_proj (hidden split)"]
+    assert qkv.count == MOE.num_layers and qkv.bytes_per_device == 2 * 3 * (8 * (8 + 2 * 2) * 16 * 4) // 4
 
 
 def test_distributed_env() -> None:
