@@ -1,7 +1,7 @@
 """ModelRunner: turns a scheduled batch into padded device inputs, runs the step, reads results.
 
 Shapes are padded to power-of-two buckets (tokens T, sequences S, blocks per sequence, scored prompt
-positions N) so XLA compiles a handful of programs; padding tokens write to an out-of-range cache
+positions N; S also at the midpoints 3 * 2^k from 96 up) so XLA compiles a handful of programs; padding tokens write to an out-of-range cache
 slot (dropped) and padded sequences have zero length.
 """
 
@@ -38,10 +38,25 @@ class ProgramShape(NamedTuple):
     steps: int = 1
 
 
+# Sequence buckets from here up also take the midpoints 3 * 2^k (96, 192, 384, 768, ...): a decode step
+# of that many rows has compute-bound GEMMs (H200: ~15 GFLOP per row), so padding 555 sequences to 1024
+# would cost ~5 ms a step; below this the step reads weights and padding is nearly free.
+FINE_SEQ_BUCKETS_FROM = 96
+
+
 def bucket(n: int, minimum: int, maximum: int) -> int:
     """Smallest power of two >= n (at least `minimum`), capped at `maximum` (itself a valid bucket)."""
     b = max(minimum, 1 << max(n - 1, 0).bit_length())
     return min(b, maximum) if n <= maximum else n
+
+
+def seq_bucket(n: int, minimum: int, maximum: int) -> int:
+    """`bucket`, plus the midpoints 3 * 2^k >= FINE_SEQ_BUCKETS_FROM: sequence slots (the T of a decode
+    step); never above the power-of-two bucket, so a step's token bucket still covers its slots."""
+    mid = 3 * (1 << max(n - 1, 0).bit_length()) // 4
+    if max(n, FINE_SEQ_BUCKETS_FROM, minimum) <= mid <= maximum:
+        return mid
+    return bucket(n, minimum, maximum)
 
 
 @dataclass
@@ -153,7 +168,7 @@ class ModelRunner:
         decode) there is one row per sequence (T == S) and block tables cover `lookahead` more tokens."""
         bs = self.block_size
         num_tokens = sum(s.num_new_tokens for s in seqs)
-        s_pad = bucket(len(seqs), 4, self.max_seqs)
+        s_pad = seq_bucket(len(seqs), 4, self.max_seqs)
         t_pad = s_pad if lookahead else bucket(num_tokens, 16, self.max_tokens)
         if self.bucket_block_tables:
             max_blocks = max(-(-(s.start + s.num_new_tokens + lookahead) // bs) for s in seqs)
@@ -225,10 +240,10 @@ class ModelRunner:
         """Every program a batch can select: mixed steps for each sequence bucket and each token bucket at
         least as large, K-step decodes (T == S) for each power of two K up to `num_decode_steps`, and
         fresh-prompt steps (one sequence slot bucket) for each token bucket from `FRESH_MIN_TOKENS`."""
-        def buckets(maximum: int, minimum: int) -> list[int]:
-            return sorted({bucket(n, minimum, maximum) for n in range(1, maximum + 1)})
+        def buckets(maximum: int, minimum: int, fn: Callable[[int, int, int], int] = bucket) -> list[int]:
+            return sorted({fn(n, minimum, maximum) for n in range(1, maximum + 1)})
 
-        seqs, toks = buckets(self.max_seqs, 4), buckets(self.max_tokens, 16)
+        seqs, toks = buckets(self.max_seqs, 4, seq_bucket), buckets(self.max_tokens, 16)
         widths = [self.max_blocks_per_seq]
         if self.bucket_block_tables:
             widths = buckets(self.max_blocks_per_seq, 4)
