@@ -1,8 +1,8 @@
 """ModelRunner: turns a scheduled batch into padded device inputs, runs the step, reads results.
 
 Shapes are padded to power-of-two buckets (tokens T, sequences S, blocks per sequence, scored prompt
-positions N; S also at the midpoints 3 * 2^k from 96 up) so XLA compiles a handful of programs; padding tokens write to an out-of-range cache
-slot (dropped) and padded sequences have zero length.
+positions N; S also at the midpoints 3 * 2^k from 96 up) so XLA compiles a handful of programs;
+padding tokens write to an out-of-range cache slot (dropped) and padded sequences have zero length.
 """
 
 from __future__ import annotations
