@@ -1,8 +1,9 @@
 """ModelRunner: turns a scheduled batch into padded device inputs, runs the step, reads results.
 
 Shapes are padded to power-of-two buckets (tokens T, sequences S, blocks per sequence, scored prompt
-positions N; S also at the midpoints 3 * 2^k from 96 up) so XLA compiles a handful of programs;
-padding tokens write to an out-of-range cache slot (dropped) and padded sequences have zero length.
+positions N; a multi-step decode's S also at the midpoints 3 * 2^k from 96 up) so XLA compiles a handful
+of programs; padding tokens write to an out-of-range cache slot (dropped) and padded sequences have zero
+length.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ class ProgramShape(NamedTuple):
     steps: int = 1
 
 
-# Sequence buckets from here up also take the midpoints 3 * 2^k (96, 192, 384, 768, ...): a decode step
-# of that many rows has compute-bound GEMMs (H200: ~15 GFLOP per row), so padding 555 sequences to 1024
-# would cost ~5 ms a step; below this the step reads weights and padding is nearly free.
+# Multi-step decode programs (T == S) take sequence buckets from here up at the midpoints 3 * 2^k too (96,
+# 192, 384, 768, ...): a decode step of that many rows has compute-bound GEMMs (H200: ~15 GFLOP per row), so
+# padding 555 sequences to 1024 would cost ~5 ms a step; below this the step reads weights and padding is
+# nearly free. Mixed steps keep power-of-two slots: their GEMMs run over the token bucket, and the slots
+# only size sampling, so midpoints there would add compiled programs and save nothing.
 FINE_SEQ_BUCKETS_FROM = 96
 
 
@@ -168,7 +171,7 @@ class ModelRunner:
         decode) there is one row per sequence (T == S) and block tables cover `lookahead` more tokens."""
         bs = self.block_size
         num_tokens = sum(s.num_new_tokens for s in seqs)
-        s_pad = seq_bucket(len(seqs), 4, self.max_seqs)
+        s_pad = (seq_bucket if lookahead else bucket)(len(seqs), 4, self.max_seqs)
         t_pad = s_pad if lookahead else bucket(num_tokens, 16, self.max_tokens)
         if self.bucket_block_tables:
             max_blocks = max(-(-(s.start + s.num_new_tokens + lookahead) // bs) for s in seqs)
@@ -237,13 +240,15 @@ class ModelRunner:
                           np.full(num_seqs, self.max_seqs, np.int32))
 
     def bucket_shapes(self, num_decode_steps: int) -> list[ProgramShape]:
-        """Every program a batch can select: mixed steps for each sequence bucket and each token bucket at
-        least as large, K-step decodes (T == S) for each power of two K up to `num_decode_steps`, and
+        """Every program a batch can select: mixed steps for each power-of-two sequence bucket and each token
+        bucket at least as large, K-step decodes (T == S, `seq_bucket`'s slots) for each power of two K up to
+        `num_decode_steps`, and
         fresh-prompt steps (one sequence slot bucket) for each token bucket from `FRESH_MIN_TOKENS`."""
         def buckets(maximum: int, minimum: int, fn: Callable[[int, int, int], int] = bucket) -> list[int]:
             return sorted({fn(n, minimum, maximum) for n in range(1, maximum + 1)})
 
-        seqs, toks = buckets(self.max_seqs, 4, seq_bucket), buckets(self.max_tokens, 16)
+        seqs, toks = buckets(self.max_seqs, 4), buckets(self.max_tokens, 16)
+        decode_seqs = buckets(self.max_seqs, 4, seq_bucket)
         widths = [self.max_blocks_per_seq]
         if self.bucket_block_tables:
             widths = buckets(self.max_blocks_per_seq, 4)
@@ -251,7 +256,7 @@ class ModelRunner:
         if self._decode is None:
             ks = []
         shapes = [ProgramShape("mixed", t, s, b) for s in seqs for b in widths for t in toks if t >= s]
-        shapes += [ProgramShape("decode", s, s, b, k) for s in seqs for b in widths for k in ks]
+        shapes += [ProgramShape("decode", s, s, b, k) for s in decode_seqs for b in widths for k in ks]
         if self._fresh is not None:
             big = [t for t in toks if t >= FRESH_MIN_TOKENS]
             shapes += [ProgramShape("fresh", t, seqs[0], b) for b in widths for t in big]

@@ -331,8 +331,9 @@ def test_llm_builds_its_engine_with_offline_defaults(monkeypatch: pytest.MonkeyP
 
 def test_midpoint_sequence_buckets_give_the_same_outputs(llama_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the 3 * 2^k sequence buckets starting at 6 (instead of 96), 5 requests run their mixed and
-    K-step decode programs in 6 slots, not 8, and produce exactly the power-of-two engine's tokens."""
+    """With the 3 * 2^k sequence buckets starting at 6 (instead of 96), 5 requests run their K-step decode
+    programs in 6 slots, not 8 (their mixed steps keep 8), and produce exactly the power-of-two engine's
+    tokens."""
     import rtp_jax.engine.runner as runner_mod
 
     prompts = _prompts(5, seed=4)
@@ -342,15 +343,17 @@ def test_midpoint_sequence_buckets_give_the_same_outputs(llama_path: Path,
     monkeypatch.setattr(runner_mod, "FINE_SEQ_BUCKETS_FROM", 6)
     llm = LLM(str(llama_path), dtype="float32", max_model_len=128, num_decode_steps=8)
     runner = llm.engine.core.runner
-    slots: list[int] = []
+    slots: dict[bool, set[int]] = {True: set(), False: set()}  # multi-step decode -> slot counts
     build = runner.build_inputs
 
     def recording(seqs: Any, tables: Any, lookahead: int = 0) -> Any:
         inputs, spans = build(seqs, tables, lookahead)
-        slots.append(inputs.seq_rows.shape[0])
+        slots[lookahead > 0].add(inputs.seq_rows.shape[0])
         return inputs, spans
 
     monkeypatch.setattr(runner, "build_inputs", recording)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
-    assert 6 in slots and 8 not in slots, slots
-    assert any(p.seqs == 6 and p.kind == "decode" for p in runner.bucket_shapes(8))
+    assert slots == {True: {6}, False: {8}}, slots
+    shapes = runner.bucket_shapes(8)
+    assert {p.seqs for p in shapes if p.kind == "decode"} == {4, 6, 8, 12, 16, 24, 32, 48, 64}  # 64 seqs
+    assert {p.seqs for p in shapes if p.kind == "mixed"} == {4, 8, 16, 32, 64}
