@@ -91,20 +91,23 @@ def _join(chunks: list[tuple[int, Any]], dtype: np.dtype | None, how: str) -> An
 
 
 @functools.lru_cache(maxsize=16)
-def _fuse_fn(fused: str, head_dim: int, sharding: Any) -> Any:
+def _fuse_fn(kind: str, head_dim: int, sharding: Any) -> Any:
+    """One jitted combination per (fusion kind, sharding): every layer's parts reuse its compiled program."""
     import jax
     import jax.numpy as jnp
 
     from rtp_jax.models.fused import fuse_parts
 
-    return jax.jit(lambda *parts: fuse_parts(fused, parts, head_dim, jnp), out_shardings=sharding)
+    return jax.jit(lambda *parts: fuse_parts(kind, parts, head_dim, jnp), out_shardings=sharding)
 
 
 def fuse_on_devices(fused: str, parts: list[Any], head_dim: int, sharding: Any) -> Any:
     """models/fused.py's combination of device arrays sharded alike (gate/up split on I, or q/k/v split on
     heads / KV heads), placed in `sharding` (the fused parameter's: each device combines its own rows,
     nothing crosses devices; None: where the parts are)."""
-    return _fuse_fn(fused, head_dim, sharding)(*parts)
+    from rtp_jax.models.fused import fusion_kind
+
+    return _fuse_fn(fusion_kind(fused), head_dim, sharding)(*parts)
 
 
 def _assemble(t: PlannedTensor, sharding: Any, parts: list[tuple[Any, int, dict[Any, Any]]],

@@ -43,15 +43,21 @@ def fused_name(checkpoint_name: str) -> tuple[str, int] | None:
     return None
 
 
+def fusion_kind(fused: str) -> str:
+    """"qkv_proj" or "gate_up_proj": the fusion of a fused parameter name (or of the kind itself), so
+    per-layer names share one combining program."""
+    return "qkv_proj" if "qkv_proj" in fused else "gate_up_proj"
+
+
 def _num_parts(fused: str) -> int:
-    return 3 if ".qkv_proj." in fused else 2
+    return 3 if fusion_kind(fused) == "qkv_proj" else 2
 
 
 def fused_shape(fused: str, part_shapes: Sequence[tuple[int, ...]], head_dim: int) -> tuple[int, ...]:
     """Shape of the fused parameter from its parts' shapes; raises ValueError naming the parameter when
     the parts do not fit together."""
     shapes = [tuple(s) for s in part_shapes]
-    if ".qkv_proj." not in fused:
+    if fusion_kind(fused) != "qkv_proj":
         if len(set(shapes)) != 1:
             raise ValueError(f"{fused!r}: gate and up projections differ in shape: {shapes}")
         return (len(shapes), *shapes[0])
@@ -66,7 +72,7 @@ def fused_shape(fused: str, part_shapes: Sequence[tuple[int, ...]], head_dim: in
 def fuse_parts(fused: str, parts: Sequence[Any], head_dim: int, xp: Any = np) -> Any:
     """The fused parameter from its parts (numpy with xp=np, jax arrays with xp=jax.numpy)."""
     shape = fused_shape(fused, [tuple(p.shape) for p in parts], head_dim)
-    if ".qkv_proj." not in fused:
+    if fusion_kind(fused) != "qkv_proj":
         return xp.stack(list(parts))
     kv_heads, _, _, *rest = shape
     q, k, v = (p.reshape(kv_heads, -1, head_dim, *rest) for p in parts)

@@ -13,6 +13,7 @@ from rtp_jax.config import ParallelConfig
 from rtp_jax.loader import iter_weights, load_model_config
 from rtp_jax.loader.fast import load_model_state
 from rtp_jax.loader.safetensors_io import iter_safetensors
+from rtp_jax.loader.transfer import _fuse_fn
 from rtp_jax.models.fused import fuse_parts, fuse_stream, fused_name
 from rtp_jax.models.params import flat_param_shapes, load_state
 from sharding.rules import logical_axes, param_spec
@@ -101,7 +102,8 @@ def test_fuse_stream_refuses_incomplete_or_mismatched_parts(stream, message):
 def test_loaders_fuse_and_keep_the_fused_parameters_sharded(tiny_hf_model):
     """Both loading paths give gate_up_proj == stack(gate, up) and qkv_proj == fuse_parts(q, k, v) of the
     checkpoint; the fast loader places them as the rules say: gate/up split on I, q/k/v by KV head
-    (each device holds its KV head with its query heads), combined on the devices."""
+    (each device holds its KV head with its query heads), combined on the devices by one compiled program
+    per kind."""
     path = tiny_hf_model("llama", sharded=True, dtype="float32")
     cfg = load_model_config(path)
     ref = dict(iter_safetensors(path))
@@ -116,7 +118,10 @@ def test_loaders_fuse_and_keep_the_fused_parameters_sharded(tiny_hf_model):
     def sharding_for(name: str, shape: tuple[int, ...]) -> NamedSharding:
         return NamedSharding(mesh, param_spec(name, len(shape), axes))
 
+    _fuse_fn.cache_clear()
     _, dev_state = load_model_state(path, cfg, jnp.float32, sharding_for=sharding_for)
+    # One combining program per fusion kind, shared by every layer (not one per layer's name).
+    assert cfg.num_layers > 1 and _fuse_fn.cache_info().misses == 2
     for state in (host_state, dev_state):
         flat = flat_param_shapes(state)
         assert not any(f".{x}_proj." in n for n in flat for x in ("gate", "up", "q", "k", "v"))
