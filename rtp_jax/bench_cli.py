@@ -181,16 +181,18 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
 
 # Warm-load variants of `--variants`: (name, loader options over the command line's).
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    # the default before pieces: a 1 GiB slab, tensors read and sent whole
-    ("old_default_1G_nosplit", {"max_inflight_bytes": 1 << 30, "split_bytes": 0}),
-    ("assemble_dus", {"assemble": "dus"}),  # pieces joined by in-place updates instead of a concatenate
-    ("split16M", {"split_bytes": 16 << 20}),
+    # pieces of 32 MiB are read by one pread each unless chunks are smaller: then several readers share one
+    ("chunk4M", {"chunk_bytes": 4 << 20}),
+    ("chunk8M", {"chunk_bytes": 8 << 20}),
+    ("chunk16M", {"chunk_bytes": 16 << 20}),
+    ("chunk8M_readers24", {"chunk_bytes": 8 << 20, "num_readers": 24}),
+    ("chunk8M_workers12_inflight384M", {"chunk_bytes": 8 << 20, "num_workers": 12,
+                                        "max_inflight_bytes": 384 << 20}),
+    ("chunk8M_workers16_inflight512M", {"chunk_bytes": 8 << 20, "num_workers": 16,
+                                        "max_inflight_bytes": 512 << 20}),
+    ("chunk8M_split16M", {"chunk_bytes": 8 << 20, "split_bytes": 16 << 20}),
     ("split64M", {"split_bytes": 64 << 20}),
-    ("inflight128M", {"max_inflight_bytes": 128 << 20}),
-    ("inflight512M", {"max_inflight_bytes": 512 << 20}),
-    ("inflight1G", {"max_inflight_bytes": 1 << 30}),
-    ("workers12", {"num_workers": 12}),
-    ("staging_none_mmap", {"staging": "none", "use_mmap": True}),
+    ("workers12_inflight384M", {"num_workers": 12, "max_inflight_bytes": 384 << 20}),
 )
 
 

@@ -81,16 +81,21 @@ ShardingFor = Callable[[str, tuple[int, ...]], Any]  # (name, shape) -> jax.shar
 
 @dataclass(frozen=True)
 class _Ctx:
-    """What one pass's workers share: open files, the chunk-reader pool, and the staging slab being set
-    up in the background (`slab()`: the slab once ready, else None)."""
+    """What one pass's workers share: open files, the chunk-reader pool, and the staging slab being
+    prepared in the background (`slab()`: the slab, whose `alloc` waits for a ready segment; with
+    `whole`, None until every segment is ready)."""
 
     files: _Files
     readers: ThreadPoolExecutor
-    slab_future: Future[StagingSlab | None] | None = None
+    staging_slab: StagingSlab | None = None
+    prepared: Future[None] | None = None
+    whole: bool = False
 
     def slab(self) -> StagingSlab | None:
-        f = self.slab_future
-        return f.result() if f is not None and f.done() and f.exception() is None else None
+        if self.staging_slab is None or not self.whole:
+            return self.staging_slab
+        f = self.prepared
+        return self.staging_slab if f is not None and f.done() and f.exception() is None else None
 
 
 class FastLoader:
@@ -195,14 +200,13 @@ class FastLoader:
         t0 = time.perf_counter()
         files = _Files(sorted({t.path for t in self.plan}), self.use_mmap)
         readers = ThreadPoolExecutor(self.num_readers, thread_name_prefix="rtp-read")
-        # "slab_async": the slab faults in and registers (~0.3 s per GiB) while the first tensors take
-        # the mmap path; "slab": it is set up before the first read.
+        # The slab faults in and registers (~0.3 s per GiB) in the background, one segment at a time:
+        # "slab" jobs wait for a ready segment, "slab_async" jobs take the mmap path until all are ready.
         setup = ThreadPoolExecutor(1, thread_name_prefix="rtp-slab")
-        slab_future = setup.submit(make_slab) if make_slab is not None else None
-        if slab_future is not None and self.staging == "slab":
-            slab_future.exception()  # wait
+        slab = make_slab() if make_slab is not None else None
+        prepared = setup.submit(slab.prepare, self._dma_client()) if slab is not None else None
         stats.extra["setup_s"] = time.perf_counter() - t0
-        ctx = _Ctx(files, readers, slab_future)
+        ctx = _Ctx(files, readers, slab, prepared, whole=self.staging == "slab_async")
         workers = ThreadPoolExecutor(self.num_workers, thread_name_prefix="rtp-load")
         pending: queue.Queue[tuple[Any, int, Future[Any]] | None | BaseException] = queue.Queue()
         stop = threading.Event()
@@ -275,15 +279,12 @@ class FastLoader:
             workers.shutdown(wait=True)
             readers.shutdown(wait=True)
             setup.shutdown(wait=True)
-            slab = None
-            if slab_future is not None:
-                if slab_future.exception() is not None:
-                    stats.extra["slab_error"] = repr(slab_future.exception())
-                else:
-                    slab = slab_future.result()
+            if prepared is not None and prepared.exception() is not None:
+                stats.extra["slab_error"] = repr(prepared.exception())
             if slab is not None:
                 stats.extra.update(staging="slab+dma" if slab.dma_mapped else "slab", slab_bytes=slab.size,
-                                   slab_peak_bytes=slab.peak, slab_setup_s=slab.setup_s)
+                                   slab_peak_bytes=slab.peak, slab_setup_s=slab.setup_s,
+                                   slab_first_segment_s=slab.first_segment_s)
                 slab.close()
             else:
                 stats.extra["staging"] = "none"
@@ -305,19 +306,22 @@ class FastLoader:
             yield t.name, array
 
     def _make_slab(self) -> StagingSlab | None:
-        """The staging slab of `iter_device`: `max_inflight_bytes`, capped at the page-rounded size of
-        everything the plan reads; registered for DMA with the default backend when `dma_map`."""
+        """The staging slab of `iter_device`, not yet prepared: `max_inflight_bytes`, capped at the
+        page-rounded size of everything the plan reads, in segments of `split_bytes` (whole without)."""
         if not self.plan:
+            return None
+        total = sum(-(-max(1, t.nbytes) // _PAGE) * _PAGE for t in self.plan)
+        return StagingSlab(min(self.max_inflight_bytes, total), populate_threads=min(8, self.num_readers),
+                           segment_bytes=self.split_bytes, prepare=False)
+
+    def _dma_client(self) -> Any:
+        """The default backend to register the slab with (`dma_map`), or None (disabled, or a CPU)."""
+        if not self.dma_map:
             return None
         import jax
 
-        total = sum(-(-max(1, t.nbytes) // _PAGE) * _PAGE for t in self.plan)
-        slab = StagingSlab(min(self.max_inflight_bytes, total), populate_threads=min(8, self.num_readers))
-        if self.dma_map:
-            device = jax.local_devices()[0]
-            if device.platform != "cpu":
-                slab.dma_map(device.client)
-        return slab
+        device = jax.local_devices()[0]
+        return None if device.platform == "cpu" else device.client
 
     def iter_device(self, sharding_for: ShardingFor | None = None, dtype: Any = None,
                     dtype_for: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
@@ -350,7 +354,7 @@ class FastLoader:
             t = job.tensor
             e, rb, sharding = t.entry, _row_bytes(t), sharding_of(t)
             slab = ctx.slab()
-            slab = slab if slab is not None and 0 < job.nbytes <= slab.size else None
+            slab = slab if slab is not None and 0 < job.nbytes <= slab.max_alloc else None
             lo_row = min(r0 for _, r0, _, _ in job.ranges)
             hi_row = max(r1 for _, _, r1, _ in job.ranges)
             # Slab not ready yet, or the job is larger: an mmap of the job's bytes instead.

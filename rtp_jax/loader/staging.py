@@ -22,46 +22,92 @@ class StagingSlab:
     """One page-aligned host buffer of `size` bytes, faulted in once and reused by every tensor of a load.
 
     `alloc(n)` returns the offset of a free page-aligned range of n bytes (first fit; blocks until one is
-    free, so requests must be <= size), `view(offset, n)` a uint8 view of it, `free(offset)` gives it back.
-    With `dma_map(client)` the slab is registered with the device runtime (pinned, e.g. cudaHostRegister
-    through PJRT `DmaMap`), and `jax.device_put` of a view then DMAs straight from it instead of first
-    copying into the runtime's own pinned staging buffer. Reusing one faulted-in buffer instead of a fresh
-    one per tensor saves the page faults and zeroing of every loaded byte.
+    free, so requests must be <= `max_alloc`), `view(offset, n)` a uint8 view of it, `free(offset)` gives
+    it back. `prepare(client)` faults the slab in (and, with a client, registers it with the device
+    runtime: pinned, e.g. cudaHostRegister through PJRT `DmaMap`, so `jax.device_put` of a view DMAs
+    straight from it instead of first copying into the runtime's own pinned staging buffer) one segment of
+    `segment_bytes` at a time; each segment can be allocated from as soon as it is ready, so a load run
+    with `prepare` in the background starts after the first segment instead of the whole slab. Ranges
+    never span two segments (each segment is its own registration, and a transfer must lie within one).
+    Reusing one faulted-in buffer instead of a fresh one per tensor saves the page faults and zeroing of
+    every loaded byte.
     """
 
-    def __init__(self, size: int, populate_threads: int = 8) -> None:
+    def __init__(self, size: int, populate_threads: int = 8, segment_bytes: int = 0,
+                 prepare: bool = True) -> None:
         self.size = max(_PAGE, -(-int(size) // _PAGE) * _PAGE)
+        seg = -(-int(segment_bytes) // _PAGE) * _PAGE
+        self.segment_bytes = seg if 0 < seg < self.size else self.size
         self._map = mmap.mmap(-1, self.size)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 self._map.madvise(mmap.MADV_HUGEPAGE)
             except (OSError, ValueError):
                 pass
-        t0 = time.perf_counter()
         self.array = np.frombuffer(self._map, np.uint8)
         self.address = int(self.array.ctypes.data)
-        _populate(self.array, populate_threads)
-        self.setup_s = time.perf_counter() - t0
+        self.populate_threads = populate_threads
+        self.setup_s = self.first_segment_s = 0.0
         self.in_use = self.peak = 0
-        self._free: list[tuple[int, int]] = [(0, self.size)]  # sorted (start, end) holes
+        self._free: list[tuple[int, int]] = []  # sorted (start, end) holes in ready segments
         self._used: dict[int, int] = {}  # start -> end
         self._cv = threading.Condition()
         self._client: Any = None
+        self._registered: list[int] = []  # addresses of the dma-mapped segments
+        if prepare:
+            self.prepare()
+
+    @property
+    def max_alloc(self) -> int:
+        """The largest request `alloc` accepts: one segment."""
+        return self.segment_bytes
+
+    def prepare(self, client: Any = None) -> None:
+        """Faults in each segment, registers it for direct DMA with `client` (a jax backend; skipped where
+        unsupported, e.g. UNIMPLEMENTED on the CPU backend), and makes it allocatable. Whatever fails,
+        every segment ends up allocatable (unregistered ones are still correct staging memory)."""
+        t0 = time.perf_counter()
+        start = 0
+        try:
+            for start in range(0, self.size, self.segment_bytes):
+                end = min(self.size, start + self.segment_bytes)
+                _populate(self.array[start:end], self.populate_threads)
+                if client is not None:
+                    try:
+                        client.dma_map(self.address + start, end - start)
+                        self._client = client
+                        self._registered.append(self.address + start)
+                    except Exception:  # noqa: BLE001 - not supported here: plain staging memory
+                        client = None
+                self._add_ready(start, end)
+                if start == 0:
+                    self.first_segment_s = time.perf_counter() - t0
+                start = end
+        finally:
+            if start < self.size:
+                self._add_ready(start, self.size)
+            self.setup_s = time.perf_counter() - t0
 
     def dma_map(self, client: Any) -> bool:
-        """Registers the slab for direct DMA with `client` (a jax backend); False where unsupported."""
+        """Registers the whole (prepared) slab for direct DMA with `client`; False where unsupported."""
         t0 = time.perf_counter()
         try:
             client.dma_map(self.address, self.size)
         except Exception:  # noqa: BLE001 - e.g. UNIMPLEMENTED on the CPU backend
             return False
         self._client = client
+        self._registered = [self.address]
         self.setup_s += time.perf_counter() - t0
         return True
 
     @property
     def dma_mapped(self) -> bool:
         return self._client is not None
+
+    def _add_ready(self, start: int, end: int) -> None:
+        with self._cv:
+            self._free = sorted([*self._free, (start, end)])
+            self._cv.notify_all()
 
     def _fit(self, n: int) -> int | None:
         for i, (a, b) in enumerate(self._free):
@@ -73,8 +119,8 @@ class StagingSlab:
 
     def alloc(self, n: int) -> int:
         n = max(_PAGE, -(-n // _PAGE) * _PAGE)
-        if n > self.size:
-            raise ValueError(f"{n} bytes do not fit a {self.size}-byte staging slab")
+        if n > self.max_alloc:
+            raise ValueError(f"{n} bytes do not fit a staging slab segment of {self.max_alloc} bytes")
         with self._cv:
             while (off := self._fit(n)) is None:
                 self._cv.wait()
@@ -89,7 +135,7 @@ class StagingSlab:
             holes = sorted([*self._free, (offset, end)])
             merged: list[tuple[int, int]] = []
             for a, b in holes:
-                if merged and merged[-1][1] == a:
+                if merged and merged[-1][1] == a and a % self.segment_bytes:  # not across a segment edge
                     merged[-1] = (merged[-1][0], b)
                 else:
                     merged.append((a, b))
@@ -101,10 +147,11 @@ class StagingSlab:
 
     def close(self) -> None:
         if self._client is not None:
-            try:
-                self._client.dma_unmap(self.address)
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
+            for address in self._registered:
+                try:
+                    self._client.dma_unmap(address)
+                except Exception:  # noqa: BLE001 - best effort at teardown
+                    pass
             self._client = None
         del self.array
         try:

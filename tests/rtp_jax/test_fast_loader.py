@@ -208,6 +208,36 @@ def test_staging_slab_allocator():
     slab.close()
 
 
+def test_segmented_slab_allocates_each_segment_once_ready_and_never_across_an_edge():
+    """A slab prepared in segments hands out ranges from a segment only after that segment is ready,
+    rejects requests above one segment, and never merges freed holes across a segment edge (a transfer
+    must lie within one registration)."""
+    slab = StagingSlab(4 * 4096, populate_threads=1, segment_bytes=2 * 4096, prepare=False)
+    assert slab.max_alloc == 2 * 4096
+    with pytest.raises(ValueError, match="segment"):
+        slab.alloc(3 * 4096)
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(slab.alloc(4096)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got  # nothing is ready before prepare
+    slab.prepare()
+    waiter.join(5)
+    assert got == [0] and slab.setup_s > 0 and not slab.dma_mapped
+    b, c, d = (slab.alloc(4096) for _ in range(3))
+    assert (b, c, d) == (4096, 2 * 4096, 3 * 4096)
+    slab.free(b)
+    slab.free(c)  # two free pages side by side, but on either side of the edge at 2 pages
+    waiter = threading.Thread(target=lambda: got.append(slab.alloc(2 * 4096)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()
+    slab.free(d)  # the second segment is whole again
+    waiter.join(5)
+    assert got == [0, 2 * 4096]
+    slab.close()
+
+
 def test_sharded_placement_through_a_small_slab(tiny_hf_model):
     path = tiny_hf_model("llama", sharded=True, dtype="float32")
     sharding_for = _sharding_by_name({"q_proj": PartitionSpec("a", None), "o_proj": PartitionSpec(None, "b")})
