@@ -40,7 +40,7 @@ def shared_memory_bytes(head_dim: int, block_size: int, itemsize: int, *, pages_
                         num_stages: int, num_splits: int) -> int:
     """Shared memory of one block: K and V stages, the q tile, the output tile (+ barriers, lse)."""
     kv = 2 * num_stages * pages_per_tile * block_size * head_dim * itemsize
-    out = BLOCK_M * head_dim * 4 + BLOCK_M * 4 if num_splits > 1 else 0  # unsplit: written via q's tile
+    out = BLOCK_M * head_dim * 4 + BLOCK_M * 4 if num_splits > 1 else BLOCK_M * head_dim * itemsize
     return kv + BLOCK_M * head_dim * itemsize + out + 1024
 
 
@@ -145,8 +145,9 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     split_out = num_splits > 1
     o_dtype = jnp.float32 if split_out else dtype
-    out_types = (jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group_pad, head_dim), o_dtype),
-                 jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group_pad), jnp.float32))
+    # Only the group's real rows leave the kernel, so the result reshapes to [S, heads, D] without a slice.
+    out_types = (jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group, head_dim), o_dtype),
+                 jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group), jnp.float32))
     scale2 = sm_scale * LOG2E
 
     def kernel(q_ref: Any, k_ref: Any, v_ref: Any, lens_ref: Any, bt_ref: Any, o_ref: Any, lse_ref: Any,
@@ -220,14 +221,13 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
             acc, m, denom = lax.fori_loop(0, steps, tile_step, (acc0, m0, l0))
             seen = denom > 0  # false only for an empty split or a padded sequence slot
             inv = jnp.where(seen, 1.0 / jnp.where(seen, denom, 1.0), 0.0)
-            out_smem = o_smem if split_out else q_smem  # unsplit: the rows leave in q's dtype, via q's tile
-            out_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(out_smem.dtype)
+            o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
             if split_out:
                 lse_smem[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, denom, 1.0)), -jnp.inf)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, group_pad)], o_ref.at[s, h, split])
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[s, h, split])
             if split_out:
-                plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, group_pad)], lse_ref.at[s, h, split])
+                plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, group)], lse_ref.at[s, h, split])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(lax.axis_index("wg") == 1)
@@ -266,7 +266,7 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
         plgpu.SMEM((BLOCK_M, head_dim), dtype, transforms=tiled),
         plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=tiled),
         plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=tiled),
-        plgpu.SMEM((BLOCK_M, head_dim), jnp.float32) if split_out else None,
+        plgpu.SMEM((BLOCK_M, head_dim), o_dtype),  # untiled: a TMA store of just the group's rows
         plgpu.SMEM((BLOCK_M,), jnp.float32) if split_out else None,
         plgpu.Barrier(),
         plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=num_stages),
@@ -290,7 +290,7 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
     out = merge_splits(jnp.moveaxis(o, 2, 0), jnp.moveaxis(lse, 2, 0)) if split_out else o[:, :, 0]
     if split_out:  # padded slots: every split empty, 0/0 in the merge
         out = jnp.where((kv_lens > 0)[:, None, None, None], out, 0.0)
-    return out[:, :, :group].reshape(num_seqs, num_q_heads, head_dim).astype(dtype)
+    return out.reshape(num_seqs, num_q_heads, head_dim).astype(dtype)
 
 
 def supports(q: jax.Array, k_cache: jax.Array) -> bool:

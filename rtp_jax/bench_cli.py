@@ -250,6 +250,9 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
         rep.setdefault("staging", r.get("staging"))
         rep["warm_setup_s"] = r.get("setup_s")
         rep["warm_pipeline_s"] = r.get("pipeline_s")
+        rep["warm_phases"] = {k: r[k] for k in ("read_busy_s", "transfer_busy_s", "mean_reading",
+                                                "mean_transferring", "first_job_start_s", "last_job_end_s",
+                                                "slab_setup_s", "slab_first_segment_s") if k in r}
         rep.setdefault("bytes", r["bytes"])
         rep["peak_host_rss_warm_GB"] = max(rep.get("peak_host_rss_warm_GB", 0.0), rss.peak / 1e9)
         if not cold:
@@ -262,8 +265,12 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
     if variants:
         rep["variants"] = {}
         for name, extra in VARIANTS:
-            secs = [fast_load(path, dtype, **{**kw, **extra})["seconds"] for _ in range(max(1, repeats))]
+            runs = [fast_load(path, dtype, **{**kw, **extra}) for _ in range(max(1, repeats))]
+            secs = [r["seconds"] for r in runs]
             rep["variants"][name] = statistics.median(secs)
+            rep.setdefault("variant_phases", {})[name] = {
+                k: runs[-1][k] for k in ("read_busy_s", "transfer_busy_s", "mean_reading",
+                                         "mean_transferring") if k in runs[-1]}
             log(f"  variant {name} (warm, median of {len(secs)}): {statistics.median(secs):.3f} s "
                 f"of {[round(x, 3) for x in secs]}")
     if naive:

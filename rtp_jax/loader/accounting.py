@@ -49,7 +49,41 @@ class LoadStats:
     read_s: float = 0.0  # summed over workers (so it can exceed `seconds`)
     transfer_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # per job: (start, read done, transfer done), perf_counter seconds
+    job_times: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def gbps(self) -> float:
         return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def covered_s(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the [start, end) intervals (their union's length)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for a, b in sorted(intervals):
+        if cur_end is None or a > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = a, b
+        else:
+            cur_end = max(cur_end, b)
+    return total + (cur_end - cur_start if cur_end is not None else 0.0)
+
+
+def phase_summary(stats: LoadStats, t0: float) -> dict[str, float]:
+    """Where a pass's wall time went: seconds during which some job was reading (`read_busy_s`) or
+    transferring (`transfer_busy_s`), the mean number of jobs doing each, and when the first job started
+    and the last one finished after `t0`."""
+    jobs = stats.job_times
+    if not jobs:
+        return {}
+    reads = [(a, b) for a, b, _ in jobs]
+    sends = [(b, c) for _, b, c in jobs]
+    read_busy, send_busy = covered_s(reads), covered_s(sends)
+    return {
+        "read_busy_s": read_busy, "transfer_busy_s": send_busy,
+        "mean_reading": sum(b - a for a, b in reads) / read_busy if read_busy else 0.0,
+        "mean_transferring": sum(b - a for a, b in sends) / send_busy if send_busy else 0.0,
+        "first_job_start_s": min(a for a, _, _ in jobs) - t0,
+        "last_job_end_s": max(c for _, _, c in jobs) - t0,
+    }

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from rtp_jax.loader.abstract import abstract_state
-from rtp_jax.loader.accounting import ByteBudget, LoadStats
+from rtp_jax.loader.accounting import ByteBudget, LoadStats, phase_summary
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
 from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
 from rtp_jax.loader.staging import _PAGE, StagingSlab, _MappedRange
@@ -291,6 +291,7 @@ class FastLoader:
             files.close()
             stats.seconds = time.perf_counter() - t0
             stats.peak_inflight_bytes = budget.peak
+            stats.extra.update(phase_summary(stats, t0))
 
     def iter_host(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, numpy array of the stored dtype and shape), in plan order, read ahead in parallel.
@@ -422,6 +423,7 @@ class FastLoader:
         t2 = time.perf_counter()
         self.stats.read_s += t1 - t0
         self.stats.transfer_s += t2 - t1
+        self.stats.job_times.append((t0, t1, t2))  # list.append is atomic under the GIL
 
 
 def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for: ShardingFor | None = None,

@@ -372,3 +372,17 @@ def test_bench_load_cli(tmp_path, tiny_hf_model, capsys):
     assert rep["bytes"] == sum(t.nbytes for t in plan_checkpoint(Path(path)))
     assert "warm_load_s" in out_md.read_text()
     assert '"load_s"' in capsys.readouterr().out
+
+
+def test_phase_summary_measures_busy_time_and_overlap():
+    """read/transfer busy seconds are the union of the jobs' intervals, and the mean number of jobs in
+    each phase is their summed time over that union."""
+    from rtp_jax.loader.accounting import LoadStats, covered_s, phase_summary
+
+    assert covered_s([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)
+    stats = LoadStats(job_times=[(10.0, 11.0, 11.5), (10.5, 11.5, 12.0), (13.0, 14.0, 14.5)])
+    got = phase_summary(stats, t0=9.0)
+    assert got["read_busy_s"] == pytest.approx(2.5) and got["mean_reading"] == pytest.approx(3.0 / 2.5)
+    assert got["transfer_busy_s"] == pytest.approx(1.5) and got["mean_transferring"] == pytest.approx(1.0)
+    assert got["first_job_start_s"] == pytest.approx(1.0) and got["last_job_end_s"] == pytest.approx(5.5)
+    assert phase_summary(LoadStats(), t0=0.0) == {}
