@@ -86,10 +86,20 @@ def sanitize_block_tables(
 
 
 def merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
-    """Combine per-split normalized outputs [K, T, H, G, D] f32 with their base-2 lse [K, T, H, G]."""
-    lse_max = lse_parts.max(axis=0)
-    w = jnp.exp2(lse_parts - lse_max[None])  # empty splits (lse = -inf) weigh 0
-    return (o_parts * w[..., None]).sum(axis=0) / w.sum(axis=0)[..., None]
+    """Combine per-split normalized outputs [K, T, H, G, D] f32 with their base-2 lse [K, T, H, G].
+
+    Written as a chain over the K (static) splits instead of reductions over axis 0: every step is then
+    elementwise and XLA emits the whole merge as one kernel (the reductions made it two, ~1.2 us each per
+    layer in a batch-1 decode step on an H200)."""
+    num_splits = o_parts.shape[0]
+    lse_max = lse_parts[0]
+    for i in range(1, num_splits):
+        lse_max = jnp.maximum(lse_max, lse_parts[i])
+    num, den = 0.0, 0.0
+    for i in range(num_splits):
+        w = jnp.exp2(lse_parts[i] - lse_max)  # empty splits (lse = -inf) weigh 0
+        num, den = num + o_parts[i] * w[..., None], den + w
+    return num / den[..., None]
 
 
 def split_kv_range(

@@ -146,8 +146,9 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
     split_out = num_splits > 1
     o_dtype = jnp.float32 if split_out else dtype
     # Only the group's real rows leave the kernel, so the result reshapes to [S, heads, D] without a slice.
+    # The log-sum-exps keep whole 8-row tiles: TMA needs 16-byte strides, and the merge reads them anyway.
     out_types = (jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group, head_dim), o_dtype),
-                 jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group), jnp.float32))
+                 jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group_pad), jnp.float32))
     scale2 = sm_scale * LOG2E
 
     def kernel(q_ref: Any, k_ref: Any, v_ref: Any, lens_ref: Any, bt_ref: Any, o_ref: Any, lse_ref: Any,
@@ -227,7 +228,7 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[s, h, split])
             if split_out:
-                plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, group)], lse_ref.at[s, h, split])
+                plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, group_pad)], lse_ref.at[s, h, split])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(lax.axis_index("wg") == 1)
@@ -287,6 +288,7 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
     o, lse = call(q4, k_cache, v_cache, kv_lens, block_tables)
+    lse = lse[..., :group]
     out = merge_splits(jnp.moveaxis(o, 2, 0), jnp.moveaxis(lse, 2, 0)) if split_out else o[:, :, 0]
     if split_out:  # padded slots: every split empty, 0/0 in the merge
         out = jnp.where((kv_lens > 0)[:, None, None, None], out, 0.0)

@@ -181,19 +181,21 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
 
 # Warm-load variants of `--variants`: (name, loader options over the command line's).
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    # pieces of 32 MiB are read by one pread each unless chunks are smaller: then several readers share one
-    ("chunk4M", {"chunk_bytes": 4 << 20}),
-    ("chunk8M", {"chunk_bytes": 8 << 20}),
+    ("abstract_first", {"abstract_in_thread": False}),  # the model traced before the pipeline starts
+    ("release_inline", {"release_in_background": False}),  # the slab closed before the load returns
     ("chunk16M", {"chunk_bytes": 16 << 20}),
-    ("chunk8M_readers24", {"chunk_bytes": 8 << 20, "num_readers": 24}),
-    ("chunk8M_workers12_inflight384M", {"chunk_bytes": 8 << 20, "num_workers": 12,
-                                        "max_inflight_bytes": 384 << 20}),
-    ("chunk8M_workers16_inflight512M", {"chunk_bytes": 8 << 20, "num_workers": 16,
-                                        "max_inflight_bytes": 512 << 20}),
-    ("chunk8M_split16M", {"chunk_bytes": 8 << 20, "split_bytes": 16 << 20}),
-    ("split64M", {"split_bytes": 64 << 20}),
     ("workers12_inflight384M", {"num_workers": 12, "max_inflight_bytes": 384 << 20}),
+    ("workers12_inflight384M_chunk16M", {"num_workers": 12, "max_inflight_bytes": 384 << 20,
+                                         "chunk_bytes": 16 << 20}),
+    ("workers16_inflight512M", {"num_workers": 16, "max_inflight_bytes": 512 << 20}),
+    ("workers12_inflight384M_abstract_first", {"num_workers": 12, "max_inflight_bytes": 384 << 20,
+                                               "abstract_in_thread": False}),
 )
+
+
+# Where each load says its time went (loader.accounting.phase_summary, the slab, the model trace).
+PHASE_KEYS = ("abstract_wait_s", "read_busy_s", "transfer_busy_s", "mean_reading", "mean_transferring",
+              "first_job_start_s", "last_job_end_s", "slab_setup_s", "slab_first_segment_s")
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,
@@ -250,9 +252,7 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
         rep.setdefault("staging", r.get("staging"))
         rep["warm_setup_s"] = r.get("setup_s")
         rep["warm_pipeline_s"] = r.get("pipeline_s")
-        rep["warm_phases"] = {k: r[k] for k in ("read_busy_s", "transfer_busy_s", "mean_reading",
-                                                "mean_transferring", "first_job_start_s", "last_job_end_s",
-                                                "slab_setup_s", "slab_first_segment_s") if k in r}
+        rep["warm_phases"] = {k: r[k] for k in PHASE_KEYS if k in r}
         rep.setdefault("bytes", r["bytes"])
         rep["peak_host_rss_warm_GB"] = max(rep.get("peak_host_rss_warm_GB", 0.0), rss.peak / 1e9)
         if not cold:
@@ -269,8 +269,7 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
             secs = [r["seconds"] for r in runs]
             rep["variants"][name] = statistics.median(secs)
             rep.setdefault("variant_phases", {})[name] = {
-                k: runs[-1][k] for k in ("read_busy_s", "transfer_busy_s", "mean_reading",
-                                         "mean_transferring") if k in runs[-1]}
+                k: runs[-1][k] for k in PHASE_KEYS if k in runs[-1]}
             log(f"  variant {name} (warm, median of {len(secs)}): {statistics.median(secs):.3f} s "
                 f"of {[round(x, 3) for x in secs]}")
     if naive:

@@ -114,13 +114,15 @@ class FastLoader:
     of their bytes; "none" reads each
     tensor into a fresh buffer (or views the mmap); dma_map: register the slab with the
     device runtime so transfers DMA straight from it (where the backend supports it).
-    `skip(name)`: tensors to leave unread.
+    `skip(name)`: tensors to leave unread. release_in_background: the slab is unregistered and unmapped
+    by a background thread once the pass is done, so the caller does not wait for it.
     """
 
     def __init__(self, path: str | Path, *, num_readers: int = 16, num_workers: int = 8,
                  chunk_bytes: int = 64 << 20, max_inflight_bytes: int = 256 << 20, use_mmap: bool = False,
                  staging: str = "slab", dma_map: bool = True, split_bytes: int = 32 << 20,
-                 assemble: str = "concat", skip: Callable[[str], bool] | None = None) -> None:
+                 assemble: str = "concat", skip: Callable[[str], bool] | None = None,
+                 release_in_background: bool = True) -> None:
         if staging not in ("slab", "slab_async", "none"):
             raise ValueError(f"staging must be 'slab', 'slab_async' or 'none', got {staging!r}")
         if assemble not in ("concat", "dus"):
@@ -136,6 +138,7 @@ class FastLoader:
         self.dma_map = dma_map
         self.split_bytes = split_bytes
         self.assemble = assemble
+        self.release_in_background = release_in_background
         self.stats = LoadStats()
 
     @property
@@ -285,7 +288,10 @@ class FastLoader:
                 stats.extra.update(staging="slab+dma" if slab.dma_mapped else "slab", slab_bytes=slab.size,
                                    slab_peak_bytes=slab.peak, slab_setup_s=slab.setup_s,
                                    slab_first_segment_s=slab.first_segment_s)
-                slab.close()
+                if self.release_in_background:  # unregistering and unmapping take ~50 ms per 256 MiB
+                    threading.Thread(target=slab.close, name="rtp-slab-close", daemon=True).start()
+                else:
+                    slab.close()
             else:
                 stats.extra["staging"] = "none"
             files.close()
@@ -427,13 +433,15 @@ class FastLoader:
 
 
 def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for: ShardingFor | None = None,
-                     stats: dict[str, Any] | None = None, **loader_kw: Any) -> tuple[Any, Any]:
+                     stats: dict[str, Any] | None = None, abstract_in_thread: bool = True,
+                     **loader_kw: Any) -> tuple[Any, Any]:
     """(graphdef, nnx.State) of a model from an HF safetensors directory or an orbax checkpoint directory.
 
     Dense models go through `FastLoader.iter_device` (each tensor placed by `sharding_for`, cast to
     `dtype` on the device); MoE checkpoints (per-expert tensors stacked on the host) stream through
     `FastLoader.iter_host` into `rtp_jax.models.params.load_state`, with `sharding_for` as its placer.
-    `stats`, if given, receives the loader's LoadStats fields.
+    `stats`, if given, receives the loader's LoadStats fields. abstract_in_thread: trace the model for its
+    abstract state while the loader runs (else before it starts).
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -473,7 +481,11 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
     else:
         # Tracing the model for its abstract state is pure Python (~0.1 s): overlap it with the reads.
         with ThreadPoolExecutor(1) as ex:
+            t0 = time.perf_counter()
             abstract_fut = ex.submit(abstract_state, config, dtype)
+            if not abstract_in_thread:
+                abstract_fut.result()
+            abstract_s = time.perf_counter() - t0
             arrays = loader.iter_device(sharding_for=sharding_for, dtype=dtype)
             loaded: dict[str, Any] = dict(fuse_stream(arrays, combine))
             graphdef, abstract = abstract_fut.result()
@@ -492,6 +504,8 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         out = (graphdef, abstract)
     if stats is not None:
         s = loader.stats
+        if not config.is_moe:
+            stats["abstract_wait_s"] = abstract_s
         stats.update(num_tensors=s.num_tensors, bytes=s.bytes_read, bytes_to_device=s.bytes_to_device,
                      seconds=s.seconds, peak_inflight_bytes=s.peak_inflight_bytes, format="safetensors",
                      **s.extra)
