@@ -181,15 +181,13 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
 
 # Warm-load variants of `--variants`: (name, loader options over the command line's).
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("abstract_first", {"abstract_in_thread": False}),  # the model traced before the pipeline starts
+    # the defaults before 2026-12-01 (4th session): 8 tensors in flight, 256 MiB slab, model traced meanwhile
+    ("old_workers8_inflight256M_abstract_thread", {"num_workers": 8, "max_inflight_bytes": 256 << 20,
+                                                   "abstract_in_thread": True}),
+    ("abstract_thread", {"abstract_in_thread": True}),  # the model traced while the pipeline runs
     ("release_inline", {"release_in_background": False}),  # the slab closed before the load returns
     ("chunk16M", {"chunk_bytes": 16 << 20}),
-    ("workers12_inflight384M", {"num_workers": 12, "max_inflight_bytes": 384 << 20}),
-    ("workers12_inflight384M_chunk16M", {"num_workers": 12, "max_inflight_bytes": 384 << 20,
-                                         "chunk_bytes": 16 << 20}),
     ("workers16_inflight512M", {"num_workers": 16, "max_inflight_bytes": 512 << 20}),
-    ("workers12_inflight384M_abstract_first", {"num_workers": 12, "max_inflight_bytes": 384 << 20,
-                                               "abstract_in_thread": False}),
 )
 
 
@@ -199,7 +197,7 @@ PHASE_KEYS = ("abstract_wait_s", "read_busy_s", "transfer_busy_s", "mean_reading
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,
-                   num_workers: int = 8, max_inflight_mb: int = 256, chunk_mb: int = 64, split_mb: int = 32,
+                   num_workers: int = 12, max_inflight_mb: int = 384, chunk_mb: int = 64, split_mb: int = 32,
                    assemble: str = "concat", use_mmap: bool = False, staging: str = "slab",
                    dma_map: bool = True, naive: bool = True,
                    cold: bool = True, variants: bool = False, log: Callable[[str], None] = print
@@ -367,8 +365,8 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--repeats", type=int, default=3, help="warm loads (median reported)")
     p.add_argument("--readers", type=int, default=16, help="parallel chunk readers")
-    p.add_argument("--workers", type=int, default=8, help="tensors in flight (read + transfer)")
-    p.add_argument("--max-inflight-mb", type=int, default=256, help="host bytes in flight (the slab size)")
+    p.add_argument("--workers", type=int, default=12, help="tensors in flight (read + transfer)")
+    p.add_argument("--max-inflight-mb", type=int, default=384, help="host bytes in flight (the slab size)")
     p.add_argument("--chunk-mb", type=int, default=64)
     p.add_argument("--split-mb", type=int, default=32,
                    help="tensors above this are sent in row pieces joined on the device (0: never split)")
