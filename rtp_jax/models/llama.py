@@ -20,8 +20,13 @@ from rtp_jax.models.rope import apply_rope, rope_tables
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, kv_heads, head_dim]
 
 
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+def init_weight(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """N(0, 0.02) in `dtype`; zeros when `rngs` only stands in for tracing the model's shapes
+    (`shapes_only`, as the fast loader's does): one traced op instead of the random draw's dozen."""
+    if getattr(rngs, "shapes_only", False):
+        return jnp.zeros(shape, dtype)
     return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
 
 
 class Linear(nnx.Module):
@@ -29,7 +34,7 @@ class Linear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: jnp.dtype,
                  rngs: nnx.Rngs) -> None:
-        self.weight = nnx.Param(_init(rngs, (out_features, in_features), dtype))
+        self.weight = nnx.Param(init_weight(rngs, (out_features, in_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,7 +53,7 @@ class RMSNorm(nnx.Module):
 
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.weight = nnx.Param(_init(rngs, (vocab, dim), dtype))
+        self.weight = nnx.Param(init_weight(rngs, (vocab, dim), dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], ids, axis=0)
@@ -66,7 +71,7 @@ class QKVProj(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         kv, hd, d = cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
         group = cfg.num_heads // kv
-        parts = [_init(rngs, (kv, n, hd, d), dtype) for n in (group, 1, 1)]
+        parts = [init_weight(rngs, (kv, n, hd, d), dtype) for n in (group, 1, 1)]
         self.weight = nnx.Param(jnp.concatenate(parts, axis=1))
         self.bias = nnx.Param(jnp.zeros((kv, group + 2, hd), dtype)) if cfg.attention_bias else None
 
@@ -108,7 +113,7 @@ class GateUpProj(nnx.Module):
     models/fused.py): one GEMM reads both, faster than two at small batch."""
 
     def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.weight = nnx.Param(jnp.stack([_init(rngs, (hidden, dim), dtype) for _ in range(2)]))
+        self.weight = nnx.Param(jnp.stack([init_weight(rngs, (hidden, dim), dtype) for _ in range(2)]))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [T, dim] -> (gate, up), each [T, hidden]."""

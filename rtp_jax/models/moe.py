@@ -24,11 +24,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rtp_jax.config import ModelConfig
+from rtp_jax.models.llama import init_weight
 from sharding import compat
-
-
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-    return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
 def route(router_logits: jax.Array, top_k: int, renormalize: bool, dtype: jnp.dtype
@@ -80,14 +77,14 @@ def _sharded_experts(mesh: object, x: jax.Array, ids: jax.Array, weights: jax.Ar
 class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         e, i, d = cfg.num_experts, cfg.expert_intermediate_size, cfg.hidden_size
-        self.gate_proj = nnx.Param(_init(rngs, (e, i, d), dtype))
-        self.up_proj = nnx.Param(_init(rngs, (e, i, d), dtype))
-        self.down_proj = nnx.Param(_init(rngs, (e, d, i), dtype))
+        self.gate_proj = nnx.Param(init_weight(rngs, (e, i, d), dtype))
+        self.up_proj = nnx.Param(init_weight(rngs, (e, i, d), dtype))
+        self.down_proj = nnx.Param(init_weight(rngs, (e, d, i), dtype))
 
 
 class Router(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.weight = nnx.Param(_init(rngs, (cfg.num_experts, cfg.hidden_size), dtype))
+        self.weight = nnx.Param(init_weight(rngs, (cfg.num_experts, cfg.hidden_size), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("td,ed->te", x, self.weight[...])
