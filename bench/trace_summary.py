@@ -11,7 +11,13 @@ import collections
 import gzip
 import json
 import re
+import sys
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rtp_jax.loader.accounting import covered_s  # noqa: E402  (the length of a union of intervals)
 
 
 def load_events(path: str) -> tuple[list[dict[str, Any]], dict[int, str], dict[tuple[int, int], str]]:
@@ -26,21 +32,6 @@ def load_events(path: str) -> tuple[list[dict[str, Any]], dict[int, str], dict[t
         elif e.get("ph") == "M" and e.get("name") == "thread_name":
             threads[(e["pid"], e["tid"])] = e["args"]["name"]
     return [e for e in events if e.get("ph") == "X"], procs, threads
-
-
-def union_us(intervals: list[tuple[float, float]]) -> float:
-    """Total length covered by [start, end) intervals."""
-    total, cur_s, cur_e = 0.0, None, None
-    for s, e in sorted(intervals):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total
 
 
 def kernel_family(name: str) -> str:
@@ -62,7 +53,7 @@ def summarise(path: str, top: int = 25) -> str:
         stream_evs = [e for e in evs if "Stream" in threads.get((pid, e["tid"]), "")] or evs
         t0 = min(e["ts"] for e in stream_evs)
         t1 = max(e["ts"] + e["dur"] for e in stream_evs)
-        busy = union_us([(e["ts"], e["ts"] + e["dur"]) for e in stream_evs])
+        busy = covered_s([(e["ts"], e["ts"] + e["dur"]) for e in stream_evs])
         share = 100 * busy / max(t1 - t0, 1)
         lines.append(f"span {(t1 - t0) / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms ({share:.0f}%)")
         agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
