@@ -20,10 +20,17 @@ from rtp_jax.models.rope import apply_rope, rope_tables
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, kv_heads, head_dim]
 
 
-def init_weight(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-    """N(0, 0.02) in `dtype`; zeros when `rngs` only stands in for tracing the model's shapes
-    (`shapes_only`, as the fast loader's does): one traced op instead of the random draw's dozen."""
-    if getattr(rngs, "shapes_only", False):
+class ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` when a model is built only to trace its shapes (the fast loader's abstract
+    state): `init_weight` then traces zeros, one op instead of a random draw's dozen."""
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+
+def init_weight(rngs: nnx.Rngs | ShapeOnlyRngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """N(0, 0.02) in `dtype` (zeros under `ShapeOnlyRngs`, whose values are never computed)."""
+    if isinstance(rngs, ShapeOnlyRngs):  # not an attribute test: nnx.Rngs answers any attribute name
         return jnp.zeros(shape, dtype)
     return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
