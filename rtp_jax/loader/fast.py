@@ -481,13 +481,13 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
 
         out = load_state(config, dtype, loader.iter_host(), place)
     else:
-        # Tracing the model for its abstract state is pure Python (~0.1 s): overlap it with the reads.
+        # Tracing the model for its abstract state is pure Python (~0.1 s), before the reads by default.
         with ThreadPoolExecutor(1) as ex:
             t0 = time.perf_counter()
             abstract_fut = ex.submit(abstract_state, config, dtype)
             if not abstract_in_thread:
                 abstract_fut.result()
-            abstract_s = time.perf_counter() - t0
+            abstract_s = time.perf_counter() - t0  # how long the pipeline waited for it
             arrays = loader.iter_device(sharding_for=sharding_for, dtype=dtype)
             loaded: dict[str, Any] = dict(fuse_stream(arrays, combine))
             graphdef, abstract = abstract_fut.result()
