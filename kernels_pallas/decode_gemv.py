@@ -33,6 +33,8 @@ MIN_ROWS = 16  # the tensor-core dot's smallest M
 
 
 def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # The model's `rtp_jax.models.attention.rms_norm`, restated: kernels_pallas imports nothing from the
+    # engine (tests/kernels_pallas/test_decode_gemv.py checks the two agree).
     x32 = x.astype(jnp.float32)
     x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * x32.astype(x.dtype)

@@ -48,7 +48,6 @@ class StagingSlab:
         self.address = int(self.array.ctypes.data)
         self.populate_threads = populate_threads
         self.setup_s = self.first_segment_s = 0.0
-        self.segment_times: list[tuple[float, float]] = []  # per prepared segment: (fault-in s, register s)
         self.in_use = self.peak = 0
         self._free: list[tuple[int, int]] = []  # sorted (start, end) holes in ready segments
         self._used: dict[int, int] = {}  # start -> end
@@ -72,9 +71,7 @@ class StagingSlab:
         try:
             for start in range(0, self.size, self.segment_bytes):
                 end = min(self.size, start + self.segment_bytes)
-                t1 = time.perf_counter()
                 _populate(self.array[start:end], self.populate_threads)
-                t2 = time.perf_counter()
                 if client is not None:
                     try:
                         client.dma_map(self.address + start, end - start)
@@ -82,7 +79,6 @@ class StagingSlab:
                         self._registered.append(self.address + start)
                     except Exception:  # noqa: BLE001 - not supported here: plain staging memory
                         client = None
-                self.segment_times.append((t2 - t1, time.perf_counter() - t2))
                 self._add_ready(start, end)
                 if start == 0:
                     self.first_segment_s = time.perf_counter() - t0

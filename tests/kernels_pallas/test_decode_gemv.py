@@ -54,3 +54,15 @@ def test_bad_shapes_are_refused_with_the_argument_named(change, message):
     residual = jnp.zeros(change["residual_shape"], jnp.bfloat16) if "residual_shape" in change else None
     with pytest.raises(ValueError, match=message):
         norm_gemv(x, w, residual=residual, block_n=change.get("block_n", 32), block_k=128, interpret=True)
+
+
+def test_reference_prologue_is_the_models_rms_norm():
+    """The reference's RMSNorm is the model's (`rtp_jax.models.attention.rms_norm`), bit for bit, so the
+    kernel is checked against what the model computes."""
+    from rtp_jax.models.attention import rms_norm
+
+    a = _arrays(4, n=64, k=256, pair=False)
+    eye = jnp.eye(256, dtype=jnp.bfloat16)  # w = I: the GEMV returns its (normalised) input
+    got = norm_gemv_reference(a["x"], eye, norm_weight=a["norm_weight"], eps=1e-5)
+    want = rms_norm(a["x"], a["norm_weight"], 1e-5)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
