@@ -1,0 +1,128 @@
+"""Batch-1 decode of the engine in variants, one child process each (Llama-3-8B shape, random weights).
+
+    python3 bench/probe_decode_variants.py --out $OUT [--variants base,kv_write] [--trace]
+
+Each child builds `LLM(load_format="dummy")` as bench/run_all.py's engine (max_model_len 4096, KV pool
+from free memory), runs a 128-token prompt + 256 greedy new tokens once to compile, then `--repeats`
+more times (tok/s as run_all measures it), and with `--trace` one more run under `jax.profiler`, whose
+kernel table (bench/trace_summary.py) goes to <variant>_trace.txt under --out. The first generated
+tokens are printed so variants can be checked for the same output.
+
+Variants:
+  base       the engine as it is
+  kv_write   the layers' K/V cache write through kernels_pallas/kv_write.py (one Pallas kernel instead of
+             XLA's two scatters); the child first checks the kernel against the scatter on the GPU
+Prints a table last; writes probe_decode_variants.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_CHILD = r"""
+import glob, json, statistics, sys, tempfile, time
+root, variant, repeats, trace, out, shape = sys.argv[1:7]
+repeats, trace = int(repeats), trace == "1"
+sys.path.insert(0, root); sys.path.insert(0, root + "/bench")
+import jax, jax.numpy as jnp, numpy as np
+res = {"variant": variant}
+if variant == "kv_write":
+    from kernels_pallas.kv_write import paged_kv_write, paged_kv_write_reference, supports
+    interpret = jax.default_backend() == "cpu"  # a CPU smoke run of this probe
+    import rtp_jax.models.llama as llama
+    for t in (4, 300):
+        kc = jax.random.normal(jax.random.key(1), (2048, 16, 8, 128), jnp.float32).astype(jnp.bfloat16)
+        vc = -kc
+        k = jax.random.normal(jax.random.key(2), (t, 8, 128), jnp.float32).astype(jnp.bfloat16)
+        v = k * 2
+        slots = jnp.asarray(np.random.default_rng(t).choice(2048 * 16, t, replace=False), jnp.int32)
+        slots = slots.at[-1].set(2048 * 16)
+        want = paged_kv_write_reference(jnp.array(kc), jnp.array(vc), k, v, slots)
+        got = paged_kv_write(jnp.array(kc), jnp.array(vc), k, v, slots, interpret=interpret)
+        diff = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
+                   for g, w in zip(got, want))
+        res[f"kernel_max_abs_diff_T{t}"] = diff
+        print(f"kv_write kernel vs scatter, T={t}: max|diff| {diff}", flush=True)
+    scatter = llama.write_kv
+    def write_kv(k_cache, v_cache, k, v, slot_mapping):
+        if supports(k_cache, k):
+            return paged_kv_write(k_cache, v_cache, k, v, slot_mapping, interpret=interpret)
+        return scatter(k_cache, v_cache, k, v, slot_mapping)
+    llama.write_kv = write_kv
+from probe_programs import model_dir
+from run_all import run_steps
+from rtp_jax import LLM
+t0 = time.perf_counter()
+llm = LLM(model_dir(shape), load_format="dummy", max_model_len=4096)
+res["build_s"] = time.perf_counter() - t0
+rng = np.random.default_rng(1)
+prompt = rng.integers(100, min(128000, llm.engine.core.config.model.vocab_size), 128).tolist()
+runs = []
+for rep in range(1 + repeats):
+    r = run_steps(llm, [(prompt, 256)])
+    dec = r["steps"][1:]
+    tok_s = sum(k for _, k in dec) / sum(s for s, _ in dec)
+    print(f"{variant} run {rep}: {tok_s:.1f} tok/s{' [compile]' if rep == 0 else ''}", flush=True)
+    if rep:
+        runs.append(tok_s)
+res["tok_s_all"] = runs
+res["tok_s"] = statistics.median(runs)
+from rtp_jax import SamplingParams
+o = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=16, temperature=0.0),
+                 use_tqdm=False)
+res["first_tokens"] = list(o[0].outputs[0].token_ids)
+if trace:
+    from trace_summary import summarise
+    tmp = tempfile.mkdtemp(prefix="rtp_trace_")
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        run_steps(llm, [(prompt, 64)])
+    found = glob.glob(tmp + "/**/perfetto_trace.json.gz", recursive=True)
+    if found:
+        open(f"{out}/{variant}_trace.txt", "w").write(summarise(found[0], top=30))
+print("CHILD " + json.dumps(res), flush=True)
+"""
+
+
+def run_child(variant: str, repeats: int, trace: bool, out: Path, shape: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-c", _CHILD, str(ROOT), variant, str(repeats), "1" if trace else "0", str(out),
+           shape]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    res: dict[str, Any] = {"variant": variant}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("CHILD "):
+            res = json.loads(line[6:])
+        elif "Warning" not in line:
+            print(f"  [{variant}] {line.rstrip()}", flush=True)
+    if proc.wait() != 0:
+        res["error"] = f"exit {proc.returncode}"
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=".")
+    p.add_argument("--variants", default="base,kv_write")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--trace", action="store_true")
+    p.add_argument("--shape", default="llama3-8b", help="bench/synth_ckpt.py SHAPES key (tiny: CPU smoke)")
+    ns = p.parse_args()
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_child(v, ns.repeats, ns.trace, out, ns.shape) for v in ns.variants.split(",")]
+    (out / "probe_decode_variants.json").write_text(json.dumps(rows, indent=1))
+    print("\n| variant | bs1 tok/s (median) | runs | first tokens |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r.get('tok_s', float('nan')):.1f} | {r.get('tok_s_all', r.get('error'))} "
+              f"| {r.get('first_tokens', [])[:8]} |")
+
+
+if __name__ == "__main__":
+    main()
