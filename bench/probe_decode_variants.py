@@ -9,9 +9,9 @@ kernel table (bench/trace_summary.py) goes to <variant>_trace.txt under --out. T
 tokens are printed so variants can be checked for the same output.
 
 Variants:
-  base       the engine as it is
-  kv_write   the layers' K/V cache write through kernels_pallas/kv_write.py (one Pallas kernel instead of
-             XLA's two scatters); the child first checks the kernel against the scatter on the GPU
+  base        the engine as it is
+  kv_scatter  the layers' K/V cache write by XLA's two scatters instead of kernels_pallas/kv_write.py's
+              one kernel (the engine's choice for the Pallas backends since 2026-12-01)
 Prints a table last; writes probe_decode_variants.json under --out.
 """
 
@@ -33,29 +33,23 @@ repeats, trace = int(repeats), trace == "1"
 sys.path.insert(0, root); sys.path.insert(0, root + "/bench")
 import jax, jax.numpy as jnp, numpy as np
 res = {"variant": variant}
-if variant == "kv_write":
-    from kernels_pallas.kv_write import paged_kv_write, paged_kv_write_reference, supports
+if variant == "base":  # the Pallas K/V write against XLA's scatters on this device, 8B cache rows
+    from kernels_pallas.kv_write import paged_kv_write, paged_kv_write_reference
     interpret = jax.default_backend() == "cpu"  # a CPU smoke run of this probe
-    import rtp_jax.models.llama as llama
     for t in (4, 300):
         kc = jax.random.normal(jax.random.key(1), (2048, 16, 8, 128), jnp.float32).astype(jnp.bfloat16)
-        vc = -kc
-        k = jax.random.normal(jax.random.key(2), (t, 8, 128), jnp.float32).astype(jnp.bfloat16)
-        v = k * 2
+        k = jax.random.normal(jax.random.key(2), (t, 8, 128), jnp.float32)
         slots = jnp.asarray(np.random.default_rng(t).choice(2048 * 16, t, replace=False), jnp.int32)
         slots = slots.at[-1].set(2048 * 16)
-        want = paged_kv_write_reference(jnp.array(kc), jnp.array(vc), k, v, slots)
-        got = paged_kv_write(jnp.array(kc), jnp.array(vc), k, v, slots, interpret=interpret)
+        want = paged_kv_write_reference(jnp.array(kc), -kc, k, 2 * k, slots)
+        got = paged_kv_write(jnp.array(kc), -kc, k, 2 * k, slots, interpret=interpret)
         diff = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
                    for g, w in zip(got, want))
-        res[f"kernel_max_abs_diff_T{t}"] = diff
+        res[f"kv_write_max_abs_diff_T{t}"] = diff
         print(f"kv_write kernel vs scatter, T={t}: max|diff| {diff}", flush=True)
-    scatter = llama.write_kv
-    def write_kv(k_cache, v_cache, k, v, slot_mapping):
-        if supports(k_cache, k):
-            return paged_kv_write(k_cache, v_cache, k, v, slot_mapping, interpret=interpret)
-        return scatter(k_cache, v_cache, k, v, slot_mapping)
-    llama.write_kv = write_kv
+if variant == "kv_scatter":  # the layers' K/V write as XLA's two scatters instead of the Pallas kernel
+    import rtp_jax.models.attention as attention
+    attention.pallas_write_kv = attention.write_kv
 from probe_programs import model_dir
 from run_all import run_steps
 from rtp_jax import LLM
@@ -109,7 +103,7 @@ def run_child(variant: str, repeats: int, trace: bool, out: Path, shape: str) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
-    p.add_argument("--variants", default="base,kv_write")
+    p.add_argument("--variants", default="base,kv_scatter")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--shape", default="llama3-8b", help="bench/synth_ckpt.py SHAPES key (tiny: CPU smoke)")

@@ -69,28 +69,29 @@ def _paged_kv_write(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax
     chunk = row_chunk(width)
     num_tokens = k.shape[0]
 
-    def kernel(slot_ref: Any, k_ref: Any, v_ref: Any, _kc: Any, _vc: Any, kc_ref: Any, vc_ref: Any) -> None:
+    def kernel(slot_ref: Any, kv_ref: Any, _kc: Any, _vc: Any, kc_ref: Any, vc_ref: Any) -> None:
         slot = slot_ref[0]
         cols = pl.ds(pl.multiple_of(pl.program_id(1) * chunk, chunk), chunk)
 
         @pl.when((slot >= 0) & (slot < slots))
         def _() -> None:
-            kc_ref[pl.ds(slot, 1), cols] = k_ref[...]
-            vc_ref[pl.ds(slot, 1), cols] = v_ref[...]
+            kc_ref[pl.ds(slot, 1), cols] = kv_ref[0]
+            vc_ref[pl.ds(slot, 1), cols] = kv_ref[1]
 
+    # K and V as one operand: XLA then computes both (RoPE, casts, split-K sums of the q/k/v GEMM) in one
+    # fusion; as two operands it made two kernels of them (H200 trace, bench/notes_bench.md).
+    kv = jnp.stack([k.reshape(num_tokens, width), v.reshape(num_tokens, width)]).astype(k_cache.dtype)
     whole = pl.BlockSpec((slots, width), lambda t, j: (0, 0))
-    row = pl.BlockSpec((1, chunk), lambda t, j: (t, j))
     kc, vc = pl.pallas_call(
         kernel,
         grid=(num_tokens, width // chunk),
-        in_specs=[pl.BlockSpec((1,), lambda t, j: (t,)), row, row, whole, whole],
+        in_specs=[pl.BlockSpec((1,), lambda t, j: (t,)), pl.BlockSpec((2, 1, chunk), lambda t, j: (0, t, j)),
+                  whole, whole],
         out_specs=[whole, whole],
         out_shape=[jax.ShapeDtypeStruct((slots, width), k_cache.dtype)] * 2,
-        input_output_aliases={3: 0, 4: 1},
+        input_output_aliases={2: 0, 3: 1},
         interpret=interpret,
         name="paged_kv_write",
         **({} if interpret else gpu_lowering("triton", num_warps=4, num_stages=1)),
-    )(slot_mapping, k.reshape(num_tokens, width).astype(k_cache.dtype),
-      v.reshape(num_tokens, width).astype(v_cache.dtype), k_cache.reshape(slots, width),
-      v_cache.reshape(slots, width))
+    )(slot_mapping, kv, k_cache.reshape(slots, width), v_cache.reshape(slots, width))
     return kc.reshape(shape), vc.reshape(shape)

@@ -37,7 +37,8 @@ class AttentionMetadata(NamedTuple):
 class AttentionFn(Protocol):
     """q: [T, heads, head_dim] -> [T, heads, head_dim]. `new_kv`: this step's K and V, each
     [T, kv_heads, head_dim], already written to the caches; kernels that read the paged caches ignore
-    it, `fresh_attention` reads only it."""
+    it, `fresh_attention` reads only it. A backend's function may carry a `write_kv` attribute (the
+    contract of `write_kv` below): the cache write the layers use with it (`kv_writer`)."""
 
     def __call__(
         self,
@@ -67,6 +68,31 @@ def write_kv(
     k_cache = k_cache.reshape(flat).at[slot_mapping].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.reshape(flat).at[slot_mapping].set(v.astype(v_cache.dtype), mode="drop")
     return k_cache.reshape(shape), v_cache.reshape(shape)
+
+
+def kv_writer(attn_fn: AttentionFn) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The cache write that goes with `attn_fn`: its `write_kv` attribute, else XLA's scatters."""
+    return getattr(attn_fn, "write_kv", write_kv)
+
+
+def pallas_write_kv(
+    k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`write_kv` as one Pallas kernel for K and V (kernels_pallas/kv_write.py; XLA's two scatters were
+    ~5 us per layer at batch 1 on an H200), where the row shape allows; else `write_kv`."""
+    from kernels_pallas.kv_write import paged_kv_write, supports
+
+    if not supports(k_cache, k):
+        return write_kv(k_cache, v_cache, k, v, slot_mapping)
+    return paged_kv_write(k_cache, v_cache, k, v, slot_mapping)
+
+
+def _with_writer(fns: AttentionBackend) -> AttentionBackend:
+    """The backend's functions carrying the Pallas cache write (`kv_writer`)."""
+    for fn in (fns.mixed, fns.decode, fns.fresh):
+        if fn is not None:
+            fn.write_kv = pallas_write_kv  # type: ignore[attr-defined]
+    return fns
 
 
 def _from_contract(kernel: Any, **tuning: Any) -> AttentionFn:
@@ -108,14 +134,15 @@ def select_attention_backend(name: str = "auto", **tuning: Any) -> AttentionBack
 
         ragged = _from_contract(ragged_paged_attention, **tuning)
         if name == "pallas-triton":
-            return AttentionBackend(name, ragged, ragged)
+            return _with_writer(AttentionBackend(name, ragged, ragged))
         fresh = fresh_attention(ragged, "cudnn") if _cudnn_available() else None
         if not _hopper_mosaic_available():
-            return AttentionBackend(name, ragged, ragged, fresh)
+            return _with_writer(AttentionBackend(name, ragged, ragged, fresh))
         from kernels_pallas.paged_decode_mgpu import supports
 
         decode = _mosaic_decode(ragged)
-        return AttentionBackend(name, split_decode_rows(ragged, decode, applies=supports), decode, fresh)
+        return _with_writer(
+            AttentionBackend(name, split_decode_rows(ragged, decode, applies=supports), decode, fresh))
     raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,11 @@ from rtp_jax.models.attention import (
     AttentionMetadata,
     _from_contract,
     _mosaic_decode,
+    kv_writer,
+    pallas_write_kv,
     select_attention_backend,
     split_decode_rows,
+    write_kv,
 )
 
 
@@ -172,3 +176,50 @@ def test_pallas_mixed_batch_matches_reference_on_gpu():
     got = np.asarray(select_attention_backend("pallas").mixed(q, k, v, md, **kw), np.float32)
     want = np.asarray(_from_contract(ragged_paged_attention_reference)(q, k, v, md, **kw), np.float32)
     assert relative_error(got, want) < 1e-2
+
+
+def test_pallas_backends_write_the_cache_with_one_kernel():
+    """"pallas" and "pallas-triton" functions carry the Pallas K/V cache write; "reference" keeps XLA's
+    scatters."""
+    for name in ("pallas", "pallas-triton"):
+        backend = select_attention_backend(name)
+        for fn in (backend.mixed, backend.decode, backend.fresh):
+            assert fn is None or kv_writer(fn) is pallas_write_kv
+    ref = select_attention_backend("reference")
+    assert kv_writer(ref.mixed) is write_kv and kv_writer(ref.decode) is write_kv
+
+
+def test_engine_layers_write_kv_with_the_backends_writer(tiny_hf_model, monkeypatch: pytest.MonkeyPatch):
+    """Every layer of the step and multi-step decode programs writes its K/V with the writer its attention
+    function carries; with the Pallas kernel (interpreted here) greedy outputs equal the scatter engine's."""
+    import rtp_jax.engine.core as core_mod
+    from kernels_pallas.kv_write import paged_kv_write
+    from rtp_jax import LLM, SamplingParams
+
+    path = str(tiny_hf_model("llama"))
+    kw = dict(dtype="float32", max_model_len=128, max_num_batched_tokens=32, max_num_seqs=4,
+              num_decode_steps=4)
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 40, 17)]
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(path, **kw).generate(prompts, params, use_tqdm=False)]
+    traced: list[tuple[int, ...]] = []
+
+    def interpreted(k_cache, v_cache, k, v, slot_mapping):
+        traced.append(tuple(k.shape))
+        return paged_kv_write(k_cache, v_cache, k, v, slot_mapping, interpret=True)
+
+    def with_kernel_write(name: str = "auto", **tuning: Any) -> Any:
+        backend = select_attention_backend("reference")
+        fns = [_from_contract(ragged_paged_attention_reference) for _ in range(2)]
+        for fn in fns:
+            fn.write_kv = interpreted
+        return backend._replace(mixed=fns[0], decode=fns[1])
+
+    monkeypatch.setattr(core_mod, "select_attention_backend", with_kernel_write)
+    llm = LLM(path, **kw)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    layers = llm.engine.core.config.model.num_layers
+    assert traced and len(traced) % layers == 0  # each traced program wrote once per layer
+    # the mixed program (token buckets >= 16) and the multi-step decode one (4 sequence slots, one token each)
+    assert {shape[0] for shape in traced} >= {4, 32}, traced
