@@ -185,9 +185,6 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("old_workers8_inflight256M_abstract_thread", {"num_workers": 8, "max_inflight_bytes": 256 << 20,
                                                    "abstract_in_thread": True}),
     ("abstract_thread", {"abstract_in_thread": True}),  # the model traced while the pipeline runs
-    # ... with a 0.2 ms thread switch interval meanwhile, so loader threads wait less for the GIL
-    ("abstract_thread_switch200us", {"abstract_in_thread": True, "thread_switch_s": 2e-4}),
-    ("abstract_thread_switch50us", {"abstract_in_thread": True, "thread_switch_s": 5e-5}),
     ("release_inline", {"release_in_background": False}),  # the slab closed before the load returns
     ("chunk16M", {"chunk_bytes": 16 << 20}),
     ("workers16_inflight512M", {"num_workers": 16, "max_inflight_bytes": 512 << 20}),

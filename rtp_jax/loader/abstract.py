@@ -1,5 +1,6 @@
-"""The abstract (shape-only) state of a model for the fast loader, traced without `nnx.Rngs`'s per-draw
-overhead (`ShapeOnlyRngs`), so `load_model_state` can build it while the checkpoint is being read."""
+"""The abstract (shape-only) state of a model for the fast loader, built without a JAX trace: with
+`ShapeOnlyRngs` the model's init helpers return shapes, so `load_model_state` gets it in a fraction of
+`nnx.eval_shape`'s time."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from rtp_jax.models.llama import ShapeOnlyRngs
 
 
 def abstract_state(config: Any, dtype: Any) -> tuple[Any, Any]:
-    """`rtp_jax.models.params.abstract_model` (graphdef, shape-only state), traced with `ShapeOnlyRngs`
-    (falls back to the original where a model needs a real `nnx.Rngs`).
+    """`rtp_jax.models.params.abstract_model` (graphdef, shape-only state), the model built with
+    `ShapeOnlyRngs` (falls back to the original where a model needs a real `nnx.Rngs`).
 
-    `nnx.Rngs` bumps a counter that is a tracer under `nnx.eval_shape`, and each bump builds a jax error
-    message by walking the whole trace (flax checks `getattr(tracer, "sharding", None)`), quadratic in the
-    model size: 0.75 s of 0.78 s for an 8B Llama on a CPU-only box, 0.13 s without it; zeros instead of
-    random draws took it to ~0.14 s on the H200 host (0.19 s before)."""
+    History (8B Llama): `nnx.eval_shape` with `nnx.Rngs` took 0.78 s on a CPU-only box (each counter bump
+    of the traced Rngs built an error message walking the whole trace); `ShapeOnlyRngs` under eval_shape
+    0.13-0.19 s on the H200 host; no trace at all (this) about half of that on the CPU."""
+    import jax
     from flax import nnx
 
     from rtp_jax.models import get_model_class
@@ -23,6 +24,8 @@ def abstract_state(config: Any, dtype: Any) -> tuple[Any, Any]:
 
     cls = get_model_class(config.architecture)
     try:
-        return nnx.split(nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=ShapeOnlyRngs())))
+        graphdef, state = nnx.split(cls(config, dtype=dtype, rngs=ShapeOnlyRngs()))
     except (AttributeError, TypeError):
         return abstract_model(config, dtype)
+    # A leaf a model made without the init helpers is a real (small) array: keep only its shape.
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
