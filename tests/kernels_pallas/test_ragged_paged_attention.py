@@ -21,6 +21,10 @@ ON_GPU = jax.default_backend() == "gpu"
 
 def _check(batch, *, tol: float, sliding_window=None, soft_cap=None, **tuning) -> None:
     """Kernel == reference on real tokens; padding tokens are exactly zero; no NaN anywhere."""
+    if ON_GPU and batch.q.dtype == jnp.float32:
+        # Compiled, the kernel's f32 dots run on tensor cores in TF32 (10-bit mantissa): 2.0-2.3e-4
+        # relative error on an H200 (bench/notes_bench.md, 2026-12-01, fifth session), not 1e-5.
+        tol = max(tol, 1e-3)
     head_dim = batch.q.shape[-1]
     kwargs = dict(sm_scale=head_dim**-0.5, sliding_window=sliding_window, soft_cap=soft_cap)
     out = np.asarray(ragged_paged_attention(*batch.args(), interpret=not ON_GPU, **kwargs, **tuning),
