@@ -66,14 +66,18 @@ def _kv_bytes_per_block(config: EngineConfig) -> int:
 _MEMORY_GRANULES = 64  # the KV pool grows in steps of 1/64 of device memory (see plan_num_blocks)
 
 
-def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> int:
+def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None,
+                    weight_bytes: int | None = None) -> int:
     """Blocks that fit in `gpu_memory_utilization` of device memory after the weights (already placed
     and transferred: the caller waits for them).
 
-    The free bytes are rounded down to a multiple of 1/64 of the device's memory: the pool's size is
-    baked into every compiled program (the KV arrays are inputs), so a few MB more or less in use at
-    start-up (loader buffers not yet collected) must not change it, or a restart misses the persistent
-    compilation cache and compiles everything again.
+    The pool's size is baked into every compiled program (the KV arrays are inputs), so it must come out
+    the same on every start of the same configuration, or a restart misses the persistent compilation
+    cache and compiles everything again. Two measures: with `weight_bytes` (the weights' bytes on
+    `device`), memory in use beyond them counts only when it exceeds a tolerance (`_memory_in_use`:
+    loader buffers not yet freed and library workspaces differ between starts; on an H200 the cold- and
+    warm-cache starts of one checkpoint differed by enough to plan 30197 and 31036 blocks); and the free
+    bytes are rounded down to a multiple of 1/64 of the device's memory.
 
     On devices without memory stats (CPU) the pool is capped at what `max_num_seqs` full-length
     sequences need, and at 2 GiB.
@@ -84,11 +88,13 @@ def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> i
     blocks_per_seq = -(-sc.max_model_len // config.cache.block_size)
     stats = (device or jax.devices()[0]).memory_stats()
     if stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] * config.cache.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        limit, util = stats["bytes_limit"], config.cache.gpu_memory_utilization
+        granule = limit // _MEMORY_GRANULES
+        free = limit * util - _memory_in_use(stats.get("bytes_in_use", 0), weight_bytes, granule,
+                                             limit * (1 - util) / 2)
         # Leave room for activations and logits of the largest step.
         free -= 4 * sc.max_num_batched_tokens * config.model.hidden_size * 4 * 16
         free -= sc.max_num_seqs * config.model.vocab_size * 4 * 4
-        granule = stats["bytes_limit"] // _MEMORY_GRANULES
         num_blocks = int((free - free % granule) // per_block)
     else:
         num_blocks = min(_CPU_KV_BYTES // per_block, sc.max_num_seqs * blocks_per_seq + 1)
@@ -99,6 +105,24 @@ def plan_num_blocks(config: EngineConfig, device: jax.Device | None = None) -> i
             f"gpu_memory_utilization"
         )
     return num_blocks
+
+
+def _memory_in_use(in_use: int, weight_bytes: int | None, granule: int, headroom: float) -> int:
+    """Bytes the plan treats as taken: the weights, plus what else is in use where it exceeds the smaller
+    of 4 granules and half the utilization headroom (rounded up to granules; smaller amounts are
+    transient or fit the headroom). Without `weight_bytes`, what is in use."""
+    if weight_bytes is None:
+        return in_use
+    other = in_use - weight_bytes
+    if other <= min(4 * granule, headroom):
+        return weight_bytes
+    return weight_bytes + -(-other // granule) * granule
+
+
+def _weight_bytes_on(state: nnx.State, device: jax.Device) -> int:
+    """Bytes of `state`'s arrays that live on `device` (its shards of sharded weights)."""
+    return sum(s.data.nbytes for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
+               for s in x.addressable_shards if s.device == device)
 
 
 @dataclass
@@ -124,12 +148,19 @@ class EngineCore:
         if mesh is not None and mesh.shape["dp"] != 1:
             raise ValueError("EngineCore runs one dp replica; use make_engine_core for data parallelism")
         self.mesh = mesh
+        plan_device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+        weight_bytes = None
         if cc.num_blocks is None and jax.default_backend() != "cpu":
-            # Memory in use is final once the weights have arrived and unreferenced loader buffers are
+            # Memory in use settles once the weights have arrived and unreferenced loader buffers are
             # gone (the CPU pool does not depend on it, and a collection costs tests time).
             jax.block_until_ready(state)
             gc.collect()
-        self.num_blocks = plan_num_blocks(config, None if mesh is None else mesh.devices.flat[0])
+            weight_bytes = _weight_bytes_on(state, plan_device)
+        stats = plan_device.memory_stats() or {}
+        # What the KV pool was planned from (bench/run_all.py's start-up children report it).
+        self.memory_plan = {"weight_bytes": weight_bytes, "bytes_in_use": stats.get("bytes_in_use"),
+                            "bytes_limit": stats.get("bytes_limit")}
+        self.num_blocks = plan_num_blocks(config, plan_device, weight_bytes)
         self.kv = KVCacheManager(self.num_blocks, cc.block_size,
                                  enable_prefix_caching=cc.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.kv)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -298,6 +300,36 @@ def test_kv_pool_size_ignores_small_differences_in_memory_in_use(llama_path: Pat
     assert len(runs) <= sweep // granule + 1, runs
     assert all(r * step >= granule for r in runs[1:-1]), runs
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] > 0
+
+
+def test_kv_pool_size_from_the_weights_ignores_transient_memory(llama_path: Path) -> None:
+    """Given the weights' bytes, memory in use beyond them up to the tolerance (the smaller of 4 granules
+    and half the utilization headroom: 4 GiB of this 80 GiB device at 0.9) leaves the block count
+    unchanged, whatever the granule boundaries (loader buffers not yet freed and library workspaces differ
+    between a cold- and a warm-cache start); more (another model on the device) is taken off in whole
+    granules, so the pool shrinks rather than outgrow the memory really free."""
+    from rtp_jax.engine.args import EngineArgs
+    from rtp_jax.engine.core import plan_num_blocks
+    from rtp_jax.loader import load_model_config
+
+    config = EngineArgs(model=str(llama_path), max_model_len=256).engine_config(load_model_config(llama_path))
+    weights = (16 << 30) + 12345
+    counts = {plan_num_blocks(config, _FakeDevice(weights + d), weights)
+              for d in range(0, 4 << 30, 64 << 20)}
+    assert len(counts) == 1
+    (steady,) = counts
+    crowded = plan_num_blocks(config, _FakeDevice(weights + (20 << 30)), weights)
+    unplanned = plan_num_blocks(config, _FakeDevice(weights + (20 << 30)))
+    assert 0 < crowded < steady and crowded <= unplanned
+
+
+def test_weight_bytes_count_the_shards_on_one_device() -> None:
+    """The planner's weight bytes are those of the state's arrays on the device asked about."""
+    from rtp_jax.engine.core import _weight_bytes_on
+
+    dev = jax.devices()[0]
+    state = {"a": jnp.zeros((4, 8), jnp.bfloat16), "b": {"c": jnp.zeros((3,), jnp.float32)}, "n": 7}
+    assert _weight_bytes_on(state, dev) == 4 * 8 * 2 + 3 * 4
 
 
 def test_batch_limit_defaults_follow_the_use(llama_path: Path) -> None:
