@@ -22,6 +22,8 @@ def shard_attention(attn_fn: Any, mesh: Any, num_heads: int, num_kv_heads: int,
     collective moves them for a kernel that reads only the caches."""
     tp = compat.axis_size(mesh, "tp")
     if tp == 1:
+        if mesh.size > 1 and hasattr(attn_fn, "write_kv"):
+            return _scatter_writes(attn_fn)
         return attn_fn
     kv_split = num_kv_heads % tp == 0
     cache_spec = P(None, None, "tp", None) if kv_split else P()
@@ -51,3 +53,14 @@ def shard_attention(attn_fn: Any, mesh: Any, num_heads: int, num_kv_heads: int,
         return f(q, k_cache, v_cache, md, new_kv)
 
     return sharded
+
+
+def _scatter_writes(attn_fn: Any) -> Any:
+    """`attn_fn` without its Pallas cache write (`rtp_jax.models.attention.kv_writer`): a `pallas_call`
+    has no SPMD partitioning rule, so on a mesh of several devices the layers keep XLA's scatters, which
+    partition like the caches."""
+
+    def attn(*args: Any, **kwargs: Any) -> Any:
+        return attn_fn(*args, **kwargs)
+
+    return attn

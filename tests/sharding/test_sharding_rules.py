@@ -182,3 +182,21 @@ def test_placer_uploads_host_arrays_per_shard() -> None:
     arr = place("model.embed_tokens.weight", host)
     assert [tuple(s.data.shape) for s in arr.addressable_shards] == [(64, 64)] * 4
     np.testing.assert_array_equal(np.asarray(arr), host)
+
+
+def test_pallas_kv_write_kept_only_on_one_device() -> None:
+    """The Pallas K/V write (an attention function's `write_kv`) survives `shard_attention` on a mesh of
+    one device; on several devices (tp shards, or ep replicas with tp 1) the layers get XLA's scatters,
+    since a pallas_call has no SPMD partitioning rule."""
+    from rtp_jax.models.attention import kv_writer, pallas_write_kv, write_kv
+    from sharding.attention import shard_attention
+
+    def attn(q, k_cache, v_cache, md, *, sm_scale, sliding_window, soft_cap, new_kv=None):
+        return q
+
+    attn.write_kv = pallas_write_kv
+    one = make_mesh(layout("tp1"), devices=jax.devices()[:1])
+    assert kv_writer(shard_attention(attn, one, 8, 2)) is pallas_write_kv
+    for name in ("tp2", "ep2-tp1"):
+        wrapped = shard_attention(attn, make_mesh(layout(name)), 8, 2)
+        assert kv_writer(wrapped) is write_kv, name
