@@ -15,7 +15,7 @@ def abstract_state(config: Any, dtype: Any) -> tuple[Any, Any]:
 
     History (8B Llama): `nnx.eval_shape` with `nnx.Rngs` took 0.78 s on a CPU-only box (each counter bump
     of the traced Rngs built an error message walking the whole trace); `ShapeOnlyRngs` under eval_shape
-    0.13-0.19 s on the H200 host; no trace at all (this) about half of that on the CPU."""
+    0.13-0.19 s on the H200 host; no trace at all (this) 0.069 s there."""
     import jax
     from flax import nnx
 
