@@ -193,8 +193,8 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 # Where each load says its time went (loader.accounting.phase_summary, the slab, the model trace).
 PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_busy_s", "mean_reading",
-              "mean_transferring",
-              "first_job_start_s", "last_job_end_s", "slab_setup_s", "slab_first_segment_s")
+              "mean_transferring", "first_job_start_s", "last_job_end_s", "slab_setup_s",
+              "slab_first_segment_s")
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,

@@ -27,10 +27,8 @@ class ShapeOnlyRngs:
     """Stands in for `nnx.Rngs` when a model is built only for its structure and shapes (the fast loader's
     abstract state): the init helpers below then return `jax.ShapeDtypeStruct` leaves, so building the
     model runs no JAX op and needs no trace (`nnx.eval_shape` spent ~0.13 s on an 8B Llama, half of it
-    tracing)."""
-
-    def params(self) -> jax.Array:
-        return jax.random.key(0)
+    tracing). A module that draws from it directly fails with AttributeError, and `abstract_state` then
+    falls back to `nnx.eval_shape` with a real `nnx.Rngs`."""
 
 
 def init_weight(rngs: nnx.Rngs | ShapeOnlyRngs, shape: tuple[int, ...], dtype: jnp.dtype) -> Weight:
