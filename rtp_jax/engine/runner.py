@@ -45,6 +45,8 @@ class ProgramShape(NamedTuple):
 # nearly free. Mixed steps keep power-of-two slots: their GEMMs run over the token bucket, and the slots
 # only size sampling, so midpoints there would add compiled programs and save nothing.
 FINE_SEQ_BUCKETS_FROM = 96
+# Sequence slots of the smallest multi-step decode program (mixed steps start at 4).
+MIN_DECODE_SEQS = 4
 
 
 def bucket(n: int, minimum: int, maximum: int) -> int:
@@ -171,7 +173,10 @@ class ModelRunner:
         decode) there is one row per sequence (T == S) and block tables cover `lookahead` more tokens."""
         bs = self.block_size
         num_tokens = sum(s.num_new_tokens for s in seqs)
-        s_pad = (seq_bucket if lookahead else bucket)(len(seqs), 4, self.max_seqs)
+        if lookahead:
+            s_pad = seq_bucket(len(seqs), MIN_DECODE_SEQS, self.max_seqs)
+        else:
+            s_pad = bucket(len(seqs), 4, self.max_seqs)
         t_pad = s_pad if lookahead else bucket(num_tokens, 16, self.max_tokens)
         if self.bucket_block_tables:
             max_blocks = max(-(-(s.start + s.num_new_tokens + lookahead) // bs) for s in seqs)
@@ -248,7 +253,7 @@ class ModelRunner:
             return sorted({fn(n, minimum, maximum) for n in range(1, maximum + 1)})
 
         seqs, toks = buckets(self.max_seqs, 4), buckets(self.max_tokens, 16)
-        decode_seqs = buckets(self.max_seqs, 4, seq_bucket)
+        decode_seqs = buckets(self.max_seqs, MIN_DECODE_SEQS, seq_bucket)
         widths = [self.max_blocks_per_seq]
         if self.bucket_block_tables:
             widths = buckets(self.max_blocks_per_seq, 4)
