@@ -13,7 +13,6 @@ Variants:
   kv_scatter  the layers' K/V cache write by XLA's two scatters instead of kernels_pallas/kv_write.py's
               one kernel (the engine's choice for the Pallas backends since 2026-12-01)
   decode_rows1 multi-step decode programs from 1 sequence slot (`MIN_DECODE_SEQS` 1 instead of 4)
-  no_split_k  decode programs without `Linear.split_k` (o_proj and down_proj as one einsum each)
 Prints a table last; writes probe_decode_variants.json under --out.
 """
 
@@ -55,9 +54,6 @@ if variant == "kv_scatter":  # the layers' K/V write as XLA's two scatters inste
 if variant == "decode_rows1":  # decode programs down to one sequence slot (bs1 runs T = 1, not 4)
     import rtp_jax.engine.runner as runner_mod
     runner_mod.MIN_DECODE_SEQS = 1
-if variant == "no_split_k":  # o_proj / down_proj by XLA's own GEMM (and its split-K) in decode programs
-    import rtp_jax.models.llama as llama
-    llama.LlamaForCausalLM.use_split_k = lambda self: None
 from probe_programs import model_dir
 from run_all import run_steps
 from rtp_jax import LLM

@@ -45,7 +45,9 @@ class ProgramShape(NamedTuple):
 # nearly free. Mixed steps keep power-of-two slots: their GEMMs run over the token bucket, and the slots
 # only size sampling, so midpoints there would add compiled programs and save nothing.
 FINE_SEQ_BUCKETS_FROM = 96
-# Sequence slots of the smallest multi-step decode program (mixed steps start at 4).
+# Sequence slots of the smallest multi-step decode program (mixed steps start at 4). One slot for batch 1 was
+# no faster on an H200 (233.9 vs 233.6 tok/s, bench/notes_bench.md), and XLA turns a one-row cache scatter
+# with dropped out-of-range writes (the reference backend's `write_kv`) into a copy of the whole cache.
 MIN_DECODE_SEQS = 4
 
 

@@ -211,8 +211,6 @@ def make_decode_fn(graphdef: nnx.GraphDef, treedef: Any, attn_fn: AttentionFn, m
                num_steps: int) -> tuple[KVCaches, jax.Array, DecodeOutputs]:
         inp, st = unpack(ibuf, fbuf, spec)
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        if mesh is None and hasattr(model, "use_split_k"):  # one device: see Linear.split_k
-            model.use_split_k()
         md0 = inp.md
         num_blocks, block_size = kv_caches[0][0].shape[:2]
         num_rows = inp.input_ids.shape[0]

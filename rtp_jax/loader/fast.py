@@ -434,7 +434,7 @@ class FastLoader:
 
 
 def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for: ShardingFor | None = None,
-                     stats: dict[str, Any] | None = None, abstract_in_thread: bool = False,
+                     stats: dict[str, Any] | None = None, abstract_in_thread: bool = True,
                      **loader_kw: Any) -> tuple[Any, Any]:
     """(graphdef, nnx.State) of a model from an HF safetensors directory or an orbax checkpoint directory.
 
@@ -442,8 +442,9 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
     `dtype` on the device); MoE checkpoints (per-expert tensors stacked on the host) stream through
     `FastLoader.iter_host` into `rtp_jax.models.params.load_state`, with `sharding_for` as its placer.
     `stats`, if given, receives the loader's LoadStats fields. abstract_in_thread: build the abstract model
-    while the loader runs, instead of before it starts (the default: that Python holds the GIL the loader's
-    threads need; on an H200 neither order was faster beyond the +-0.05 s spread of warm loads).
+    while the loader runs (the default), else before it starts. Built without a JAX trace it is ~0.07 s of
+    Python, and overlapping it won in two H200 runs: warm 16 GB loads 0.658 vs 0.699 s and 0.797 vs
+    0.844 s (medians of 3, bench/notes_bench.md).
     """
     import jax.numpy as jnp
     from flax import nnx

@@ -59,50 +59,16 @@ def join_weights(parts: list[Weight], axis: int, *, stack: bool = False) -> Weig
     return jax.ShapeDtypeStruct(tuple(shape), parts[0].dtype)
 
 
-# Decode batches of at most this many rows may run `Linear.split_k` (see there).
-SPLIT_K_MAX_ROWS = 4
-
-
-def split_k_factor(in_features: int) -> int:
-    """The split of a row-parallel projection's contraction axis for decode batches: 8 above 8192 inputs,
-    4 from 2048, else 1 (none). H200, Llama-3-8B: o_proj 4096 -> 4, down_proj 14336 -> 8 were the best
-    pair (bench/probe_splitk.py)."""
-    s = 8 if in_features > 8192 else 4 if in_features >= 2048 else 1
-    return s if in_features % s == 0 else 1
-
-
-def split_k_matmul(x: jax.Array, w: jax.Array, s: int) -> jax.Array:
-    """x @ w.T with the contraction axis split `s` ways as a batched GEMM, partials summed in f32.
-
-    x: [T, K], w: [out, K] (HF layout, viewed as [out, s, K/s]: no copy) -> [T, out] in x's dtype.
-    """
-    xs = x.reshape(x.shape[0], s, x.shape[1] // s)
-    parts = jnp.einsum("tsk,osk->sto", xs, w.reshape(w.shape[0], s, w.shape[1] // s),
-                       preferred_element_type=jnp.float32)
-    return parts.sum(0).astype(x.dtype)
-
-
 class Linear(nnx.Module):
-    """y = x @ weight.T (+ bias); weight: [out, in] as stored by HF.
-
-    `split_k` > 1 (set by `LlamaForCausalLM.use_split_k` for single-device decode programs): batches of
-    at most SPLIT_K_MAX_ROWS rows compute the product as `split_k` partial GEMMs summed by XLA, which then
-    fuses the sum into the residual add and RMSNorm after it. XLA's own split-K for such shapes sums in a
-    kernel of its own; on an H200 the post-attention block (o_proj to the next RMSNorm) took 104 us per
-    Llama-3-8B layer this way against 115 us (bench/results/probe_splitk.json, one row)."""
+    """y = x @ weight.T (+ bias); weight: [out, in] as stored by HF."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: jnp.dtype,
                  rngs: nnx.Rngs) -> None:
         self.weight = nnx.Param(init_weight(rngs, (out_features, in_features), dtype))
         self.bias = nnx.Param(init_constant(rngs, (out_features,), dtype, 0.0)) if bias else None
-        self.split_k = 1
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.weight[...]
-        if self.split_k > 1 and x.shape[0] <= SPLIT_K_MAX_ROWS and w.shape[1] % self.split_k == 0:
-            y = split_k_matmul(x, w, self.split_k)
-        else:
-            y = jnp.einsum("ti,oi->to", x, w)
+        y = jnp.einsum("ti,oi->to", x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -253,15 +219,6 @@ class LlamaForCausalLM(nnx.Module):
             x, kv = layer(x, positions, inv_freq, kv, md, attn_fn)
             new_caches.append(kv)
         return self.model.norm(x), new_caches
-
-    def use_split_k(self) -> None:
-        """Row-parallel projections (o_proj, a dense MLP's down_proj) run decode batches by split-K
-        (`Linear.split_k`). For single-device programs only: the view of the weight as [out, s, K/s] would
-        make a tensor-parallel layout reshard it."""
-        for layer in self.model.layers:
-            for lin in (layer.self_attn.o_proj, getattr(layer.mlp, "down_proj", None)):
-                if isinstance(lin, Linear):
-                    lin.split_k = split_k_factor(lin.weight.shape[1])
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [N, D] -> float32 logits [N, V]."""
