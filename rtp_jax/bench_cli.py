@@ -184,7 +184,7 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     # the defaults before 2026-12-01 (4th session): 8 tensors in flight, 256 MiB slab, model traced meanwhile
     ("old_workers8_inflight256M_abstract_thread", {"num_workers": 8, "max_inflight_bytes": 256 << 20,
                                                    "abstract_in_thread": True}),
-    ("abstract_first", {"abstract_in_thread": False}),  # the model built before the pipeline starts
+    ("abstract_thread", {"abstract_in_thread": True}),  # the model built while the pipeline runs
     ("release_inline", {"release_in_background": False}),  # the slab closed before the load returns
     ("chunk16M", {"chunk_bytes": 16 << 20}),
     ("workers16_inflight512M", {"num_workers": 16, "max_inflight_bytes": 512 << 20}),
