@@ -13,6 +13,8 @@ Variants:
   kv_scatter  the layers' K/V cache write by XLA's two scatters instead of kernels_pallas/kv_write.py's
               one kernel (the engine's choice for the Pallas backends since 2026-12-01)
   decode_rows1 multi-step decode programs from 1 sequence slot (`MIN_DECODE_SEQS` 1 instead of 4)
+  xla:FLAGS   the engine compiled with XLA_FLAGS=FLAGS (e.g. "xla:--xla_gpu_autotune_level=0"; several flags
+              separated by spaces, no commas, the whole variant quoted), for the child process alone
 Prints a table last; writes probe_decode_variants.json under --out.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +86,8 @@ if trace:
         run_steps(llm, [(prompt, 64)])
     found = glob.glob(tmp + "/**/perfetto_trace.json.gz", recursive=True)
     if found:
-        open(f"{out}/{variant}_trace.txt", "w").write(summarise(found[0], top=30))
+        safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in variant)  # xla:--flag=v
+        open(f"{out}/{safe}_trace.txt", "w").write(summarise(found[0], top=30))
 print("CHILD " + json.dumps(res), flush=True)
 """
 
@@ -91,7 +95,10 @@ print("CHILD " + json.dumps(res), flush=True)
 def run_child(variant: str, repeats: int, trace: bool, out: Path, shape: str) -> dict[str, Any]:
     cmd = [sys.executable, "-c", _CHILD, str(ROOT), variant, str(repeats), "1" if trace else "0", str(out),
            shape]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ)
+    if variant.startswith("xla:"):  # set before the child imports jax: XLA reads it once
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {variant[4:]}".strip()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     res: dict[str, Any] = {"variant": variant}
     assert proc.stdout is not None
     for line in proc.stdout:
