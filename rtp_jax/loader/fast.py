@@ -442,7 +442,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
     `dtype` on the device); MoE checkpoints (per-expert tensors stacked on the host) stream through
     `FastLoader.iter_host` into `rtp_jax.models.params.load_state`, with `sharding_for` as its placer.
     `stats`, if given, receives the loader's LoadStats fields. abstract_in_thread: build the abstract model
-    while the loader runs, instead of before it starts (the default). On an H200 the order that ran
+    while the loader runs; the default builds it before the loader starts. On an H200 the order that ran
     second in a process won each time (warm 16 GB: in a thread 0.658 vs 0.699 s and 0.797 vs 0.844 s, before
     0.741 vs 0.764 s; bench/notes_bench.md), so neither is faster beyond the run-order effect.
     """
