@@ -17,9 +17,9 @@ from rtp_jax.models.rope import apply_rope, rope_tables
 
 
 def _reader() -> Any:
-    from jax.experimental.compute_on import compute_on
+    from probe_prefetch import on_stream
 
-    return compute_on("gpu_stream:1")(jax.jit(lambda w: jnp.max(w, axis=-1)))
+    return on_stream(lambda w: jnp.max(w, axis=-1), 1)
 
 
 def start(w: jax.Array, after: jax.Array, share: float) -> jax.Array | None:
@@ -32,12 +32,13 @@ def start(w: jax.Array, after: jax.Array, share: float) -> jax.Array | None:
     return _reader()(w_start[:rows])
 
 
-def wait(w: jax.Array, token: jax.Array | None) -> jax.Array:
-    """w, usable only after the read `token` came from."""
+def wait(x: jax.Array, token: jax.Array | None) -> jax.Array:
+    """x (a GEMM's activation input), usable only after the read `token` came from."""
     if token is None:
-        return w
-    w, _ = lax.optimization_barrier((w, token))
-    return w
+        return x
+    from probe_prefetch import after_read
+
+    return after_read(x, token)
 
 
 def patch(spec: str) -> dict[str, float]:
@@ -58,9 +59,9 @@ def patch(spec: str) -> dict[str, float]:
         for i, (layer, kv) in enumerate(zip(layers, kv_caches, strict=True)):
             at = layer.self_attn
             h = layer.input_layernorm(x)
-            w_qkv = wait(at.qkv_proj.weight[...], tok_qkv)
+            w_qkv = at.qkv_proj.weight[...]
             nkv, group2, hd, _ = w_qkv.shape
-            qkv = jnp.einsum("td,kghd->tkgh", h, w_qkv)
+            qkv = jnp.einsum("td,kghd->tkgh", wait(h, tok_qkv), w_qkv)
             if at.qkv_proj.bias is not None:
                 qkv = qkv + at.qkv_proj.bias[...]
             w_o = at.o_proj.weight[...]
@@ -73,16 +74,16 @@ def patch(spec: str) -> dict[str, float]:
             k_cache, v_cache = kv_writer(attn_fn)(kv[0], kv[1], k, v, md.slot_mapping)
             o = attn_fn(q, k_cache, v_cache, md, sm_scale=cfg.head_dim**-0.5,
                         sliding_window=cfg.sliding_window, soft_cap=None, new_kv=(k, v))
-            attn_out = jnp.einsum("ti,oi->to", o.reshape(t, cfg.num_heads * hd), wait(w_o, tok_o))
+            attn_out = jnp.einsum("ti,oi->to", wait(o.reshape(t, cfg.num_heads * hd), tok_o), w_o)
             x = x + attn_out
             mlp = layer.mlp
             w_gu = mlp.gate_up_proj.weight[...]
             tok_gu = start(w_gu, attn_out, shares["gu"])
             h = layer.post_attention_layernorm(x)
-            gu = jnp.einsum("td,gid->tgi", h, wait(w_gu, tok_gu))
+            gu = jnp.einsum("td,gid->tgi", wait(h, tok_gu), w_gu)
             w_dn = mlp.down_proj.weight[...]
             tok_dn = start(w_dn, gu, shares["dn"])
-            down = jnp.einsum("ti,oi->to", jax.nn.silu(gu[:, 0]) * gu[:, 1], wait(w_dn, tok_dn))
+            down = jnp.einsum("ti,oi->to", wait(jax.nn.silu(gu[:, 0]) * gu[:, 1], tok_dn), w_dn)
             x = x + down
             tok_qkv = (start(layers[i + 1].self_attn.qkv_proj.weight[...], down, shares["qkv"])
                        if i + 1 < len(layers) else None)

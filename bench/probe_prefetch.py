@@ -51,9 +51,17 @@ def on_stream(fn: Callable[..., jax.Array], stream: int | None) -> Callable[...,
     jitted = jax.jit(fn)
     if stream is None:
         return jitted
-    from jax.experimental.compute_on import compute_on
+    from jax._src import compute_on as co
+    from jax._src import core
 
-    return compute_on(f"gpu_stream:{stream}")(jitted)
+    api = getattr(co, "compute_on2", None) or co.compute_on  # jax 0.10: compute_on2; 0.11: compute_on
+    return api(jitted, compute_type=f"gpu_stream:{stream}", out_memory_spaces=core.MemorySpace.Device)
+
+
+def after_read(x: jax.Array, seen: jax.Array) -> jax.Array:
+    """x, made to depend on the read `seen` (+ 0 * a value of it: XLA folds no float product with 0,
+    while an optimization barrier whose output goes unused is dropped with the read)."""
+    return x + (seen[0] * 0).astype(x.dtype)
 
 
 def touch(w: jax.Array) -> jax.Array:
@@ -87,7 +95,7 @@ def layer_fn(variant: str, n_small: int,
             if variant == "small_only":
                 continue
             if variant in ("prefetch", "same_stream"):
-                w, _ = lax.optimization_barrier((w, seen))  # the GEMM after the read
+                x = after_read(x, seen)  # the GEMM after the read
             y = fold(jnp.einsum("td,nd->tn", x, w), x.shape[1])
             if variant == "gemm_twice":
                 y = fold(jnp.einsum("td,nd->tn", y, w), x.shape[1])
