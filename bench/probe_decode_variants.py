@@ -12,11 +12,7 @@ Variants:
   base        the engine as it is
   kv_scatter  the layers' K/V cache write by XLA's two scatters instead of kernels_pallas/kv_write.py's
               one kernel (the engine's choice for the Pallas backends since 2026-12-01)
-  prefetch:SPEC  each GEMM's weights (shares of their rows) read on CUDA stream 1 while the small kernels
-              before it run (bench/prefetch_patch.py), SPEC e.g. "o=1+gu=0.15+dn=0.05+qkv=0.3"
   decode_rows1 multi-step decode programs from 1 sequence slot (`MIN_DECODE_SEQS` 1 instead of 4)
-  small_no_autotune  programs of at most 64 rows compiled without GEMM autotuning (per-program
-              `compiler_options`, the candidate form of "xla:--xla_gpu_autotune_level=0" for decode only)
   xla:FLAGS   the engine compiled with XLA_FLAGS=FLAGS (e.g. "xla:--xla_gpu_autotune_level=0"; several flags
               separated by spaces, no commas, the whole variant quoted), for the child process alone
 Prints a table last; writes probe_decode_variants.json under --out.
@@ -58,13 +54,6 @@ if variant == "base":  # the Pallas K/V write against XLA's scatters on this dev
 if variant == "kv_scatter":  # the layers' K/V write as XLA's two scatters instead of the Pallas kernel
     import rtp_jax.models.attention as attention
     attention.pallas_write_kv = attention.write_kv
-if variant == "small_no_autotune":  # programs of <= 64 rows with XLA's default GEMM tilings (no autotuning)
-    import rtp_jax.engine.step as step_mod
-    _opts = step_mod.compiler_options
-    step_mod.compiler_options = lambda t: {**_opts(t), **({"xla_gpu_autotune_level": 0} if t <= 64 else {})}
-if variant.startswith("prefetch:"):  # weights read ahead on a second stream (bench/prefetch_patch.py)
-    from prefetch_patch import patch
-    res["prefetch_shares"] = patch(variant.split(":", 1)[1])
 if variant == "decode_rows1":  # decode programs down to one sequence slot (bs1 runs T = 1, not 4)
     import rtp_jax.engine.runner as runner_mod
     runner_mod.MIN_DECODE_SEQS = 1

@@ -18,6 +18,12 @@ Variants (one jitted program each, 32 layers, per-layer microseconds reported):
 
     python3 bench/probe_prefetch.py --out $OUT          # GPU; --smoke: tiny shapes on the CPU
 Writes probe_prefetch.json under --out; prints a table last.
+
+Measured on the H200 (jax 0.11.2, bench/results/probe_prefetch.json, notes_bench.md 2026-12-01 seventh
+session): a GEMM whose weights were just read is faster only where they fit in L2 (o_proj shape 7.1 vs
+9.3 us, q/k/v 14.5 vs 16.3, gate/up slower), so a perfectly hidden prefetch would buy <= ~4 us per layer;
+and the `prefetch` variant does not run there: XLA fails with "No ExecutionStreamId found for
+call-start" for the stream-annotated call.
 """
 
 from __future__ import annotations

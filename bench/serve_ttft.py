@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--startup-timeout", type=float, default=600,
+                   help="seconds to wait for the server (a cold --precompile of the 8B model takes minutes)")
     p.add_argument("--no-precompile", dest="precompile", action="store_false",
                    help="let the server compile lazily (live traffic then waits on XLA compiles)")
     ns = p.parse_args()
@@ -56,7 +58,7 @@ def main() -> None:
              "--max-model-len", str(ns.max_model_len), *(["--precompile"] if ns.precompile else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_healthy(url, server, 300)
+            wait_healthy(url, server, ns.startup_timeout)
             startup_s = time.perf_counter() - t0
             # Warm-up: compile the programs the measured run will need (same shapes, fewer requests).
             bench = [sys.executable, "-m", "rtp_jax.cli", "bench", "serve", "--base-url", url]

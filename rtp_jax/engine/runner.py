@@ -8,6 +8,8 @@ length.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -21,6 +23,8 @@ from rtp_jax.engine.sampler import SamplingFlags, build_sampling_tensors
 from rtp_jax.engine.scheduler import ScheduledSeq
 from rtp_jax.engine.step import KVCaches, Logprobs, StepInputs
 from rtp_jax.models.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
 
 # Prompts with nothing cached before them and at least this many (padded) tokens, alone in their step,
 # run the `fresh_fn` program: cuDNN's dense attention beats the paged kernel there (H200, 2048 tokens:
@@ -284,8 +288,20 @@ class ModelRunner:
             st = build_sampling_tensors([], [], [], [], [], [], num_rows=p.seqs)
             jobs += [(fns[p.kind], inp, st, f, p.steps if p.kind == "decode" else 0) for f in flags]
         args = (self.state_leaves, self.kv_caches, self.last_tokens)
+        # Cold, this takes minutes on a GPU (an 8B model: ~150 programs of several seconds of XLA each), so
+        # a server that is not yet listening says how far it got.
+        log.info("precompiling %d programs (%d shapes x %d sampling modes) in %d threads", len(jobs),
+                 len(jobs) // max(len(flags), 1), len(flags), max_workers)
+        t0, done, compiled = time.perf_counter(), 0, 0
+        every = max(1, len(jobs) // 10)
         with ThreadPoolExecutor(max_workers) as pool:
-            return sum(pool.map(lambda j: j[0].compile(*args, *j[1:]), jobs))
+            for fresh in pool.map(lambda j: j[0].compile(*args, *j[1:]), jobs):
+                done, compiled = done + 1, compiled + fresh
+                if done % every == 0 and done < len(jobs):
+                    log.info("precompiled %d/%d programs, %.0f s", done, len(jobs), time.perf_counter() - t0)
+        log.info("precompile done: %d programs compiled (%d already were) in %.1f s", compiled,
+                 len(jobs) - compiled, time.perf_counter() - t0)
+        return compiled
 
     @staticmethod
     def _prompt_lp_range(s: ScheduledSeq) -> tuple[int, int]:

@@ -235,10 +235,12 @@ def test_async_scheduling_equals_sync(llama_path: Path, k: int) -> None:
     assert core.num_overlapped_calls >= 5, (core.num_overlapped_calls, core.num_device_calls)
 
 
-def test_precompile_leaves_nothing_to_compile(llama_path: Path) -> None:
+def test_precompile_leaves_nothing_to_compile(llama_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """After `precompile=True`, greedy and plain-sampled batches of any size (prefill chunks, mixed steps,
     multi-step decodes) run without a single XLA compile, and give the same tokens as a lazily
-    compiling engine."""
+    compiling engine; the precompile pass logs its progress and how many programs it compiled."""
+    import logging
+
     import jax
 
     kw = dict(dtype="float32", max_model_len=64, max_num_batched_tokens=32, max_num_seqs=4)
@@ -249,7 +251,12 @@ def test_precompile_leaves_nothing_to_compile(llama_path: Path) -> None:
     lazy_llm = LLM(str(llama_path), **kw)
     lazy = [o.outputs[0].token_ids for o in lazy_llm.generate(prompts, params, use_tqdm=False)]
 
-    llm = LLM(str(llama_path), precompile=True, **kw)
+    with caplog.at_level(logging.INFO, logger="rtp_jax.engine.runner"):
+        llm = LLM(str(llama_path), precompile=True, **kw)
+    logged = [r.getMessage() for r in caplog.records if r.name == "rtp_jax.engine.runner"]
+    assert logged[0].startswith("precompiling "), logged
+    done = [m for m in logged if m.startswith("precompile done: ")]
+    assert len(done) == 1 and int(done[0].split()[2]) > 0, logged
     compiles: list[str] = []
     counting = [True]
 
