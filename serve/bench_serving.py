@@ -3,7 +3,10 @@
 Requests come from `serve.workload` (seeded, ShareGPT-like lengths) and are sent as streaming
 completions with `ignore_eos` and `max_tokens` = the sampled output length, so every output has an
 exact length. Arrivals are Poisson at `--request-rate` (inf: all at once), optionally capped at
-`--max-concurrency` in flight. Reports TTFT / ITL / E2E percentiles and request and token throughput.
+`--max-concurrency` in flight. Reports TTFT / TPOT / ITL / E2E percentiles and request and token
+throughput. TPOT is vLLM's per-token figure, (E2E - TTFT) / (output tokens - 1) per request; ITL is the gap
+between streamed chunks, so with multi-step decoding (`--num-decode-steps`), where a chunk carries up to K
+tokens, it is the time per K tokens.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "output_token_throughput": out_tokens / duration if duration else 0.0,
         "total_token_throughput": (in_tokens + out_tokens) / duration if duration else 0.0,
         "ttft_ms": _pcts([r.ttft for r in done]),
+        "tpot_ms": _pcts([(r.e2e - r.ttft) / (r.output_len - 1) for r in done if r.output_len > 1]),
         "itl_ms": _pcts([x for r in done for x in r.itl]),
         "e2e_ms": _pcts([r.e2e for r in done]),
     }
@@ -136,7 +140,7 @@ def format_table(summary: dict[str, Any]) -> str:
         ("Output token throughput (tok/s)", f"{summary['output_token_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{summary['total_token_throughput']:.2f}"),
     ]
-    for key, name in (("ttft_ms", "TTFT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E latency")):
+    for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E latency")):
         for stat, v in summary[key].items():
             rows.append((f"{stat.upper() if stat != 'mean' else 'Mean'} {name} (ms)", f"{v:.2f}"))
     width = max(len(k) for k, _ in rows) + 2

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from live_server import LiveServer
 
 from serve import cli
@@ -45,6 +46,20 @@ def test_workload_is_seeded_and_shaped() -> None:
     assert not poisson_arrivals(5, float("inf"), np.random.default_rng(0)).any()
 
 
+def test_summary_tpot_is_per_token_after_the_first() -> None:
+    """TPOT is (E2E - TTFT) / (output tokens - 1) per request, as vLLM's benchmark reports it, whatever
+    the chunking of the stream (ITL stays the per-chunk gap); one-token outputs have no TPOT."""
+    from serve.bench_serving import RequestResult, summarize
+
+    results = [RequestResult(ok=True, input_len=8, output_len=11, ttft=0.1, e2e=1.1, itl=[0.5, 0.5]),
+               RequestResult(ok=True, input_len=8, output_len=1, ttft=0.2, e2e=0.2),
+               RequestResult(ok=False, input_len=8, error="HTTP 400")]
+    s = summarize(results, duration=2.0)
+    assert s["completed"] == 2 and s["failed"] == 1
+    assert s["tpot_ms"]["p50"] == pytest.approx(100.0) and s["tpot_ms"]["mean"] == pytest.approx(100.0)
+    assert s["itl_ms"]["p50"] == pytest.approx(500.0)
+
+
 def test_bench_serve_against_live_server(live_server: LiveServer, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     ns = _parser().parse_args(["bench", "serve", "--base-url", live_server.url, "--num-prompts", "12",
@@ -56,6 +71,6 @@ def test_bench_serve_against_live_server(live_server: LiveServer, tmp_path: Path
     expected = synthetic_requests(12, 0, live_server.ctx.limits.vocab_size, 48, 16)
     assert saved["total_output_tokens"] == sum(r.output_len for r in expected)  # exact lengths (ignore_eos)
     assert saved["total_input_tokens"] == sum(r.input_len for r in expected)
-    for key in ("ttft_ms", "itl_ms", "e2e_ms"):
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         assert set(saved[key]) == {"p50", "p95", "p99", "mean"} and saved[key]["p99"] >= saved[key]["p50"] > 0
     assert saved["request_throughput"] > 0 and saved["output_token_throughput"] > 0
