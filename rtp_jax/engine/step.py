@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rtp_jax.engine.packing import PackSpec, pack, unpack
 from rtp_jax.engine.sampler import SamplingFlags, SamplingTensors, compute_logprobs, sample
 from rtp_jax.models.attention import AttentionFn, AttentionMetadata
+from rtp_jax.models.llama import layer_caller
 from rtp_jax.models.rope import rope_tables
 from sharding import compat
 from sharding.pipeline import microbatch_metadata, num_microbatches, token_slice
@@ -314,9 +315,10 @@ class PipelineStep:
             if x is None:
                 x = model.model.embed_tokens(token_slice(inp.input_ids, lo, size))
             inv_freq = jnp.asarray(rope_tables(self.config))
+            call = layer_caller(attn_fn)
             new = []
             for i, cache in zip(layers, kv, strict=True):
-                x, cache = model.model.layers[i](x, positions, inv_freq, cache, md, attn_fn)
+                x, cache = call(model.model.layers[i], x, positions, inv_freq, cache, md)
                 new.append(cache)
             return x, _constrain(new, kv_shardings)
 
