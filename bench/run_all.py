@@ -125,7 +125,8 @@ print("CHILD " + json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "first_req
                              "backend": llm.engine.core.attention_backend,
                              "num_kv_blocks": llm.engine.core.num_blocks,
                              "memory_plan": llm.engine.core.memory_plan,
-                             "n": len(out[0].outputs[0].token_ids), "compile": phases.s}))
+                             "n": len(out[0].outputs[0].token_ids),
+                             "tokens": list(out[0].outputs[0].token_ids), "compile": phases.s}))
 """
 
 
