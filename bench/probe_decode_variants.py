@@ -12,7 +12,6 @@ Variants:
   base        the engine as it is
   kv_scatter  the layers' K/V cache write by XLA's two scatters instead of kernels_pallas/kv_write.py's
               one kernel (the engine's choice for the Pallas backends since 2026-12-01)
-  no_prefetch the Mosaic decode kernel without its L2 prefetch of o_proj's weight (`L2_PREFETCH_MAX_ROWS` 0)
   export_kernel the Mosaic decode kernel called as a memoized jax.export (bench/export_kernel_patch.py)
   decode_rows1 multi-step decode programs from 1 sequence slot (`MIN_DECODE_SEQS` 1 instead of 4)
   xla:FLAGS   the engine compiled with XLA_FLAGS=FLAGS (e.g. "xla:--xla_gpu_autotune_level=0"; several flags
@@ -56,9 +55,6 @@ if variant == "base":  # the Pallas K/V write against XLA's scatters on this dev
 if variant == "kv_scatter":  # the layers' K/V write as XLA's two scatters instead of the Pallas kernel
     import rtp_jax.models.attention as attention
     attention.pallas_write_kv = attention.write_kv
-if variant == "no_prefetch":  # the decode kernel without its L2 prefetch of o_proj's weight
-    import rtp_jax.models.attention as attention
-    attention.L2_PREFETCH_MAX_ROWS = 0
 if variant == "export_kernel":  # the Mosaic decode kernel lowered once per signature (start-up probe patch)
     import export_kernel_patch
     export_kernel_patch.install()

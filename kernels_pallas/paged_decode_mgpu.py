@@ -34,7 +34,6 @@ from kernels_pallas._paged_common import LOG2E, MASK_VALUE, merge_splits
 
 BLOCK_M = 64  # wgmma's row count; the head group's q rows are the first `group_pad` of them
 SMEM_LIMIT = 227 * 1024  # per block on Hopper
-PREFETCH_ROW = 256  # elements per row of the L2 prefetch view (a TMA box is at most 256 per dimension)
 
 
 def shared_memory_bytes(head_dim: int, block_size: int, itemsize: int, *, pages_per_tile: int,
@@ -73,7 +72,6 @@ def paged_decode_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    prefetch: jax.Array | None = None,
     interpret: bool = False,
     **tuning: Any,
 ) -> jax.Array:
@@ -86,9 +84,6 @@ def paged_decode_attention(
     `tuning`: pages_per_tile (KV pages per pipeline stage; tile = pages * block_size tokens, a multiple
     of 64), num_stages (tiles in flight per block), num_splits (split-K factor), heads_inner (grid order:
     the KV heads of a sequence in adjacent blocks).
-    `prefetch`: an array the next kernel will read (e.g. o_proj's weight), which the blocks ask the L2
-    cache to load after issuing their KV copies, so a latency-bound decode step overlaps that read with
-    attention; a hint that never changes the result. Its size must be a multiple of 256 elements.
     Constraints: bf16 or fp16; head_dim a multiple of 64; group = q heads per KV head <= 64.
     """
     num_seqs, num_q_heads, head_dim = q.shape
@@ -118,11 +113,8 @@ def paged_decode_attention(
                          "lower num_stages or pages_per_tile")
     if num_q_heads // num_kv_heads > BLOCK_M:
         raise ValueError(f"at most {BLOCK_M} q heads per KV head, got {num_q_heads // num_kv_heads}")
-    if prefetch is not None and prefetch.size % PREFETCH_ROW:
-        raise ValueError(f"prefetch must have a multiple of {PREFETCH_ROW} elements, got shape "
-                         f"{prefetch.shape}")
     return _paged_decode(q, k_cache, v_cache, jnp.asarray(kv_lens, jnp.int32),
-                         jnp.asarray(block_tables, jnp.int32), prefetch, sm_scale=float(sm_scale),
+                         jnp.asarray(block_tables, jnp.int32), sm_scale=float(sm_scale),
                          sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, **params)
 
 
@@ -130,10 +122,9 @@ def paged_decode_attention(
                                              "pages_per_tile", "num_stages", "num_splits", "heads_inner",
                                              "memory_only"))
 def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens: jax.Array,
-                  block_tables: jax.Array, prefetch: jax.Array | None = None, *, sm_scale: float,
-                  sliding_window: int | None, soft_cap: float | None, interpret: bool, pages_per_tile: int,
-                  num_stages: int, num_splits: int, heads_inner: bool = True,
-                  memory_only: bool = False) -> jax.Array:
+                  block_tables: jax.Array, *, sm_scale: float, sliding_window: int | None,
+                  soft_cap: float | None, interpret: bool, pages_per_tile: int, num_stages: int,
+                  num_splits: int, heads_inner: bool = True, memory_only: bool = False) -> jax.Array:
     pl, plgpu = mosaic_gpu_modules()
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -160,16 +151,9 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
                  jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group_pad), jnp.float32))
     scale2 = sm_scale * LOG2E
 
-    # The prefetch hint as rows of PREFETCH_ROW elements (a free reshape), spread evenly over all blocks.
-    pf = None if prefetch is None else prefetch.reshape(-1, PREFETCH_ROW)
-    num_blocks = num_seqs * num_splits * num_kv_heads
-    pf_rows = 0 if pf is None else -(-pf.shape[0] // num_blocks)
-    pf_box = min(pf_rows, 256)
-
-    def kernel(q_ref: Any, k_ref: Any, v_ref: Any, lens_ref: Any, bt_ref: Any, *refs: Any) -> None:
-        pf_ref, (o_ref, lse_ref, q_smem, k_smem, v_smem, o_smem, lse_smem, q_bar, k_full, v_full, k_free,
-                 v_free, *p_smem) = (refs[0], refs[1:]) if pf is not None else (None, refs)
-        p_smem = p_smem[0] if p_smem else None
+    def kernel(q_ref: Any, k_ref: Any, v_ref: Any, lens_ref: Any, bt_ref: Any, o_ref: Any, lse_ref: Any,
+               q_smem: Any, k_smem: Any, v_smem: Any, o_smem: Any, lse_smem: Any, q_bar: Any, k_full: Any,
+               v_full: Any, k_free: Any, v_free: Any, p_smem: Any = None) -> None:
         h, s, split = lax.axis_index("h"), lax.axis_index("s"), lax.axis_index("k")
         kv_len = lens_ref[s]
         lo = jnp.int32(0) if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0)
@@ -265,12 +249,6 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
             for i in range(num_stages):
                 pl.when(i < steps)(functools.partial(fetch, jnp.int32(i), jnp.int32(i), False))
 
-            if pf_ref is not None:  # after this block's first KV copies, so they are not queued behind it
-                block = (s * num_splits + split) * num_kv_heads + h
-                for j in range(-(-pf_rows // pf_box)):
-                    row = jnp.minimum(block * pf_rows + j * pf_box, pf.shape[0] - pf_box)
-                    plgpu.async_prefetch(pf_ref.at[pl.ds(row, pf_box)])
-
             def refill(i: jax.Array, _: Any) -> None:
                 fetch(i, lax.rem(i, num_stages), True)
 
@@ -309,7 +287,7 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    o, lse = call(q4, k_cache, v_cache, kv_lens, block_tables, *(() if pf is None else (pf,)))
+    o, lse = call(q4, k_cache, v_cache, kv_lens, block_tables)
     lse = lse[..., :group]
     out = merge_splits(jnp.moveaxis(o, 2, 0), jnp.moveaxis(lse, 2, 0)) if split_out else o[:, :, 0]
     if split_out:  # padded slots: every split empty, 0/0 in the merge

@@ -38,9 +38,7 @@ class AttentionFn(Protocol):
     """q: [T, heads, head_dim] -> [T, heads, head_dim]. `new_kv`: this step's K and V, each
     [T, kv_heads, head_dim], already written to the caches; kernels that read the paged caches ignore
     it, `fresh_attention` reads only it. A backend's function may carry a `write_kv` attribute (the
-    contract of `write_kv` below): the cache write the layers use with it (`kv_writer`); and an
-    `l2_prefetch` attribute (true): it then also takes `prefetch=` (the array the layer reads next; see
-    `l2_prefetch`)."""
+    contract of `write_kv` below): the cache write the layers use with it (`kv_writer`)."""
 
     def __call__(
         self,
@@ -148,35 +146,20 @@ def select_attention_backend(name: str = "auto", **tuning: Any) -> AttentionBack
     raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
 
 
-def l2_prefetch(attn_fn: AttentionFn) -> bool:
-    """Whether `attn_fn` takes `prefetch=`: an array the layer reads right after attention (o_proj's
-    weight), which it asks the L2 cache to load while it attends. At batch 1 attention leaves HBM mostly
-    idle for a few microseconds, and o_proj's 32 MB (Llama-3-8B) read from L2 saves ~2 us per layer."""
-    return getattr(attn_fn, "l2_prefetch", False)
-
-
-# Decode batches of at most this many rows prefetch (latency-bound); larger ones read KV at full rate.
-L2_PREFETCH_MAX_ROWS = 16
-
-
 def _mosaic_decode(fallback: AttentionFn) -> AttentionFn:
     """The Mosaic GPU decode kernel where it applies (bf16/fp16, head_dim % 64 == 0), else `fallback`;
-    decided from static shapes at trace time. Takes `prefetch=` (`l2_prefetch`)."""
-    from kernels_pallas.paged_decode_mgpu import PREFETCH_ROW, paged_decode_attention, supports
+    decided from static shapes at trace time."""
+    from kernels_pallas.paged_decode_mgpu import paged_decode_attention, supports
 
     def attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMetadata, *,
              sm_scale: float, sliding_window: int | None, soft_cap: float | None,
-             new_kv: tuple[jax.Array, jax.Array] | None = None,
-             prefetch: jax.Array | None = None) -> jax.Array:
+             new_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         if not supports(q, k_cache) or q.shape[0] != md.kv_lens.shape[0]:
             return fallback(q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
                             soft_cap=soft_cap)
-        if prefetch is not None and (q.shape[0] > L2_PREFETCH_MAX_ROWS or prefetch.size % PREFETCH_ROW):
-            prefetch = None
         return paged_decode_attention(q, k_cache, v_cache, md.kv_lens, md.block_tables, sm_scale=sm_scale,
-                                      sliding_window=sliding_window, soft_cap=soft_cap, prefetch=prefetch)
+                                      sliding_window=sliding_window, soft_cap=soft_cap)
 
-    attn.l2_prefetch = True  # type: ignore[attr-defined]
     return attn
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rtp_jax.config import ModelConfig
-from rtp_jax.models.attention import AttentionFn, AttentionMetadata, kv_writer, l2_prefetch, rms_norm
+from rtp_jax.models.attention import AttentionFn, AttentionMetadata, kv_writer, rms_norm
 from rtp_jax.models.rope import apply_rope, rope_tables
 
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, kv_heads, head_dim]
@@ -138,9 +138,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k_cache, v_cache = kv_writer(attn_fn)(kv[0], kv[1], k, v, md.slot_mapping)
-        hint = {"prefetch": self.o_proj.weight[...]} if l2_prefetch(attn_fn) else {}
         o = attn_fn(q, k_cache, v_cache, md, sm_scale=cfg.head_dim**-0.5,
-                    sliding_window=cfg.sliding_window, soft_cap=None, new_kv=(k, v), **hint)
+                    sliding_window=cfg.sliding_window, soft_cap=None, new_kv=(k, v))
         return self.o_proj(o.reshape(t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
 
 

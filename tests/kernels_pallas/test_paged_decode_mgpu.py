@@ -101,15 +101,6 @@ def test_grid_orders_give_the_same_result(heads_inner):
     _check([33, 190], pad_seqs=1, num_splits=2, pages_per_tile=4, num_stages=2, heads_inner=heads_inner)
 
 
-@needs_kernel
-@pytest.mark.parametrize("prefetch_shape", [(3, 256), (4096, 512)])
-def test_l2_prefetch_hint_leaves_the_result_unchanged(prefetch_shape):
-    """An L2 prefetch of another array (fewer 256-element rows than blocks, or several 256-row boxes per
-    block) is only a hint: the result is the reference's."""
-    _check([33, 190], pad_seqs=1, num_splits=2, pages_per_tile=4, num_stages=2,
-           prefetch=jnp.ones(prefetch_shape, jnp.bfloat16))
-
-
 def test_default_tuning_splits_small_batches_and_keeps_tiles_whole():
     """Few (sequence, head) programs get split-K to fill the GPU; tiles are whole multiples of 64 tokens."""
     one = default_decode_tuning(1, 8, 16, 4096)
@@ -127,11 +118,9 @@ def test_default_tuning_splits_small_batches_and_keeps_tiles_whole():
     (dict(tuning=dict(num_stages=8, pages_per_tile=8)), "shared memory"),
     (dict(tuning=dict(block_q=16)), "unknown tuning"),
     (dict(lens_rows=3), "one query token per sequence"),
-    (dict(tuning=dict(prefetch=jnp.zeros((100,), jnp.bfloat16))), "prefetch must have a multiple of 256"),
 ])
 def test_bad_input_is_refused_with_the_argument_named(change, message):
-    """Wrong dtype, head_dim, tile, shared-memory budget, tuning key, row count or prefetch size: a clear
-    error up front."""
+    """Wrong dtype, head_dim, tile, shared-memory budget, tuning key or row count: a clear error up front."""
     head_dim = change.get("head_dim", 128)
     dtype = change.get("dtype", jnp.bfloat16)
     q = jnp.zeros((2, 8, head_dim), dtype)

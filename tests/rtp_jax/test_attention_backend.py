@@ -18,7 +18,6 @@ from rtp_jax.models.attention import (
     _from_contract,
     _mosaic_decode,
     kv_writer,
-    l2_prefetch,
     pallas_write_kv,
     select_attention_backend,
     split_decode_rows,
@@ -224,41 +223,3 @@ def test_engine_layers_write_kv_with_the_backends_writer(tiny_hf_model, monkeypa
     assert traced and len(traced) % layers == 0  # each traced program wrote once per layer
     # the mixed program (token buckets >= 16) and the multi-step decode one (4 sequence slots, one token each)
     assert {shape[0] for shape in traced} >= {4, 32}, traced
-
-
-def test_layers_hand_o_proj_weight_to_attention_that_prefetches(tiny_hf_model,
-                                                                monkeypatch: pytest.MonkeyPatch):
-    """An attention function marked `l2_prefetch` gets each layer's o_proj weight as `prefetch=` (the
-    Mosaic decode function is so marked); one without the mark is called without it; outputs unchanged."""
-    import rtp_jax.engine.core as core_mod
-    from rtp_jax import LLM, SamplingParams
-
-    assert l2_prefetch(_mosaic_decode(_from_contract(ragged_paged_attention_reference)))
-    path = str(tiny_hf_model("llama"))
-    kw = dict(dtype="float32", max_model_len=128, max_num_batched_tokens=32, max_num_seqs=4,
-              num_decode_steps=4)
-    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 40)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in LLM(path, **kw).generate(prompts, params, use_tqdm=False)]
-    hints: dict[str, list[Any]] = {"mixed": [], "decode": []}
-    ref = _from_contract(ragged_paged_attention_reference)
-
-    def recording(kind: str, marked: bool) -> Any:
-        def attn(q, k_cache, v_cache, md, *, prefetch=None, **kw):
-            hints[kind].append(None if prefetch is None else tuple(prefetch.shape))
-            return ref(q, k_cache, v_cache, md, **kw)
-
-        attn.l2_prefetch = marked
-        return attn
-
-    def backend(name: str = "auto", **tuning: Any) -> Any:
-        return select_attention_backend("reference")._replace(mixed=recording("mixed", False),
-                                                              decode=recording("decode", True))
-
-    monkeypatch.setattr(core_mod, "select_attention_backend", backend)
-    llm = LLM(path, **kw)
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert got == want
-    m = llm.engine.core.config.model
-    assert hints["mixed"] and set(hints["mixed"]) == {None}
-    assert hints["decode"] and set(hints["decode"]) == {(m.hidden_size, m.num_heads * m.head_dim)}
