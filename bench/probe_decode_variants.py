@@ -12,7 +12,7 @@ Variants:
   base        the engine as it is
   kv_scatter  the layers' K/V cache write by XLA's two scatters instead of kernels_pallas/kv_write.py's
               one kernel (the engine's choice for the Pallas backends since 2026-12-01)
-  export_kernel the Mosaic decode kernel called as a memoized jax.export (bench/export_kernel_patch.py)
+  no_export_kernel the Mosaic decode kernel lowered in every program, not once per signature
   decode_rows1 multi-step decode programs from 1 sequence slot (`MIN_DECODE_SEQS` 1 instead of 4)
   xla:FLAGS   the engine compiled with XLA_FLAGS=FLAGS (e.g. "xla:--xla_gpu_autotune_level=0"; several flags
               separated by spaces, no commas, the whole variant quoted), for the child process alone
@@ -55,9 +55,9 @@ if variant == "base":  # the Pallas K/V write against XLA's scatters on this dev
 if variant == "kv_scatter":  # the layers' K/V write as XLA's two scatters instead of the Pallas kernel
     import rtp_jax.models.attention as attention
     attention.pallas_write_kv = attention.write_kv
-if variant == "export_kernel":  # the Mosaic decode kernel lowered once per signature (start-up probe patch)
-    import export_kernel_patch
-    export_kernel_patch.install()
+if variant == "no_export_kernel":  # the Mosaic decode kernel lowered in every program (before 2026-12-01)
+    import probe_patches
+    probe_patches.lower_kernel_per_program()
 if variant == "decode_rows1":  # decode programs down to one sequence slot (bs1 runs T = 1, not 4)
     import rtp_jax.engine.runner as runner_mod
     runner_mod.MIN_DECODE_SEQS = 1

@@ -10,8 +10,8 @@ seconds between its lines say which kernels are rebuilt when an executable is lo
 (`vlog_gaps` in the result: the largest gaps and the line that ends each).
 
 Variants: `base` (the engine's defaults), `reference` (XLA attention instead of the Pallas kernel),
-`no_triton_gemm` (`--xla_gpu_enable_triton_gemm=false`: cuBLAS GEMMs), `export_kernel` (the Mosaic GPU
-decode kernel lowered once per signature and called as an export: bench/export_kernel_patch.py); and,
+`no_triton_gemm` (`--xla_gpu_enable_triton_gemm=false`: cuBLAS GEMMs), `no_export_kernel` (the Mosaic GPU
+decode kernel lowered again in every program, as before it was lowered once per signature); and,
 loading a written checkpoint instead of random weights, `ckpt` (the fast loader's defaults), `ckpt_nodma`
 (staging slab not registered for DMA) and `ckpt_nostaging` (no staging slab); these share one cache folder.
 """
@@ -39,7 +39,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "base": ({}, {}),
     "reference": ({}, {"attention_backend": "reference"}),
     "no_triton_gemm": ({"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}, {}),
-    "export_kernel": ({"RTP_PROBE_EXPORT_KERNEL": "1"}, {}),
+    "no_export_kernel": ({"RTP_PROBE_NO_EXPORT_KERNEL": "1"}, {}),
 }
 # Variants that load the weights from a safetensors checkpoint (written first) with these FastLoader
 # keyword arguments; they share one cache folder, filled by the first of them to run.
@@ -55,11 +55,11 @@ import rtp_jax.loader.fast as _fast
 _kw = _json.loads(_os.environ.get("RTP_PROBE_LOADER_KW", "{}"))
 if _kw:
     _fast.FastLoader.__init__ = functools.partialmethod(_fast.FastLoader.__init__, **_kw)
-if _os.environ.get("RTP_PROBE_EXPORT_KERNEL"):  # bench/export_kernel_patch.py
+if _os.environ.get("RTP_PROBE_NO_EXPORT_KERNEL"):  # the Mosaic decode kernel lowered in every program
     import sys as _sys
     _sys.path.insert(0, _os.path.join(_os.path.dirname(_fast.__file__), "..", "..", "bench"))
-    import export_kernel_patch
-    export_kernel_patch.install()
+    import probe_patches
+    probe_patches.lower_kernel_per_program()
 """
 VMODULE = "ir_emitter_unnested=3,gpu_compiler=2,gpu_executable=2,nvptx_compiler=2,triton_fusion_emitter=2"
 _TS = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+)")

@@ -101,6 +101,39 @@ def test_grid_orders_give_the_same_result(heads_inner):
     _check([33, 190], pad_seqs=1, num_splits=2, pages_per_tile=4, num_stages=2, heads_inner=heads_inner)
 
 
+def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.MonkeyPatch):
+    """The compiled path lowers the kernel once per static signature and embeds that export in every
+    program: two programs with the same shapes and tuning trace it once, another tuning once more, and
+    the results are the direct call's. (A pure-JAX stand-in for the kernel, so this runs on the CPU.)"""
+    import kernels_pallas.paged_decode_mgpu as mgpu
+
+    traced = []
+
+    def stand_in(q, k, v, lens, tables, *, interpret, sm_scale, sliding_window, soft_cap, **tuning):
+        traced.append(tuning["num_splits"])
+        qsl = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+        return ragged_paged_attention_reference(q, k, v, lens, tables, qsl, jnp.int32(q.shape[0]),
+                                                sm_scale=sm_scale, sliding_window=sliding_window,
+                                                soft_cap=soft_cap)
+
+    monkeypatch.setattr(mgpu, "_paged_decode", stand_in)
+    mgpu._lowered_once.cache_clear()
+    q, k, v, lens, tables, qsl, n = _decode_batch([5, 90, 200])
+
+    def attend(splits: int) -> jax.Array:
+        return paged_decode_attention(q, k, v, lens, tables, sm_scale=0.125, num_splits=splits)
+
+    doubled = jax.jit(lambda: attend(2) * 2)()
+    plus_one = jax.jit(lambda: attend(2) + 1)()
+    jax.jit(lambda: attend(3))()
+    assert traced == [2, 3]
+    want = np.asarray(stand_in(q, k, v, lens, tables, interpret=False, sm_scale=0.125, sliding_window=None,
+                               soft_cap=None, num_splits=2), np.float32)
+    np.testing.assert_allclose(np.asarray(doubled, np.float32), 2 * want, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(plus_one, np.float32), want + 1, rtol=1e-2)
+    mgpu._lowered_once.cache_clear()
+
+
 def test_default_tuning_splits_small_batches_and_keeps_tiles_whole():
     """Few (sequence, head) programs get split-K to fill the GPU; tiles are whole multiples of 64 tokens."""
     one = default_decode_tuning(1, 8, 16, 4096)
