@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 
 def lower_kernel_per_program() -> None:
     """The Mosaic GPU decode kernel lowered inside every program that uses it (as before 2026-12-01),
     instead of once per signature as an export (`kernels_pallas.paged_decode_mgpu._lowered_once`)."""
     import kernels_pallas.paged_decode_mgpu as mgpu
 
-    class Direct:
-        def __init__(self, static: tuple[tuple[str, Any], ...]) -> None:
-            self.static = dict(static)
-
-        def call(self, *args: Any) -> Any:
-            return mgpu._paged_decode(*args, interpret=False, **self.static)
-
-    mgpu._lowered_once = lambda signature, static, platform: Direct(static)
+    mgpu._lowered_once = lambda signature, static, platform: mgpu.InlineKernel(static)

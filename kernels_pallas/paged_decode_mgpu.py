@@ -23,7 +23,8 @@ ragged_paged_attention.py restricted to one token per sequence.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import warnings
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,12 +138,27 @@ def _lowered_once(signature: tuple[tuple[tuple[int, ...], str], ...], static: tu
     kernel sits in every K-step decode program, both sampling modes and the mixed programs with the same
     sequence slots: lowered in each, a warm start-up (cache hits still lower every program to find its
     key) and `--precompile` repeat that work per program. On an H200 (Llama-3-8B shape) this cut a warm
-    start-up's lowering from 5.3 to 1.8 s (bench/results/probe_startup_601ed34.json)."""
+    start-up's lowering from 5.3 to 1.8 s (bench/results/probe_startup_601ed34.json). A JAX whose export
+    refuses the kernel gets `InlineKernel` (lowered in each program, as before), with a warning."""
     from jax import export
 
     fn = jax.jit(functools.partial(_paged_decode, interpret=False, **dict(static)))
     avals = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for shape, dtype in signature]
-    return export.export(fn, platforms=(platform,))(*avals)
+    try:
+        return export.export(fn, platforms=(platform,))(*avals)
+    except Exception as e:  # noqa: BLE001 - any refusal: the inline path below raises real kernel errors
+        warnings.warn(f"Mosaic decode kernel not exportable ({type(e).__name__}: {e}); it is lowered in "
+                      "every program instead (slower start-up)", RuntimeWarning, stacklevel=2)
+        return InlineKernel(static)
+
+
+class InlineKernel(NamedTuple):
+    """The compiled kernel lowered inside each calling program (`_lowered_once`'s fallback)."""
+
+    static: tuple[tuple[str, Any], ...]
+
+    def call(self, *args: jax.Array) -> jax.Array:
+        return _paged_decode(*args, interpret=False, **dict(self.static))
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret",

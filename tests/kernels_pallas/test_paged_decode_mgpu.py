@@ -101,13 +101,9 @@ def test_grid_orders_give_the_same_result(heads_inner):
     _check([33, 190], pad_seqs=1, num_splits=2, pages_per_tile=4, num_stages=2, heads_inner=heads_inner)
 
 
-def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.MonkeyPatch):
-    """The compiled path lowers the kernel once per static signature and embeds that export in every
-    program: two programs with the same shapes and tuning trace it once, another tuning once more, and
-    the results are the direct call's. (A pure-JAX stand-in for the kernel, so this runs on the CPU.)"""
-    import kernels_pallas.paged_decode_mgpu as mgpu
-
-    traced = []
+def _kernel_stand_in(traced: list[int]):
+    """A pure-JAX stand-in for the compiled kernel (so the compiled path runs on the CPU), recording the
+    split count of each trace."""
 
     def stand_in(q, k, v, lens, tables, *, interpret, sm_scale, sliding_window, soft_cap, **tuning):
         traced.append(tuning["num_splits"])
@@ -116,6 +112,17 @@ def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.Monke
                                                 sm_scale=sm_scale, sliding_window=sliding_window,
                                                 soft_cap=soft_cap)
 
+    return stand_in
+
+
+def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.MonkeyPatch):
+    """The compiled path lowers the kernel once per static signature and embeds that export in every
+    program: two programs with the same shapes and tuning trace it once, another tuning once more, and
+    the results are the direct call's."""
+    import kernels_pallas.paged_decode_mgpu as mgpu
+
+    traced: list[int] = []
+    stand_in = _kernel_stand_in(traced)
     monkeypatch.setattr(mgpu, "_paged_decode", stand_in)
     mgpu._lowered_once.cache_clear()
     q, k, v, lens, tables, qsl, n = _decode_batch([5, 90, 200])
@@ -131,6 +138,31 @@ def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.Monke
                                soft_cap=None, num_splits=2), np.float32)
     np.testing.assert_allclose(np.asarray(doubled, np.float32), 2 * want, rtol=1e-2)
     np.testing.assert_allclose(np.asarray(plus_one, np.float32), want + 1, rtol=1e-2)
+    mgpu._lowered_once.cache_clear()
+
+
+def test_kernel_that_cannot_be_exported_is_lowered_in_each_program(monkeypatch: pytest.MonkeyPatch):
+    """If jax.export refuses the kernel, a warning says so and every program lowers it itself, with the
+    same results."""
+    from jax import export
+
+    import kernels_pallas.paged_decode_mgpu as mgpu
+
+    traced: list[int] = []
+    monkeypatch.setattr(mgpu, "_paged_decode", _kernel_stand_in(traced))
+
+    def refuse(*args, **kwargs):
+        raise ValueError("custom call target not allowed")
+
+    monkeypatch.setattr(export, "export", refuse)
+    mgpu._lowered_once.cache_clear()
+    q, k, v, lens, tables, qsl, n = _decode_batch([5, 90])
+    with pytest.warns(RuntimeWarning, match="not exportable"):
+        out = jax.jit(lambda: paged_decode_attention(q, k, v, lens, tables, sm_scale=0.125, num_splits=2))()
+    jax.jit(lambda: paged_decode_attention(q, k, v, lens, tables, sm_scale=0.125, num_splits=2) + 1)()
+    assert traced == [2, 2]
+    ref = ragged_paged_attention_reference(q, k, v, lens, tables, qsl, n, sm_scale=0.125)
+    assert relative_error(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < 1e-2
     mgpu._lowered_once.cache_clear()
 
 
