@@ -101,6 +101,17 @@ def test_grid_orders_give_the_same_result(heads_inner):
     _check([33, 190], pad_seqs=1, num_splits=2, pages_per_tile=4, num_stages=2, heads_inner=heads_inner)
 
 
+@pytest.fixture
+def fresh_export_cache():
+    """An empty per-signature export cache, emptied again afterwards (also when the test fails), so no
+    stand-in kernel outlives its test."""
+    import kernels_pallas.paged_decode_mgpu as mgpu
+
+    mgpu._lowered_once.cache_clear()
+    yield
+    mgpu._lowered_once.cache_clear()
+
+
 def _kernel_stand_in(traced: list[int]):
     """A pure-JAX stand-in for the compiled kernel (so the compiled path runs on the CPU), recording the
     split count of each trace."""
@@ -115,7 +126,7 @@ def _kernel_stand_in(traced: list[int]):
     return stand_in
 
 
-def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.MonkeyPatch):
+def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.MonkeyPatch, fresh_export_cache):
     """The compiled path lowers the kernel once per static signature and embeds that export in every
     program: two programs with the same shapes and tuning trace it once, another tuning once more, and
     the results are the direct call's."""
@@ -124,7 +135,6 @@ def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.Monke
     traced: list[int] = []
     stand_in = _kernel_stand_in(traced)
     monkeypatch.setattr(mgpu, "_paged_decode", stand_in)
-    mgpu._lowered_once.cache_clear()
     q, k, v, lens, tables, qsl, n = _decode_batch([5, 90, 200])
 
     def attend(splits: int) -> jax.Array:
@@ -138,10 +148,10 @@ def test_compiled_kernel_is_lowered_once_per_signature(monkeypatch: pytest.Monke
                                soft_cap=None, num_splits=2), np.float32)
     np.testing.assert_allclose(np.asarray(doubled, np.float32), 2 * want, rtol=1e-2)
     np.testing.assert_allclose(np.asarray(plus_one, np.float32), want + 1, rtol=1e-2)
-    mgpu._lowered_once.cache_clear()
 
 
-def test_kernel_that_cannot_be_exported_is_lowered_in_each_program(monkeypatch: pytest.MonkeyPatch):
+def test_kernel_that_cannot_be_exported_is_lowered_in_each_program(monkeypatch: pytest.MonkeyPatch,
+                                                                    fresh_export_cache):
     """If jax.export refuses the kernel, a warning says so and every program lowers it itself, with the
     same results."""
     from jax import export
@@ -155,7 +165,6 @@ def test_kernel_that_cannot_be_exported_is_lowered_in_each_program(monkeypatch: 
         raise ValueError("custom call target not allowed")
 
     monkeypatch.setattr(export, "export", refuse)
-    mgpu._lowered_once.cache_clear()
     q, k, v, lens, tables, qsl, n = _decode_batch([5, 90])
     with pytest.warns(RuntimeWarning, match="not exportable"):
         out = jax.jit(lambda: paged_decode_attention(q, k, v, lens, tables, sm_scale=0.125, num_splits=2))()
@@ -163,7 +172,6 @@ def test_kernel_that_cannot_be_exported_is_lowered_in_each_program(monkeypatch: 
     assert traced == [2, 2]
     ref = ragged_paged_attention_reference(q, k, v, lens, tables, qsl, n, sm_scale=0.125)
     assert relative_error(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < 1e-2
-    mgpu._lowered_once.cache_clear()
 
 
 def test_default_tuning_splits_small_batches_and_keeps_tiles_whole():
