@@ -181,26 +181,25 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
 
 # Warm-load variants of `--variants`: (name, loader options over the command line's).
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    # the defaults before 2026-12-01 (4th session): 8 tensors in flight, 256 MiB slab, model traced meanwhile
-    ("old_workers8_inflight256M_abstract_thread", {"num_workers": 8, "max_inflight_bytes": 256 << 20,
-                                                   "abstract_in_thread": True}),
+    ("no_direct", {"direct": False}),  # every job through the pinned slab (the default until 2026-12-01)
     ("abstract_thread", {"abstract_in_thread": True}),  # the model built while the pipeline runs
-    ("release_inline", {"release_in_background": False}),  # the slab closed before the load returns
-    ("chunk16M", {"chunk_bytes": 16 << 20}),
     ("workers16_inflight512M", {"num_workers": 16, "max_inflight_bytes": 512 << 20}),
+    ("workers24_inflight768M", {"num_workers": 24, "max_inflight_bytes": 768 << 20}),
+    ("split64M", {"split_bytes": 64 << 20}),
 )
 
 
 # Where each load says its time went (loader.accounting.phase_summary, the slab, the model trace).
 PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_busy_s", "mean_reading",
               "mean_transferring", "first_job_start_s", "last_job_end_s", "slab_setup_s",
-              "slab_first_segment_s")
+              "slab_first_segment_s", "staging", "direct_bytes", "direct_files", "pin_busy_s",
+              "pinned_peak_bytes", "direct_failed")
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,
                    num_workers: int = 12, max_inflight_mb: int = 384, chunk_mb: int = 64, split_mb: int = 32,
                    assemble: str = "concat", use_mmap: bool = False, staging: str = "slab",
-                   dma_map: bool = True, naive: bool = True,
+                   dma_map: bool = True, direct: bool = True, naive: bool = True,
                    cold: bool = True, variants: bool = False, log: Callable[[str], None] = print
                    ) -> dict[str, Any]:
     """All load measurements on one checkpoint; returns the report dict (see the module docstring)."""
@@ -213,7 +212,7 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
     total = sum(f.stat().st_size for f in files)
     kw = dict(num_readers=num_readers, num_workers=num_workers, max_inflight_bytes=max_inflight_mb << 20,
               chunk_bytes=chunk_mb << 20, split_bytes=split_mb << 20, assemble=assemble, use_mmap=use_mmap,
-              staging=staging, dma_map=dma_map)
+              staging=staging, dma_map=dma_map, direct=direct)
     rep: dict[str, Any] = {
         "model": str(path), "files": len(files), "file_bytes": total, "dtype": dtype,
         "loader": {k: v for k, v in kw.items()}, "device": str(jax.devices()[0].device_kind),
@@ -348,7 +347,8 @@ def cmd_load(ns: argparse.Namespace) -> int:
                          num_workers=ns.workers, max_inflight_mb=ns.max_inflight_mb, chunk_mb=ns.chunk_mb,
                          split_mb=ns.split_mb, assemble=ns.assemble,
                          use_mmap=ns.mmap, staging=ns.staging, dma_map=not ns.no_dma_map,
-                         naive=not ns.no_naive, cold=not ns.no_cold, variants=ns.variants)
+                         direct=not ns.no_direct, naive=not ns.no_naive, cold=not ns.no_cold,
+                         variants=ns.variants)
     rep = {**rep, **run_info()}
     notes = [f"page cache dropped with: {rep.get('cache_drop', 'not dropped (--no-cold)')}"]
     if rep.get("cache_drop") == "none":
@@ -378,6 +378,8 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
                    help="slab: one reused pre-faulted host buffer; slab_async: set up in the background, "
                         "mmap meanwhile; none: a fresh buffer per tensor")
     p.add_argument("--no-dma-map", action="store_true", help="do not register the slab for direct DMA")
+    p.add_argument("--no-direct", action="store_true",
+                   help="never copy from the page cache directly (warm files then go through the slab)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     p.add_argument("--no-cold", action="store_true", help="skip page-cache drops (disk and cold load)")
     p.add_argument("--variants", action="store_true",

@@ -50,6 +50,7 @@ import numpy as np
 
 from rtp_jax.loader.abstract import abstract_state
 from rtp_jax.loader.accounting import ByteBudget, LoadStats, phase_summary
+from rtp_jax.loader.direct import HostDma, PageCacheSource, _byte_range, _direct_ok, _put_job_direct, host_dma
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
 from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
 from rtp_jax.loader.staging import _PAGE, StagingSlab, _MappedRange
@@ -117,13 +118,17 @@ class FastLoader:
     device runtime so transfers DMA straight from it (where the backend supports it).
     `skip(name)`: tensors to leave unread. release_in_background: the slab is unregistered and unmapped
     by a background thread once the pass is done, so the caller does not wait for it.
+    direct (`iter_device` only): files already in the page cache are pinned in place and copied to the
+    devices by DMA (`loader.direct`), skipping the slab, where the runtime allows it (CUDA with read-only
+    host registration; `host_dma()`); True: wherever it works, False: never, or a `HostDma` to use.
+    Jobs that slice columns, and files not in the page cache, keep to `staging`.
     """
 
     def __init__(self, path: str | Path, *, num_readers: int = 16, num_workers: int = 12,
                  chunk_bytes: int = 64 << 20, max_inflight_bytes: int = 384 << 20, use_mmap: bool = False,
                  staging: str = "slab", dma_map: bool = True, split_bytes: int = 32 << 20,
                  assemble: str = "concat", skip: Callable[[str], bool] | None = None,
-                 release_in_background: bool = True) -> None:
+                 release_in_background: bool = True, direct: bool | HostDma = True) -> None:
         if staging not in ("slab", "slab_async", "none"):
             raise ValueError(f"staging must be 'slab', 'slab_async' or 'none', got {staging!r}")
         if assemble not in ("concat", "dus"):
@@ -140,6 +145,7 @@ class FastLoader:
         self.split_bytes = split_bytes
         self.assemble = assemble
         self.release_in_background = release_in_background
+        self.direct = direct
         self.stats = LoadStats()
 
     @property
@@ -357,10 +363,30 @@ class FastLoader:
 
         jobs = [job for t in self.plan
                 for job in _split_jobs(t, _shard_reads(t, sharding_of(t)), self.split_bytes)]
+        source = self._page_cache_source(jobs)
+        direct = {id(job) for job in jobs if source is not None and _direct_ok(source, job)}
+        for job in jobs:
+            if id(job) in direct:
+                for _, r0, r1, _ in job.ranges:
+                    source.expect(job.tensor.path, *_byte_range(job.tensor, r0, r1))
 
         def work(ctx: _Ctx, job: _Job) -> tuple[Any, int, int]:
             t = job.tensor
             e, rb, sharding = t.entry, _row_bytes(t), sharding_of(t)
+            if id(job) in direct and t.path in source:
+                t0 = time.perf_counter()
+                try:
+                    out, nsent = _put_job_direct(source, job, sharding)
+                except RuntimeError:
+                    if source.failed is None:
+                        raise
+                else:  # pinning failed: this and later jobs take the host path
+                    want = target_dtype(t.name)
+                    if job.parts == 1 and want is not None and np.dtype(want) != out.dtype:
+                        out = _cast(out, np.dtype(want))
+                        out.block_until_ready()
+                    self._time(t0, t0)
+                    return out, job.nbytes, nsent
             slab = ctx.slab()
             slab = slab if slab is not None and 0 < job.nbytes <= slab.max_alloc else None
             lo_row = min(r0 for _, r0, _, _ in job.ranges)
@@ -413,18 +439,40 @@ class FastLoader:
             return out, job.nbytes, nsent
 
         parts: list[tuple[Any, int, dict[Any, Any]]] = []
-        for job, out in self._run(jobs, work, lambda j: j.nbytes, release_on_consume=False,
-                                  make_slab=self._make_slab if self.staging != "none" else None):
-            if job.parts > 1:
-                parts.append(out)
-                if job.part < job.parts - 1:
-                    continue
-                want = target_dtype(job.tensor.name)
-                out = _assemble(job.tensor, sharding_of(job.tensor), parts,
-                                None if want is None else np.dtype(want), self.assemble)
-                parts = []
-            self.stats.num_tensors += 1
-            yield job.tensor.name, out
+        slab = self.staging != "none" and len(direct) < len(jobs)
+        try:
+            for job, out in self._run(jobs, work, lambda j: j.nbytes, release_on_consume=False,
+                                      make_slab=self._make_slab if slab else None):
+                if job.parts > 1:
+                    parts.append(out)
+                    if job.part < job.parts - 1:
+                        continue
+                    want = target_dtype(job.tensor.name)
+                    out = _assemble(job.tensor, sharding_of(job.tensor), parts,
+                                    None if want is None else np.dtype(want), self.assemble)
+                    parts = []
+                self.stats.num_tensors += 1
+                yield job.tensor.name, out
+        finally:
+            if source is not None:
+                source.close()
+                self.stats.extra.update(source.stats())
+                if source.bytes:
+                    self.stats.extra["staging"] = "direct" if not slab else \
+                        f"direct+{self.stats.extra.get('staging', 'none')}"
+
+    def _page_cache_source(self, jobs: list[_Job]) -> PageCacheSource | None:
+        """The resident files of the plan, mapped for direct DMA (None: disabled or unsupported here)."""
+        if self.direct is False or not jobs:
+            return None
+        dma = host_dma() if self.direct is True else self.direct
+        if dma is None:
+            return None
+        source = PageCacheSource(sorted({t.path for t in self.plan}), dma, chunk_bytes=self.split_bytes)
+        if not source.maps:
+            source.close()
+            return None
+        return source
 
     def _time(self, t0: float, t1: float) -> None:
         t2 = time.perf_counter()

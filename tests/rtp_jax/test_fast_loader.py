@@ -87,7 +87,8 @@ def test_iter_device_slab_matches_plain_iterator(tiny_hf_model, limit_of_largest
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     ref = dict(iter_safetensors(path))
     limit = int(max(x.nbytes for x in ref.values()) * limit_of_largest)
-    loader = FastLoader(path, num_readers=4, num_workers=4, chunk_bytes=1 << 16, max_inflight_bytes=limit)
+    loader = FastLoader(path, num_readers=4, num_workers=4, chunk_bytes=1 << 16, max_inflight_bytes=limit,
+                        direct=False)
     got = dict(loader.iter_device())
     assert loader.stats.extra["staging"] in ("slab", "slab+dma")  # dma-mapped where the runtime can
     assert loader.stats.extra["slab_bytes"] <= limit + 4096
@@ -151,7 +152,7 @@ def test_tensors_larger_than_a_piece_stream_through_a_small_slab(tiny_hf_model, 
     largest = max(x.nbytes for x in ref.values())
     split, limit = largest // 5, largest // 2  # the slab is smaller than the largest tensor
     kw = dict(num_readers=4, num_workers=4, chunk_bytes=1 << 12, max_inflight_bytes=limit, split_bytes=split,
-              assemble=assemble)
+              assemble=assemble, direct=False)
     loader = FastLoader(path, **kw)
     got = dict(loader.iter_device())
     assert list(got) == list(ref) and loader.stats.num_tensors == len(ref)
@@ -244,7 +245,7 @@ def test_sharded_placement_through_a_small_slab(tiny_hf_model):
 
     ref = dict(iter_safetensors(path))
     limit = 2 * max(x.nbytes for x in ref.values())
-    loader = FastLoader(path, num_workers=4, max_inflight_bytes=limit)
+    loader = FastLoader(path, num_workers=4, max_inflight_bytes=limit, direct=False)
     for name, a in loader.iter_device(sharding_for=sharding_for):
         np.testing.assert_array_equal(np.asarray(a), ref[name])
         assert a.sharding == sharding_for(name, a.shape), name

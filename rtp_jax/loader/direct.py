@@ -1,0 +1,394 @@
+"""Transfers straight from the page cache: a warm checkpoint's file pages are pinned where they are and
+copied to the devices by DMA, instead of being read into the staging slab first.
+
+The slab path moves every byte three times through host memory (page cache -> slab by pread, slab ->
+device by DMA). When a file already sits in the page cache, its pages can be pinned in place: CUDA
+registers a read-only file mapping with `cuMemHostRegister(CU_MEMHOSTREGISTER_READ_ONLY)` (where the
+device reports CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED), after which a host-to-device copy
+from it is one DMA. PJRT's `dma_map` cannot do this (it registers with write access, which a read-only
+mapping refuses), so the copies go through the driver: into device buffers that XLA allocated (zeros,
+made ready before the copy), on our own streams, synchronized before the array is handed on.
+
+`PageCacheSource` maps the plan's resident files, pins them in `chunk_bytes` pieces as jobs first need
+them (a job never waits for more than the chunks it touches) and releases each chunk (unpin, drop the
+mapping's pages from this process) once the last job touching it is done, so pinned memory stays near the
+pipeline's bytes in flight. `put_direct` is one job's transfer. Everything CUDA-specific is in `CudaHostDma`;
+`host_dma()` returns it where it works and None elsewhere (CPU, ROCm, an old driver), and the loader then
+stays on the slab path. Tests drive the same code with a host-memory stand-in for the driver.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from rtp_jax.loader.reading import PlannedTensor
+from rtp_jax.loader.shards import _device_keys, _is_full, _Job, _row_bytes
+from rtp_jax.loader.transfer import _key_devices
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_READ_ONLY_REGISTER_ATTRIBUTE = 113  # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED
+_REGISTER_FLAGS = 0x08 | 0x01  # CU_MEMHOSTREGISTER_READ_ONLY | CU_MEMHOSTREGISTER_PORTABLE
+_STREAM_NON_BLOCKING = 0x1
+
+
+class HostDma(Protocol):
+    """Pinning host ranges and copying from them to a device (`CudaHostDma`, or a test stand-in)."""
+
+    def register(self, address: int, nbytes: int) -> None: ...
+
+    def unregister(self, address: int) -> None: ...
+
+    def copy(self, device: Any, copies: list[tuple[int, int, int]]) -> None:
+        """Copies each (device address, host address, bytes) to `device`; returns once all are done."""
+        ...
+
+
+class CudaHostDma:
+    """`HostDma` through the CUDA driver (ctypes), in each device's primary context, which XLA uses too."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        c = ctypes
+        lib.cuMemcpyHtoDAsync_v2.argtypes = [c.c_uint64, c.c_void_p, c.c_size_t, c.c_void_p]
+        lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+        self._contexts: dict[int, ctypes.c_void_p] = {}
+        self._streams: dict[int, queue.SimpleQueue[ctypes.c_void_p]] = {}
+        self._lock = threading.Lock()
+        self._first = 0
+
+    def _check(self, result: int, what: str) -> None:
+        if result:
+            name = ctypes.c_char_p()
+            self._lib.cuGetErrorName(result, ctypes.byref(name))
+            raise RuntimeError(f"{what} failed: {(name.value or b'?').decode()} ({result})")
+
+    def _device(self, ordinal: int) -> ctypes.c_int:
+        dev = ctypes.c_int()
+        self._check(self._lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
+        return dev
+
+    def supports(self, ordinal: int) -> bool:
+        value = ctypes.c_int()
+        self._check(self._lib.cuDeviceGetAttribute(ctypes.byref(value), _READ_ONLY_REGISTER_ATTRIBUTE,
+                                                   self._device(ordinal)), "cuDeviceGetAttribute")
+        return bool(value.value)
+
+    def _enter(self, ordinal: int) -> None:
+        with self._lock:
+            ctx = self._contexts.get(ordinal)
+            if ctx is None:
+                ctx = ctypes.c_void_p()
+                self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self._device(ordinal)),
+                            "cuDevicePrimaryCtxRetain")
+                self._contexts[ordinal] = ctx
+        self._check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+    def register(self, address: int, nbytes: int) -> None:
+        self._enter(self._first)  # portable: one registration serves every device
+        self._check(self._lib.cuMemHostRegister_v2(address, nbytes, _REGISTER_FLAGS), "cuMemHostRegister")
+
+    def unregister(self, address: int) -> None:
+        self._enter(self._first)
+        self._check(self._lib.cuMemHostUnregister(address), "cuMemHostUnregister")
+
+    def copy(self, device: Any, copies: list[tuple[int, int, int]]) -> None:
+        ordinal = _ordinal(device)
+        self._enter(ordinal)
+        pool = self._streams.setdefault(ordinal, queue.SimpleQueue())
+        try:
+            stream = pool.get_nowait()
+        except queue.Empty:
+            stream = ctypes.c_void_p()
+            created = self._lib.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING)
+            self._check(created, "cuStreamCreate")
+        try:
+            for dst, src, n in copies:
+                self._check(self._lib.cuMemcpyHtoDAsync_v2(dst, src, n, stream), "cuMemcpyHtoDAsync")
+            self._check(self._lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        finally:
+            pool.put(stream)
+
+
+def _ordinal(device: Any) -> int:
+    hw = getattr(device, "local_hardware_id", None)
+    return int(hw if hw is not None else device.id)
+
+
+@functools.lru_cache(maxsize=1)
+def host_dma() -> CudaHostDma | None:
+    """The CUDA driver's `HostDma` when every local device is a CUDA GPU that can pin read-only host
+    memory; None otherwise (then the loader keeps to its staging slab)."""
+    import jax
+
+    devices = jax.local_devices()
+    if not devices or devices[0].platform != "gpu":
+        return None
+    if "cuda" not in str(getattr(devices[0].client, "platform_version", "")).lower():
+        return None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        if lib.cuInit(0):
+            return None
+        dma = CudaHostDma(lib)
+        if not all(dma.supports(_ordinal(d)) for d in devices):
+            return None
+        dma._first = _ordinal(devices[0])
+        return dma
+    except (OSError, AttributeError, RuntimeError):
+        return None
+
+
+def resident(mapping: mmap.mmap, samples: int = 256, window: int = 16 * _PAGE) -> bool:
+    """Whether a file mapping's pages are in the page cache, judged by `mincore` over `samples` windows
+    spread over it (the whole file would take ~30 ms per 4 GiB). Unknown (no mincore): False."""
+    size = len(mapping)
+    if size == 0:
+        return False
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return False
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    base = _address(mapping)
+    step = max(window, size // samples // _PAGE * _PAGE)
+    vec = (ctypes.c_ubyte * (window // _PAGE))()
+    for start in range(0, size, step):
+        n = min(window, size - start)
+        if mincore(base + start, n, vec) != 0:
+            return False
+        if not all(vec[i] & 1 for i in range(-(-n // _PAGE))):
+            return False
+    return True
+
+
+def _address(mapping: mmap.mmap) -> int:
+    view = np.frombuffer(mapping, np.uint8)
+    try:
+        return int(view.ctypes.data)
+    finally:
+        del view
+
+
+class PageCacheSource:
+    """The plan's files that sit in the page cache, mapped read-only and pinned chunk by chunk.
+
+    `expect(path, start, nbytes)` (before the pass) counts a future use of a byte range; `acquire` pins the
+    chunks a range touches (each once, by whichever job needs it first; others wait for it) and returns
+    the range's (host address, bytes) pieces, split at chunk edges (a copy must lie within one
+    registration); `release` ends one use, and a chunk whose uses are all over is unpinned and its pages
+    dropped from this process (they stay in the page cache). `close` releases whatever is left."""
+
+    def __init__(self, paths: Iterable[Path], dma: HostDma, chunk_bytes: int = 32 << 20) -> None:
+        self.dma = dma
+        self.chunk_bytes = max(_PAGE, chunk_bytes // _PAGE * _PAGE)
+        self.maps: dict[Path, mmap.mmap] = {}
+        self.bases: dict[Path, int] = {}
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if os.fstat(fd).st_size else None
+            finally:
+                os.close(fd)
+            if m is not None and resident(m):
+                self.maps[p], self.bases[p] = m, _address(m)
+            elif m is not None:
+                m.close()
+        self.files = len(self.maps)
+        self._uses: dict[tuple[Path, int], int] = {}
+        self._pinned: dict[tuple[Path, int], threading.Event] = {}
+        self._lock = threading.Lock()
+        self._madvise = _libc_fn("madvise")
+        self.register_s = 0.0
+        self.pinned = self.peak_pinned = self.bytes = 0
+        self.failed: str | None = None
+
+    def __contains__(self, path: Path) -> bool:
+        return path in self.maps and self.failed is None
+
+    def _chunks(self, path: Path, start: int, nbytes: int) -> range:
+        return range(start // self.chunk_bytes, -(-(start + nbytes) // self.chunk_bytes))
+
+    def _span(self, path: Path, k: int) -> tuple[int, int]:
+        lo = k * self.chunk_bytes
+        return lo, min(len(self.maps[path]), lo + self.chunk_bytes)
+
+    def count(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes += nbytes
+
+    def stats(self) -> dict[str, Any]:
+        return {"direct_bytes": self.bytes, "direct_files": self.files, "pin_busy_s": self.register_s,
+                "pinned_peak_bytes": self.peak_pinned, "direct_failed": self.failed}
+
+    def expect(self, path: Path, start: int, nbytes: int) -> None:
+        for k in self._chunks(path, start, nbytes):
+            self._uses[path, k] = self._uses.get((path, k), 0) + 1
+
+    def acquire(self, path: Path, start: int, nbytes: int) -> list[tuple[int, int]]:
+        base, pieces = self.bases[path], []
+        for k in self._chunks(path, start, nbytes):
+            self._pin(path, k)
+            lo, hi = self._span(path, k)
+            a, b = max(lo, start), min(hi, start + nbytes)
+            pieces.append((base + a, b - a))
+        return pieces
+
+    def _pin(self, path: Path, k: int) -> None:
+        with self._lock:
+            event = self._pinned.get((path, k))
+            mine = event is None
+            if mine:
+                event = self._pinned[path, k] = threading.Event()
+        if not mine:
+            event.wait()
+            if self.failed is not None:
+                raise RuntimeError(self.failed)
+            return
+        lo, hi = self._span(path, k)
+        t0 = time.perf_counter()
+        try:
+            self.dma.register(self.bases[path] + lo, hi - lo)
+        except Exception as e:
+            with self._lock:
+                self._pinned.pop((path, k), None)
+                self.failed = f"pinning {path.name} [{lo}, {hi}): {e}"
+            event.set()
+            raise
+        with self._lock:
+            self.register_s += time.perf_counter() - t0
+            self.pinned += hi - lo
+            self.peak_pinned = max(self.peak_pinned, self.pinned)
+        event.set()
+
+    def release(self, path: Path, start: int, nbytes: int) -> None:
+        for k in self._chunks(path, start, nbytes):
+            with self._lock:
+                left = self._uses[path, k] = self._uses[path, k] - 1
+                pinned = left == 0 and (path, k) in self._pinned
+                if pinned:
+                    del self._pinned[path, k]
+            if pinned:
+                self._unpin(path, k)
+
+    def _unpin(self, path: Path, k: int) -> None:
+        lo, hi = self._span(path, k)
+        self.dma.unregister(self.bases[path] + lo)
+        if self._madvise is not None:  # the pages leave this process's RSS, not the page cache
+            self._madvise(self.bases[path] + lo, hi - lo, _MADV_DONTNEED)
+        with self._lock:
+            self.pinned -= hi - lo
+
+    def close(self) -> None:
+        with self._lock:
+            left = [key for key, event in self._pinned.items() if event.is_set()]
+            self._pinned.clear()
+        for path, k in left:
+            try:
+                self._unpin(path, k)
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+        for m in self.maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view is still alive; the mapping goes with it
+                pass
+        self.maps.clear()
+
+
+def _libc_fn(name: str) -> Callable[..., int] | None:
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros_fn(shape: tuple[int, ...], dtype: np.dtype, device: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
+
+
+def default_device() -> Any:
+    import jax
+
+    return jax.config.jax_default_device or jax.local_devices()[0]
+
+
+def put_direct(source: PageCacheSource, path: Path, start: int, nbytes: int, shape: tuple[int, ...],
+               dtype: np.dtype, devices: list[Any]) -> dict[Any, Any]:
+    """{device: jax.Array of `shape`/`dtype`} holding file bytes [start, start + nbytes) of `path`, copied
+    by DMA from the pinned page cache to each of `devices` (None: the default device; the key stays
+    None). Complete on return."""
+    pieces = source.acquire(path, start, nbytes)
+    try:
+        out = {}
+        for d in devices:
+            device = default_device() if d is None else d
+            dst = _zeros_fn(shape, np.dtype(dtype), device)()
+            dst.block_until_ready()  # XLA's fill must land before our copy does
+            at, copies = dst.unsafe_buffer_pointer(), []
+            for src, n in pieces:
+                copies.append((at, src, n))
+                at += n
+            source.dma.copy(device, copies)
+            out[d] = dst
+        source.count(nbytes * len(devices))
+        return out
+    finally:
+        source.release(path, start, nbytes)
+
+
+def _byte_range(t: PlannedTensor, r0: int, r1: int) -> tuple[int, int]:
+    """(file offset, bytes) of rows [r0, r1) of `t`."""
+    rb = _row_bytes(t)
+    return t.entry.start + r0 * rb, (r1 - r0) * rb
+
+
+def _direct_ok(source: PageCacheSource, job: _Job) -> bool:
+    """Whether a job can be copied straight from the page cache: its file is resident, it has bytes, and
+    each of its ranges is whole rows (a column slice would need a host copy)."""
+    shape = job.tensor.entry.shape
+    return job.tensor.path in source and job.nbytes > 0 and all(_is_full(rest, shape)
+                                                                for _, _, _, rest in job.ranges)
+
+
+def _put_job_direct(source: PageCacheSource, job: _Job, sharding: Any) -> tuple[Any, int]:
+    """A job's result as the host path makes it (the jax.Array of a whole tensor, or (shard key, first
+    row, {device: rows}) for a piece), with its bytes copied by DMA from the page cache; and bytes sent."""
+    import jax
+
+    t = job.tensor
+    shape = t.entry.shape
+    outs: dict[Any, dict[Any, Any]] = {}
+    nsent = 0
+    for key, r0, r1, _ in job.ranges:
+        devices = _key_devices(t, sharding, key)
+        start, nbytes = _byte_range(t, r0, r1)
+        outs[key] = put_direct(source, t.path, start, nbytes, (r1 - r0, *shape[1:]) if shape else (),
+                               t.entry.dtype, devices)
+        nsent += nbytes * len(devices)
+    if job.parts > 1:
+        ((key, r0, _, _),) = job.ranges
+        return (key, r0, outs[key]), nsent
+    if sharding is None or not shape:
+        ((only,),) = (tuple(o.values()) for o in outs.values())
+        return only, nsent
+    singles = [outs[key][d] for d, key in _device_keys(t, sharding)]
+    return jax.make_array_from_single_device_arrays(shape, sharding, singles), nsent

@@ -1,0 +1,205 @@
+"""Direct transfers from the page cache (`rtp_jax.loader.direct`), driven on the CPU by a host-memory
+stand-in for the CUDA driver that enforces the driver's rules: registrations page-aligned and disjoint,
+every copy inside one live registration, nothing left registered after a load."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rtp_jax.loader import direct as direct_mod
+from rtp_jax.loader.direct import PageCacheSource, host_dma, resident
+from rtp_jax.loader.fast import FastLoader, plan_checkpoint
+from rtp_jax.loader.safetensors_io import iter_safetensors
+
+
+class HostMemoryDma:
+    """`HostDma` over host memory: memmove into the (CPU backend's) device buffers, with the driver's
+    rules checked. `fail_after`: registrations after this many raise, as an unsupported mapping would."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.live: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.registrations = self.copies = 0
+        self.fail_after = fail_after
+
+    def register(self, address: int, nbytes: int) -> None:
+        assert address % mmap.PAGESIZE == 0 and nbytes > 0
+        with self.lock:
+            if self.fail_after is not None and self.registrations >= self.fail_after:
+                raise RuntimeError("cuMemHostRegister failed: CUDA_ERROR_NOT_SUPPORTED (801)")
+            assert all(address + nbytes <= a or a + n <= address for a, n in self.live.items()), "overlap"
+            self.live[address] = nbytes
+            self.registrations += 1
+
+    def unregister(self, address: int) -> None:
+        with self.lock:
+            del self.live[address]
+
+    def copy(self, device, copies):
+        for dst, src, n in copies:
+            with self.lock:
+                assert any(a <= src and src + n <= a + m for a, m in self.live.items()), "copy from unpinned"
+                self.copies += 1
+            ctypes.memmove(dst, src, n)
+
+
+cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
+                              reason="the host-memory stand-in writes into CPU device buffers")
+
+
+def _same(a, b) -> bool:
+    a = np.asarray(a)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@cpu_only
+def test_direct_loads_every_tensor_bit_for_bit_and_unpins_everything(tiny_hf_model):
+    """Small chunks and pieces, so tensors span several pinned chunks and are split into row pieces:
+    every tensor arrives bit-identical, all bytes go the direct way, pinned memory stays below the
+    checkpoint's size, and nothing is left registered."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    ref = dict(iter_safetensors(path))
+    total = sum(x.nbytes for x in ref.values())
+    dma = HostMemoryDma()
+    loader = FastLoader(path, num_workers=3, split_bytes=3 * 4096, max_inflight_bytes=4 * 4096, direct=dma)
+    got = dict(loader.iter_device())
+    assert list(got) == list(ref)
+    for name, a in got.items():
+        assert isinstance(a, jax.Array) and _same(a, ref[name]), name
+    extra = loader.stats.extra
+    assert extra["staging"] == "direct" and extra["direct_bytes"] == total and extra["direct_failed"] is None
+    assert 0 < extra["pinned_peak_bytes"] < total // 2
+    assert dma.live == {} and dma.registrations > len(plan_checkpoint(path))
+    cast = dict(FastLoader(path, split_bytes=3 * 4096, direct=HostMemoryDma()).iter_device(dtype=jnp.float32))
+    for name, a in cast.items():
+        assert a.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), ref[name].astype(np.float32))
+
+
+@cpu_only
+def test_row_shards_go_direct_and_column_slices_through_the_slab(tiny_hf_model):
+    """Row-split and replicated tensors are copied from the page cache to each device that holds them;
+    a column split needs a host slice, so it takes the slab; all land in their shardings."""
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices")
+    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
+    specs = {"q_proj": PartitionSpec("a", None), "o_proj": PartitionSpec(None, "b")}
+
+    def sharding_for(name, shape):
+        return NamedSharding(mesh, next((v for k, v in specs.items() if k in name), PartitionSpec()))
+
+    path = tiny_hf_model("llama", sharded=True, dtype="float32")
+    ref = dict(iter_safetensors(path))
+    dma = HostMemoryDma()
+    loader = FastLoader(path, split_bytes=1 << 14, direct=dma)
+    for name, a in loader.iter_device(sharding_for=sharding_for):
+        np.testing.assert_array_equal(np.asarray(a), ref[name])
+        assert a.sharding == sharding_for(name, a.shape), name
+    extra = loader.stats.extra
+    assert extra["staging"].startswith("direct+slab")
+    columns = sum(x.nbytes for n, x in ref.items() if "o_proj" in n)
+    assert extra["direct_bytes"] > 0
+    assert loader.stats.bytes_read == sum(x.nbytes for x in ref.values()) + columns
+    assert dma.live == {}
+
+
+@cpu_only
+def test_a_refused_registration_falls_back_to_the_host_path(tiny_hf_model):
+    """When pinning fails part-way (as an unsupported mapping would), that job and every later one are
+    read through the host path; the load still returns every tensor, and says why."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    ref = dict(iter_safetensors(path))
+    dma = HostMemoryDma(fail_after=2)
+    loader = FastLoader(path, num_workers=2, split_bytes=3 * 4096, direct=dma)
+    got = dict(loader.iter_device())
+    for name, a in got.items():
+        assert _same(a, ref[name]), name
+    assert "CUDA_ERROR_NOT_SUPPORTED" in loader.stats.extra["direct_failed"]
+    assert 0 < loader.stats.extra["direct_bytes"] < sum(x.nbytes for x in ref.values())
+    assert dma.live == {}
+
+
+@cpu_only
+def test_files_not_in_the_page_cache_take_the_slab(tiny_hf_model, monkeypatch):
+    """Residency is judged per file: a cold file is read by the readers (pinning it would fault it in
+    one page at a time), the warm ones are copied directly."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    files = sorted({t.path for t in plan_checkpoint(path)})
+    assert len(files) > 1
+    cold_fd = files[0]
+    real = direct_mod.resident
+    seen = []
+
+    def fake_resident(mapping, *a, **k):
+        seen.append(mapping)
+        return len(seen) > 1 and real(mapping, *a, **k)  # the first file opened counts as cold
+
+    monkeypatch.setattr(direct_mod, "resident", fake_resident)
+    ref = dict(iter_safetensors(path))
+    loader = FastLoader(path, direct=HostMemoryDma())
+    got = dict(loader.iter_device())
+    for name, a in got.items():
+        assert _same(a, ref[name]), name
+    cold = sum(t.nbytes for t in plan_checkpoint(path) if t.path == cold_fd)
+    assert loader.stats.extra["direct_bytes"] == sum(x.nbytes for x in ref.values()) - cold
+    assert loader.stats.extra["direct_files"] == len(files) - 1
+
+
+def test_resident_sees_a_freshly_written_file(tmp_path):
+    """mincore-based residency: a file just written sits in the page cache; an empty mapping is not
+    worth pinning."""
+    p = tmp_path / "f.bin"
+    p.write_bytes(np.arange(1 << 20, dtype=np.uint8).tobytes())
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert resident(m)
+
+
+@cpu_only
+def test_source_pins_each_chunk_once_and_releases_it_after_its_last_use(tmp_path):
+    """Two uses of one chunk: pinned by the first acquire, kept for the second, released by the last."""
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(5 * mmap.PAGESIZE))
+    dma = HostMemoryDma()
+    src = PageCacheSource([p], dma, chunk_bytes=2 * mmap.PAGESIZE)
+    src.expect(p, 100, 200)
+    src.expect(p, 3000, 6000)  # spans chunks 0 and 1
+    pieces = src.acquire(p, 3000, 6000)
+    assert [n for _, n in pieces] == [2 * mmap.PAGESIZE - 3000, 6000 - (2 * mmap.PAGESIZE - 3000)]
+    assert len(dma.live) == 2
+    src.release(p, 3000, 6000)
+    assert len(dma.live) == 1  # chunk 0 still has a use
+    src.acquire(p, 100, 200)
+    src.release(p, 100, 200)
+    assert dma.live == {} and dma.registrations == 2
+    src.close()
+
+
+def test_no_direct_path_on_the_cpu_backend():
+    """host_dma() offers the CUDA driver only where every local device is a CUDA GPU."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU backend only")
+    assert host_dma() is None
+
+
+def test_cuda_direct_copies_match_the_slab_path(tiny_hf_model):
+    """On a CUDA GPU that can pin read-only host memory: a resident checkpoint loads by DMA from the page
+    cache (small chunks and pieces, so copies span registrations) with the same bits as the slab path."""
+    if host_dma() is None:
+        pytest.skip("needs a CUDA GPU with read-only host registration")
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    ref = dict(FastLoader(path, direct=False).iter_device())
+    loader = FastLoader(path, split_bytes=3 * 4096, max_inflight_bytes=8 * 4096)
+    got = dict(loader.iter_device())
+    assert loader.stats.extra["staging"] == "direct", loader.stats.extra
+    assert list(got) == list(ref)
+    for name, a in got.items():
+        assert a.dtype == ref[name].dtype and bool(jnp.array_equal(a, ref[name])), name
