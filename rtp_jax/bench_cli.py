@@ -182,10 +182,10 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
 # Warm-load variants of `--variants`: (name, loader options over the command line's).
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("no_direct", {"direct": False}),  # every job through the pinned slab (the default until 2026-12-01)
-    ("abstract_thread", {"abstract_in_thread": True}),  # the model built while the pipeline runs
+    ("pin_chunk64M", {"direct_chunk_bytes": 64 << 20}),
+    ("pin_chunk1G_window3G", {"direct_chunk_bytes": 1 << 30, "direct_window_bytes": 3 << 30}),
+    ("pin_threads8_window2G", {"direct_threads": 8, "direct_window_bytes": 2 << 30}),
     ("workers16_inflight512M", {"num_workers": 16, "max_inflight_bytes": 512 << 20}),
-    ("workers24_inflight768M", {"num_workers": 24, "max_inflight_bytes": 768 << 20}),
-    ("split64M", {"split_bytes": 64 << 20}),
 )
 
 
@@ -193,7 +193,7 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_busy_s", "mean_reading",
               "mean_transferring", "first_job_start_s", "last_job_end_s", "slab_setup_s",
               "slab_first_segment_s", "staging", "direct_bytes", "direct_files", "pin_busy_s",
-              "pinned_peak_bytes", "direct_failed")
+              "unpin_busy_s", "pinned_peak_bytes", "direct_failed")
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,

@@ -121,14 +121,17 @@ class FastLoader:
     direct (`iter_device` only): files already in the page cache are pinned in place and copied to the
     devices by DMA (`loader.direct`), skipping the slab, where the runtime allows it (CUDA with read-only
     host registration; `host_dma()`); True: wherever it works, False: never, or a `HostDma` to use.
-    Jobs that slice columns, and files not in the page cache, keep to `staging`.
+    Jobs that slice columns, and files not in the page cache, keep to `staging`. `direct_threads` threads
+    pin the files ahead of the jobs in pieces of `direct_chunk_bytes`, at most `direct_window_bytes` at once.
     """
 
     def __init__(self, path: str | Path, *, num_readers: int = 16, num_workers: int = 12,
                  chunk_bytes: int = 64 << 20, max_inflight_bytes: int = 384 << 20, use_mmap: bool = False,
                  staging: str = "slab", dma_map: bool = True, split_bytes: int = 32 << 20,
                  assemble: str = "concat", skip: Callable[[str], bool] | None = None,
-                 release_in_background: bool = True, direct: bool | HostDma = True) -> None:
+                 release_in_background: bool = True, direct: bool | HostDma = True,
+                 direct_chunk_bytes: int = 256 << 20, direct_window_bytes: int = 1 << 30,
+                 direct_threads: int = 4) -> None:
         if staging not in ("slab", "slab_async", "none"):
             raise ValueError(f"staging must be 'slab', 'slab_async' or 'none', got {staging!r}")
         if assemble not in ("concat", "dus"):
@@ -146,6 +149,9 @@ class FastLoader:
         self.assemble = assemble
         self.release_in_background = release_in_background
         self.direct = direct
+        self.direct_chunk_bytes = direct_chunk_bytes
+        self.direct_window_bytes = direct_window_bytes
+        self.direct_threads = direct_threads
         self.stats = LoadStats()
 
     @property
@@ -369,6 +375,8 @@ class FastLoader:
             if id(job) in direct:
                 for _, r0, r1, _ in job.ranges:
                     source.expect(job.tensor.path, *_byte_range(job.tensor, r0, r1))
+        if source is not None:
+            source.start()
 
         def work(ctx: _Ctx, job: _Job) -> tuple[Any, int, int]:
             t = job.tensor
@@ -468,7 +476,9 @@ class FastLoader:
         dma = host_dma() if self.direct is True else self.direct
         if dma is None:
             return None
-        source = PageCacheSource(sorted({t.path for t in self.plan}), dma, chunk_bytes=self.split_bytes)
+        source = PageCacheSource(sorted({t.path for t in self.plan}), dma,
+                                 chunk_bytes=self.direct_chunk_bytes, window_bytes=self.direct_window_bytes,
+                                 threads=self.direct_threads)
         if not source.maps:
             source.close()
             return None

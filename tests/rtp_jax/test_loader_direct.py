@@ -51,6 +51,7 @@ class HostMemoryDma:
             ctypes.memmove(dst, src, n)
 
 
+SMALL_CHUNKS = dict(direct_chunk_bytes=2 * 4096, direct_window_bytes=8 * 4096, direct_threads=2)
 cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
                               reason="the host-memory stand-in writes into CPU device buffers")
 
@@ -69,7 +70,8 @@ def test_direct_loads_every_tensor_bit_for_bit_and_unpins_everything(tiny_hf_mod
     ref = dict(iter_safetensors(path))
     total = sum(x.nbytes for x in ref.values())
     dma = HostMemoryDma()
-    loader = FastLoader(path, num_workers=3, split_bytes=3 * 4096, max_inflight_bytes=4 * 4096, direct=dma)
+    loader = FastLoader(path, num_workers=3, split_bytes=3 * 4096, max_inflight_bytes=4 * 4096, direct=dma,
+                        **SMALL_CHUNKS)
     got = dict(loader.iter_device())
     assert list(got) == list(ref)
     for name, a in got.items():
@@ -78,7 +80,8 @@ def test_direct_loads_every_tensor_bit_for_bit_and_unpins_everything(tiny_hf_mod
     assert extra["staging"] == "direct" and extra["direct_bytes"] == total and extra["direct_failed"] is None
     assert 0 < extra["pinned_peak_bytes"] < total // 2
     assert dma.live == {} and dma.registrations > len(plan_checkpoint(path))
-    cast = dict(FastLoader(path, split_bytes=3 * 4096, direct=HostMemoryDma()).iter_device(dtype=jnp.float32))
+    cast = dict(FastLoader(path, split_bytes=3 * 4096, direct=HostMemoryDma(), **SMALL_CHUNKS)
+                .iter_device(dtype=jnp.float32))
     for name, a in cast.items():
         assert a.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(a), ref[name].astype(np.float32))
@@ -100,7 +103,7 @@ def test_row_shards_go_direct_and_column_slices_through_the_slab(tiny_hf_model):
     path = tiny_hf_model("llama", sharded=True, dtype="float32")
     ref = dict(iter_safetensors(path))
     dma = HostMemoryDma()
-    loader = FastLoader(path, split_bytes=1 << 14, direct=dma)
+    loader = FastLoader(path, split_bytes=1 << 14, direct=dma, **SMALL_CHUNKS)
     for name, a in loader.iter_device(sharding_for=sharding_for):
         np.testing.assert_array_equal(np.asarray(a), ref[name])
         assert a.sharding == sharding_for(name, a.shape), name
@@ -118,8 +121,9 @@ def test_a_refused_registration_falls_back_to_the_host_path(tiny_hf_model):
     read through the host path; the load still returns every tensor, and says why."""
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     ref = dict(iter_safetensors(path))
-    dma = HostMemoryDma(fail_after=2)
-    loader = FastLoader(path, num_workers=2, split_bytes=3 * 4096, direct=dma)
+    dma = HostMemoryDma(fail_after=4)  # the window (3 chunks) makes the first jobs finish before that
+    loader = FastLoader(path, num_workers=2, split_bytes=3 * 4096, direct=dma, direct_chunk_bytes=2 * 4096,
+                        direct_window_bytes=6 * 4096, direct_threads=1)
     got = dict(loader.iter_device())
     for name, a in got.items():
         assert _same(a, ref[name]), name
@@ -164,23 +168,30 @@ def test_resident_sees_a_freshly_written_file(tmp_path):
 
 
 @cpu_only
-def test_source_pins_each_chunk_once_and_releases_it_after_its_last_use(tmp_path):
-    """Two uses of one chunk: pinned by the first acquire, kept for the second, released by the last."""
+def test_source_pins_chunks_ahead_within_its_window_and_unpins_after_the_last_use(tmp_path):
+    """Pinning runs ahead of the jobs in the order they need the chunks, never holding more than the
+    window; a chunk used twice stays pinned until its second use ends; acquire splits at chunk edges."""
+    page = mmap.PAGESIZE
     p = tmp_path / "f.bin"
-    p.write_bytes(bytes(5 * mmap.PAGESIZE))
+    p.write_bytes(bytes(12 * page))
     dma = HostMemoryDma()
-    src = PageCacheSource([p], dma, chunk_bytes=2 * mmap.PAGESIZE)
+    src = PageCacheSource([p], dma, chunk_bytes=2 * page, window_bytes=6 * page, threads=2)
     src.expect(p, 100, 200)
     src.expect(p, 3000, 6000)  # spans chunks 0 and 1
+    for k in range(2, 6):
+        src.expect(p, k * 2 * page, 2 * page)
+    src.start()
     pieces = src.acquire(p, 3000, 6000)
-    assert [n for _, n in pieces] == [2 * mmap.PAGESIZE - 3000, 6000 - (2 * mmap.PAGESIZE - 3000)]
-    assert len(dma.live) == 2
+    assert [n for _, n in pieces] == [2 * page - 3000, 6000 - (2 * page - 3000)]
     src.release(p, 3000, 6000)
-    assert len(dma.live) == 1  # chunk 0 still has a use
     src.acquire(p, 100, 200)
-    src.release(p, 100, 200)
-    assert dma.live == {} and dma.registrations == 2
+    src.release(p, 100, 200)  # chunk 0's last use
+    for k in range(2, 6):
+        src.acquire(p, k * 2 * page, 2 * page)
+        src.release(p, k * 2 * page, 2 * page)
     src.close()
+    assert dma.live == {} and dma.registrations == 6
+    assert src.peak_pinned <= 6 * page and src.pinned == 0
 
 
 def test_no_direct_path_on_the_cpu_backend():
@@ -197,7 +208,7 @@ def test_cuda_direct_copies_match_the_slab_path(tiny_hf_model):
         pytest.skip("needs a CUDA GPU with read-only host registration")
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     ref = dict(FastLoader(path, direct=False).iter_device())
-    loader = FastLoader(path, split_bytes=3 * 4096, max_inflight_bytes=8 * 4096)
+    loader = FastLoader(path, split_bytes=3 * 4096, max_inflight_bytes=8 * 4096, **SMALL_CHUNKS)
     got = dict(loader.iter_device())
     assert loader.stats.extra["staging"] == "direct", loader.stats.extra
     assert list(got) == list(ref)
