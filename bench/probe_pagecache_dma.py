@@ -143,6 +143,89 @@ def verify(dev_array: Any, host: np.ndarray, rng: np.random.Generator, n: int = 
     return ok
 
 
+def contention(cuda: Cuda, paths: list[Path], res: dict[str, Any], out: Path) -> None:
+    """Copy rates (32 MiB pieces, 12 threads, preallocated XLA buffers) from pinned page-cache pages
+    alone, while another file is being pinned, while one is being unpinned, and from a huge-page anonymous
+    buffer; and the loader's per-piece path (allocate + copy + sync) alone."""
+    import jax
+    import jax.numpy as jnp
+
+    piece, chunk = 32 << 20, 256 << 20
+    maps = []
+    for p in paths[:2]:
+        fd = os.open(p, os.O_RDONLY)
+        maps.append(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+        os.close(fd)
+    addr = [np.frombuffer(m, np.uint8).ctypes.data for m in maps]
+    size = min(len(m) for m in maps) // chunk * chunk
+    zeros = jax.jit(lambda: jnp.zeros((piece,), jnp.uint8))
+    dsts = [zeros() for _ in range(size // piece)]
+    for d in dsts:
+        d.block_until_ready()
+    ptrs = [d.unsafe_buffer_pointer() for d in dsts]
+    streams = [cuda.stream() for _ in range(12)]
+
+    def pin(base: int, threads: int = 4) -> float:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(lambda o: cuda.register(base + o, chunk), range(0, size, chunk)))
+        return time.perf_counter() - t0
+
+    def unpin(base: int) -> float:
+        t0 = time.perf_counter()
+        for o in range(0, size, chunk):
+            cuda.unregister(base + o)
+        return time.perf_counter() - t0
+
+    def copy_all(base: int, alloc: bool = False) -> float:
+        def one(i: int) -> None:
+            s = streams[i % 12]
+            dst = ptrs[i]
+            if alloc:
+                d = zeros()
+                d.block_until_ready()
+                dst = d.unsafe_buffer_pointer()
+            cuda.h2d(dst, base + i * piece, piece, s)
+            cuda.sync(s)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(12) as ex:
+            list(ex.map(one, range(size // piece)))
+        return size / (time.perf_counter() - t0) / 1e9
+
+    res["size_GiB"] = size / GIB
+    res["pin_A_s"] = pin(addr[0])
+    res["copy_A_alone_GBps"] = [copy_all(addr[0]) for _ in range(3)]
+    res["copy_A_alloc_GBps"] = [copy_all(addr[0], alloc=True) for _ in range(2)]
+    with ThreadPoolExecutor(1) as ex:
+        f = ex.submit(pin, addr[1])
+        res["copy_A_while_pinning_B_GBps"] = copy_all(addr[0])
+        res["pin_B_during_copy_s"] = f.result()
+    with ThreadPoolExecutor(1) as ex:
+        f = ex.submit(unpin, addr[1])
+        res["copy_A_while_unpinning_B_GBps"] = copy_all(addr[0])
+        res["unpin_B_during_copy_s"] = f.result()
+    res["unpin_A_s"] = unpin(addr[0])
+    anon = mmap.mmap(-1, size)
+    anon.madvise(mmap.MADV_HUGEPAGE)
+    buf = np.frombuffer(anon, np.uint8)
+    buf[::4096] = 1
+    res["pin_anon_s"] = pin(buf.ctypes.data)
+    res["copy_anon_hugepage_GBps"] = [copy_all(buf.ctypes.data) for _ in range(3)]
+    res["unpin_anon_s"] = unpin(buf.ctypes.data)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as ex:
+        madv = ctypes.CDLL(None).madvise
+        madv.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        list(ex.map(lambda o: madv(addr[1] + o, chunk, 22), range(0, size, chunk)))  # POPULATE_READ
+    res["populate_B_s"] = time.perf_counter() - t0
+    res["pin_B_populated_s"] = pin(addr[1])
+    res["unpin_B_populated_s"] = unpin(addr[1])
+    res["pin_B_1thread_s"] = pin(addr[1], threads=1)
+    res["unpin_B_again_s"] = unpin(addr[1])
+    (out / "probe_pagecache_contention.json").write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
     res: dict[str, Any] = {}
     try:
@@ -159,6 +242,8 @@ def run(res: dict[str, Any]) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--gib", type=int, default=8)
     ap.add_argument("--folder", default="/var/tmp/rtp_dma_probe")
+    ap.add_argument("--contention", action="store_true",
+                    help="instead: copy rates alone and while other ranges are pinned / unpinned")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +262,9 @@ def run(res: dict[str, Any]) -> None:
     paths = write_files(Path(args.folder), args.gib)
     res["write_s"] = time.perf_counter() - t0
     rng = np.random.default_rng(1)
+    if args.contention:
+        contention(cuda, paths, res, out)
+        return
 
     chunks = chunks_of(paths)
     frac, dt = resident_fraction(chunks[0][0], len(chunks[0][0]))

@@ -321,9 +321,14 @@ class FastLoader:
         def work(ctx: _Ctx, t: PlannedTensor) -> tuple[Any, int, int]:
             return self._read_rows(ctx, t, 0, t.entry.shape[0] if t.entry.shape else 1), t.nbytes, 0
 
-        for t, array in self._run(self.plan, work, lambda t: t.nbytes, release_on_consume=True):
-            self.stats.num_tensors += 1
-            yield t.name, array
+        # Closed explicitly: an early exit must drain the workers now, not whenever the GC gets to it.
+        runner = self._run(self.plan, work, lambda t: t.nbytes, release_on_consume=True)
+        try:
+            for t, array in runner:
+                self.stats.num_tensors += 1
+                yield t.name, array
+        finally:
+            runner.close()
 
     def _make_slab(self) -> StagingSlab | None:
         """The staging slab of `iter_device`, not yet prepared: `max_inflight_bytes`, capped at the
@@ -448,9 +453,10 @@ class FastLoader:
 
         parts: list[tuple[Any, int, dict[Any, Any]]] = []
         slab = self.staging != "none" and len(direct) < len(jobs)
+        runner = self._run(jobs, work, lambda j: j.nbytes, release_on_consume=False,
+                           make_slab=self._make_slab if slab else None)
         try:
-            for job, out in self._run(jobs, work, lambda j: j.nbytes, release_on_consume=False,
-                                      make_slab=self._make_slab if slab else None):
+            for job, out in runner:
                 if job.parts > 1:
                     parts.append(out)
                     if job.part < job.parts - 1:
@@ -462,6 +468,7 @@ class FastLoader:
                 self.stats.num_tensors += 1
                 yield job.tensor.name, out
         finally:
+            runner.close()  # the workers are done with the page cache before it is unpinned
             if source is not None:
                 source.close()
                 self.stats.extra.update(source.stats())

@@ -133,6 +133,20 @@ def test_a_refused_registration_falls_back_to_the_host_path(tiny_hf_model):
 
 
 @cpu_only
+def test_an_early_exit_drains_the_workers_before_unpinning(tiny_hf_model):
+    """Closing the iterator after one tensor waits for the jobs in flight, then unpins and unmaps: nothing
+    stays registered and the budget is back to zero (a worker copying from an unpinned page would be a
+    use after free on a GPU)."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    dma = HostMemoryDma()
+    loader = FastLoader(path, num_workers=4, split_bytes=3 * 4096, direct=dma, **SMALL_CHUNKS)
+    it = loader.iter_device()
+    next(it)
+    it.close()
+    assert dma.live == {} and loader.budget.in_use == 0
+
+
+@cpu_only
 def test_files_not_in_the_page_cache_take_the_slab(tiny_hf_model, monkeypatch):
     """Residency is judged per file: a cold file is read by the readers (pinning it would fault it in
     one page at a time), the warm ones are copied directly."""
