@@ -182,10 +182,11 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
 # Warm-load variants of `--variants`: (name, loader options over the command line's).
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("no_direct", {"direct": False}),  # every job through the pinned slab (the default until 2026-12-01)
-    ("pin_chunk64M", {"direct_chunk_bytes": 64 << 20}),
-    ("pin_chunk1G_window3G", {"direct_chunk_bytes": 1 << 30, "direct_window_bytes": 3 << 30}),
-    ("pin_threads8_window2G", {"direct_threads": 8, "direct_window_bytes": 2 << 30}),
-    ("workers16_inflight512M", {"num_workers": 16, "max_inflight_bytes": 512 << 20}),
+    ("pin_threads1", {"direct_threads": 1}),
+    ("pin_threads4", {"direct_threads": 4}),
+    ("share70", {"direct_share": 0.7}),  # 30% of the bytes through the slab beside the direct copies
+    ("share50", {"direct_share": 0.5}),
+    ("window1G", {"direct_window_bytes": 1 << 30}),  # unpinned as the pass goes
 )
 
 

@@ -188,20 +188,23 @@ class PageCacheSource:
 
     `expect(path, start, nbytes)` (before `start()`) counts a future use of a byte range; `start()` sets
     `threads` pinning threads going through the used chunks in the order they were first expected (the
-    jobs' order), keeping at most `window_bytes` pinned; `acquire` waits until the chunks a range touches
-    are pinned and returns its (host address, bytes) pieces, split at chunk edges (a copy must lie within
-    one registration); `release` ends one use, and a chunk whose uses are all over is unpinned by a
-    background thread, its pages dropped from this process (they stay in the page cache). Pinning is the
-    costly step (~28 GB/s per thread in 1 GiB calls, ~44 GB/s from 4 threads on an H200 host, and much
-    less in small calls), so it runs ahead in large chunks rather than inside each job. If pinning fails,
-    `failed` says why, every waiting `acquire` raises, and the loader reads the rest from the files.
-    `close` stops the threads and releases whatever is left."""
+    jobs' order); `acquire` waits until the chunks a range touches are pinned and returns its (host
+    address, bytes) pieces, split at chunk edges (a copy must lie within one registration); `release`
+    ends one use. With `window_bytes` (None: no limit) at most that much is pinned at once, and a chunk
+    whose uses are all over is unpinned right away by a background thread, its pages dropped from this
+    process (they stay in the page cache); without it everything stays pinned until `close`, because
+    unpinning beside the copies slows them (H200 host: 54 GB/s of copies alone, 41 GB/s beside an unpin
+    or a pin) and pinning is the costly step (~30-50 GB/s, fastest in large calls from 1-2 threads).
+    The pages are the page cache's own, so pinning them all adds no memory, only keeps them from being
+    reclaimed until `close`. If pinning fails, `failed` says why, every waiting `acquire` raises, and the
+    loader reads the rest from the files. `close` stops the threads, unpins whatever is pinned and unmaps."""
 
     def __init__(self, paths: Iterable[Path], dma: HostDma, chunk_bytes: int = 256 << 20,
-                 window_bytes: int = 1 << 30, threads: int = 4) -> None:
+                 window_bytes: int | None = None, threads: int = 2) -> None:
         self.dma = dma
         self.chunk_bytes = max(_PAGE, chunk_bytes // _PAGE * _PAGE)
-        self.window_bytes = max(window_bytes, 3 * self.chunk_bytes)  # a job may span two chunks
+        # a job may span two chunks, so a window holds at least three
+        self.window_bytes = None if window_bytes is None else max(window_bytes, 3 * self.chunk_bytes)
         self.threads = max(1, threads)
         self.maps: dict[Path, mmap.mmap] = {}
         self.bases: dict[Path, int] = {}
@@ -264,8 +267,9 @@ class PageCacheSource:
     def _pin_loop(self) -> None:
         while True:
             with self._cv:
+                limit = self.window_bytes
                 while (not self._stopped and self._next < len(self._order) and self.pinned
-                       and self.pinned + self.chunk_bytes > self.window_bytes):
+                       and limit is not None and self.pinned + self.chunk_bytes > limit):
                     self._cv.wait()
                 if self._stopped or self._next >= len(self._order):
                     return
@@ -321,7 +325,7 @@ class PageCacheSource:
         for k in self._chunks(start, nbytes):
             with self._cv:
                 left = self._uses[path, k] = self._uses[path, k] - 1
-                done = left == 0 and (path, k) in self._pinned
+                done = left == 0 and (path, k) in self._pinned and self.window_bytes is not None
                 if done:
                     self._pinned.discard((path, k))
             if done:

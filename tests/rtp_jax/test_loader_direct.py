@@ -51,7 +51,9 @@ class HostMemoryDma:
             ctypes.memmove(dst, src, n)
 
 
-SMALL_CHUNKS = dict(direct_chunk_bytes=2 * 4096, direct_window_bytes=8 * 4096, direct_threads=2)
+# small chunks and a window, unpinned before the load returns (so a test can see that nothing is left)
+SMALL_CHUNKS = dict(direct_chunk_bytes=2 * 4096, direct_window_bytes=8 * 4096, direct_threads=2,
+                    release_in_background=False)
 cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
                               reason="the host-memory stand-in writes into CPU device buffers")
 
@@ -123,13 +125,36 @@ def test_a_refused_registration_falls_back_to_the_host_path(tiny_hf_model):
     ref = dict(iter_safetensors(path))
     dma = HostMemoryDma(fail_after=4)  # the window (3 chunks) makes the first jobs finish before that
     loader = FastLoader(path, num_workers=2, split_bytes=3 * 4096, direct=dma, direct_chunk_bytes=2 * 4096,
-                        direct_window_bytes=6 * 4096, direct_threads=1)
+                        direct_window_bytes=6 * 4096, direct_threads=1, release_in_background=False)
     got = dict(loader.iter_device())
     for name, a in got.items():
         assert _same(a, ref[name]), name
     assert "CUDA_ERROR_NOT_SUPPORTED" in loader.stats.extra["direct_failed"]
     assert 0 < loader.stats.extra["direct_bytes"] < sum(x.nbytes for x in ref.values())
     assert dma.live == {}
+
+
+@cpu_only
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_without_a_window_everything_stays_pinned_until_the_pass_ends(tiny_hf_model, share):
+    """The default: pin ahead with no limit and unpin after the pass (no unpinning beside the copies);
+    with `direct_share` 0.5 about half the bytes take the slab beside the direct copies."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    ref = dict(iter_safetensors(path))
+    total = sum(x.nbytes for x in ref.values())
+    dma = HostMemoryDma()
+    loader = FastLoader(path, split_bytes=3 * 4096, direct=dma, direct_chunk_bytes=2 * 4096,
+                        release_in_background=False, direct_share=share)
+    got = dict(loader.iter_device())
+    for name, a in got.items():
+        assert _same(a, ref[name]), name
+    extra = loader.stats.extra
+    assert dma.live == {} and extra["unpin_busy_s"] == 0.0  # nothing was unpinned during the pass
+    if share == 1.0:
+        assert extra["staging"] == "direct" and extra["direct_bytes"] == total
+    else:
+        assert extra["staging"].startswith("direct+slab")
+        assert 0.3 * total < extra["direct_bytes"] < 0.7 * total
 
 
 @cpu_only
