@@ -52,11 +52,13 @@ def drop_page_cache(paths: list[Path]) -> str:
     return "fadvise" if ok else "none"
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory from /proc/self/status: `VmRSS` (all), or `RssAnon` (its own
+    allocations, without mapped file pages such as the page cache the direct loader pins in place)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -66,11 +68,12 @@ def rss_bytes() -> int:
 
 
 class RssSampler:
-    """Samples this process's RSS every `interval` seconds while active; `.peak` and `.start` in bytes."""
+    """Samples this process's RSS every `interval` seconds while active; `.peak` and `.start` in bytes,
+    `.peak_anon`: the peak of RssAnon (mapped file pages not counted)."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
-        self.start = self.peak = 0
+        self.start = self.peak = self.peak_anon = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,6 +83,7 @@ class RssSampler:
         def run() -> None:
             while not self._stop.wait(self.interval):
                 self.peak = max(self.peak, rss_bytes())
+                self.peak_anon = max(self.peak_anon, rss_bytes("RssAnon"))
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
@@ -254,6 +258,7 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
         rep["warm_phases"] = {k: r[k] for k in PHASE_KEYS if k in r}
         rep.setdefault("bytes", r["bytes"])
         rep["peak_host_rss_warm_GB"] = max(rep.get("peak_host_rss_warm_GB", 0.0), rss.peak / 1e9)
+        rep["peak_host_anon_warm_GB"] = max(rep.get("peak_host_anon_warm_GB", 0.0), rss.peak_anon / 1e9)
         if not cold:
             rep.setdefault("peak_host_rss_GB", rss.peak / 1e9)
     rep["warm_load_s"] = statistics.median(warm)
