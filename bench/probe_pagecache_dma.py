@@ -226,6 +226,48 @@ def contention(cuda: Cuda, paths: list[Path], res: dict[str, Any], out: Path) ->
     (out / "probe_pagecache_contention.json").write_text(json.dumps(res, indent=1))
 
 
+def alignment(cuda: Cuda, paths: list[Path], res: dict[str, Any], out: Path) -> None:
+    """Copy rates of 32 MiB pieces (12 threads) from a pinned page-cache range whose source address is
+    off a page boundary by `src` bytes, into device buffers at offset `dst` bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    piece, size = 32 << 20, 2 * GIB
+    fd = os.open(paths[0], os.O_RDONLY)
+    m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    os.close(fd)
+    base = np.frombuffer(m, np.uint8).ctypes.data
+    cuda.register(base, size + GIB // 2)
+    zeros = jax.jit(lambda: jnp.zeros((piece + 8192,), jnp.uint8))
+    dsts = [zeros() for _ in range(size // piece)]
+    for d in dsts:
+        d.block_until_ready()
+    ptrs = [d.unsafe_buffer_pointer() for d in dsts]
+    streams = [cuda.stream() for _ in range(12)]
+    n = piece - 8192
+
+    def rate(src: int, dst: int) -> float:
+        def one(i: int) -> None:
+            s = streams[i % 12]
+            cuda.h2d(ptrs[i] + dst, base + i * piece + src, n, s)
+            cuda.sync(s)
+
+        best = 0.0
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(12) as ex:
+                list(ex.map(one, range(size // piece)))
+            best = max(best, n * (size // piece) / (time.perf_counter() - t0) / 1e9)
+        return best
+
+    for src, dst in [(0, 0), (8, 0), (8, 8), (64, 0), (64, 64), (256, 0), (256, 256), (2048, 0), (2048, 2048),
+                     (4096 - 8, 0), (2, 0), (2, 2)]:
+        res[f"copy_src{src}_dst{dst}_GBps"] = rate(src, dst)
+        print(src, dst, round(res[f"copy_src{src}_dst{dst}_GBps"], 1), flush=True)
+    cuda.unregister(base)
+    (out / "probe_pagecache_alignment.json").write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
     res: dict[str, Any] = {}
     try:
@@ -242,6 +284,8 @@ def run(res: dict[str, Any]) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--gib", type=int, default=8)
     ap.add_argument("--folder", default="/var/tmp/rtp_dma_probe")
+    ap.add_argument("--alignment", action="store_true",
+                    help="instead: copy rates by source / destination misalignment")
     ap.add_argument("--contention", action="store_true",
                     help="instead: copy rates alone and while other ranges are pinned / unpinned")
     args = ap.parse_args()
@@ -264,6 +308,9 @@ def run(res: dict[str, Any]) -> None:
     rng = np.random.default_rng(1)
     if args.contention:
         contention(cuda, paths, res, out)
+        return
+    if args.alignment:
+        alignment(cuda, paths, res, out)
         return
 
     chunks = chunks_of(paths)

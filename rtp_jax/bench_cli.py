@@ -184,13 +184,19 @@ def naive_load(path: Path, dtype: Any) -> dict[str, Any]:
 
 
 # Warm-load variants of `--variants`: (name, loader options over the command line's).
+def _direct(**kw: Any) -> dict[str, Any]:
+    from rtp_jax.loader.direct import DirectConfig
+
+    return {"direct_config": DirectConfig(**kw)}
+
+
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("no_direct", {"direct": False}),  # every job through the pinned slab (the default until 2026-12-01)
-    ("pin_threads1", {"direct_threads": 1}),
-    ("pin_threads4", {"direct_threads": 4}),
-    ("share70", {"direct_share": 0.7}),  # 30% of the bytes through the slab beside the direct copies
-    ("share50", {"direct_share": 0.5}),
-    ("window1G", {"direct_window_bytes": 1 << 30}),  # unpinned as the pass goes
+    ("no_populate", _direct(populate_threads=0)),
+    ("pin_threads1", _direct(pin_threads=1)),
+    ("pin_threads4", _direct(pin_threads=4)),
+    ("share70", _direct(share=0.7)),  # 30% of the bytes through the slab beside the direct copies
+    ("chunk64M", _direct(chunk_bytes=64 << 20)),
 )
 
 
@@ -198,7 +204,7 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_busy_s", "mean_reading",
               "mean_transferring", "first_job_start_s", "last_job_end_s", "slab_setup_s",
               "slab_first_segment_s", "staging", "direct_bytes", "direct_files", "pin_busy_s",
-              "unpin_busy_s", "pinned_peak_bytes", "direct_failed")
+              "unpin_busy_s", "pin_wait_s", "copy_busy_s", "pinned_peak_bytes", "direct_failed")
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,

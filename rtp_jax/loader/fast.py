@@ -50,7 +50,15 @@ import numpy as np
 
 from rtp_jax.loader.abstract import abstract_state
 from rtp_jax.loader.accounting import ByteBudget, LoadStats, phase_summary
-from rtp_jax.loader.direct import HostDma, PageCacheSource, _byte_range, _direct_ok, _put_job_direct, host_dma
+from rtp_jax.loader.direct import (
+    DirectConfig,
+    HostDma,
+    PageCacheSource,
+    _byte_range,
+    _direct_ok,
+    _put_job_direct,
+    host_dma,
+)
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
 from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
 from rtp_jax.loader.staging import _PAGE, StagingSlab, _MappedRange
@@ -66,6 +74,7 @@ from rtp_jax.loader.transfer import (
 
 __all__ = [
     "ByteBudget",
+    "DirectConfig",
     "FastLoader",
     "LoadStats",
     "PlannedTensor",
@@ -121,10 +130,8 @@ class FastLoader:
     direct (`iter_device` only): files already in the page cache are pinned in place and copied to the
     devices by DMA (`loader.direct`), skipping the slab, where the runtime allows it (CUDA with read-only
     host registration; `host_dma()`); True: wherever it works, False: never, or a `HostDma` to use.
-    Jobs that slice columns, and files not in the page cache, keep to `staging`. `direct_threads` threads
-    pin the files ahead of the jobs in pieces of `direct_chunk_bytes` (at most `direct_window_bytes` at once;
-    None: all, unpinned after the pass); `direct_share` of the resident bytes go direct, the rest through
-    the slab beside them (both paths then share the host-to-device link).
+    Jobs that slice columns, and files not in the page cache, keep to `staging`. `direct_config`
+    (`DirectConfig`): pinning chunks, threads and window, and the share of bytes sent directly.
     """
 
     def __init__(self, path: str | Path, *, num_readers: int = 16, num_workers: int = 12,
@@ -132,8 +139,7 @@ class FastLoader:
                  staging: str = "slab", dma_map: bool = True, split_bytes: int = 32 << 20,
                  assemble: str = "concat", skip: Callable[[str], bool] | None = None,
                  release_in_background: bool = True, direct: bool | HostDma = True,
-                 direct_chunk_bytes: int = 256 << 20, direct_window_bytes: int | None = None,
-                 direct_threads: int = 2, direct_share: float = 1.0) -> None:
+                 direct_config: DirectConfig | None = None) -> None:
         if staging not in ("slab", "slab_async", "none"):
             raise ValueError(f"staging must be 'slab', 'slab_async' or 'none', got {staging!r}")
         if assemble not in ("concat", "dus"):
@@ -151,10 +157,7 @@ class FastLoader:
         self.assemble = assemble
         self.release_in_background = release_in_background
         self.direct = direct
-        self.direct_chunk_bytes = direct_chunk_bytes
-        self.direct_window_bytes = direct_window_bytes
-        self.direct_share = direct_share
-        self.direct_threads = direct_threads
+        self.direct_config = direct_config or DirectConfig()
         self.stats = LoadStats()
 
     @property
@@ -484,14 +487,14 @@ class FastLoader:
 
     def _direct_jobs(self, source: PageCacheSource | None, jobs: list[_Job]) -> set[int]:
         """ids of the jobs copied from the page cache: those that can be, interleaved with the slab's so
-        that about `direct_share` of their bytes go direct."""
+        that about `direct_config.share` of their bytes go direct."""
         if source is None:
             return set()
         out, sent, seen = set(), 0, 0
         for job in jobs:
             if _direct_ok(source, job):
                 seen += job.nbytes
-                if sent + job.nbytes <= self.direct_share * seen + job.nbytes / 2:
+                if sent + job.nbytes <= self.direct_config.share * seen + job.nbytes / 2:
                     out.add(id(job))
                     sent += job.nbytes
         return out
@@ -503,9 +506,10 @@ class FastLoader:
         dma = host_dma() if self.direct is True else self.direct
         if dma is None:
             return None
-        source = PageCacheSource(sorted({t.path for t in self.plan}), dma,
-                                 chunk_bytes=self.direct_chunk_bytes, window_bytes=self.direct_window_bytes,
-                                 threads=self.direct_threads)
+        c = self.direct_config
+        source = PageCacheSource(sorted({t.path for t in self.plan}), dma, chunk_bytes=c.chunk_bytes,
+                                 window_bytes=c.window_bytes, threads=c.pin_threads,
+                                 populate_threads=c.populate_threads)
         if not source.maps:
             source.close()
             return None

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtp_jax.loader import direct as direct_mod
-from rtp_jax.loader.direct import PageCacheSource, host_dma, resident
+from rtp_jax.loader.direct import DirectConfig, PageCacheSource, host_dma, resident
 from rtp_jax.loader.fast import FastLoader, plan_checkpoint
 from rtp_jax.loader.safetensors_io import iter_safetensors
 
@@ -52,7 +52,7 @@ class HostMemoryDma:
 
 
 # small chunks and a window, unpinned before the load returns (so a test can see that nothing is left)
-SMALL_CHUNKS = dict(direct_chunk_bytes=2 * 4096, direct_window_bytes=8 * 4096, direct_threads=2,
+SMALL_CHUNKS = dict(direct_config=DirectConfig(chunk_bytes=2 * 4096, window_bytes=8 * 4096),
                     release_in_background=False)
 cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
                               reason="the host-memory stand-in writes into CPU device buffers")
@@ -124,8 +124,8 @@ def test_a_refused_registration_falls_back_to_the_host_path(tiny_hf_model):
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     ref = dict(iter_safetensors(path))
     dma = HostMemoryDma(fail_after=4)  # the window (3 chunks) makes the first jobs finish before that
-    loader = FastLoader(path, num_workers=2, split_bytes=3 * 4096, direct=dma, direct_chunk_bytes=2 * 4096,
-                        direct_window_bytes=6 * 4096, direct_threads=1, release_in_background=False)
+    loader = FastLoader(path, num_workers=2, split_bytes=3 * 4096, direct=dma, release_in_background=False,
+                        direct_config=DirectConfig(chunk_bytes=8192, window_bytes=6 * 4096, pin_threads=1))
     got = dict(loader.iter_device())
     for name, a in got.items():
         assert _same(a, ref[name]), name
@@ -143,8 +143,8 @@ def test_without_a_window_everything_stays_pinned_until_the_pass_ends(tiny_hf_mo
     ref = dict(iter_safetensors(path))
     total = sum(x.nbytes for x in ref.values())
     dma = HostMemoryDma()
-    loader = FastLoader(path, split_bytes=3 * 4096, direct=dma, direct_chunk_bytes=2 * 4096,
-                        release_in_background=False, direct_share=share)
+    loader = FastLoader(path, split_bytes=3 * 4096, direct=dma, release_in_background=False,
+                        direct_config=DirectConfig(chunk_bytes=2 * 4096, share=share))
     got = dict(loader.iter_device())
     for name, a in got.items():
         assert _same(a, ref[name]), name
