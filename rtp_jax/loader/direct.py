@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rtp_jax.loader.reading import PlannedTensor
-from rtp_jax.loader.shards import _device_keys, _is_full, _Job, _row_bytes
+from rtp_jax.loader.shards import _device_keys, _Job, _row_bytes
 from rtp_jax.loader.transfer import _key_devices
 
 _PAGE = mmap.PAGESIZE
@@ -273,8 +273,11 @@ class PageCacheSource:
                 "direct_failed": self.failed}
 
     def expect(self, path: Path, start: int, nbytes: int) -> None:
-        for k in self._chunks(start, nbytes):
+        ks = self._chunks(start, nbytes)
+        for k in ks:
             self._uses[path, k] = self._uses.get((path, k), 0) + 1
+        if self.window_bytes is not None:  # the job holding the oldest chunk must be able to get all its own
+            self.window_bytes = max(self.window_bytes, (len(ks) + 1) * self.chunk_bytes)
 
     def start(self) -> None:
         self._order = list(self._uses)
@@ -415,30 +418,95 @@ def default_device() -> Any:
     return jax.config.jax_default_device or jax.local_devices()[0]
 
 
-def put_direct(source: PageCacheSource, path: Path, start: int, nbytes: int, shape: tuple[int, ...],
-               dtype: np.dtype, devices: list[Any]) -> dict[Any, Any]:
-    """{device: jax.Array of `shape`/`dtype`} holding file bytes [start, start + nbytes) of `path`, copied
-    by DMA from the pinned page cache to each of `devices` (None: the default device; the key stays
-    None). Complete on return."""
+class DeviceBuffers:
+    """Zero-filled device buffers for the direct jobs, allocated by one thread in job order, at most
+    `ahead_bytes` beyond those taken (more when one job alone is larger).
+
+    A zero-fill is an XLA program on the device's compute stream, so a job allocating its own buffer
+    waits behind whatever the consumer queued there (joins, fusions, casts); allocated ahead, the fills
+    have long run when the job takes its buffers. `specs`: (job key, [(shape, dtype, device)]) in job
+    order (device None: the default device); `take(key)` returns that job's arrays in spec order."""
+
+    def __init__(self, specs: list[tuple[Any, list[tuple[tuple[int, ...], np.dtype, Any]]]],
+                 ahead_bytes: int = 2 << 30) -> None:
+        self._specs = specs
+        self._ahead = ahead_bytes
+        self._ready: dict[Any, list[Any]] = {}
+        self._events = {key: threading.Event() for key, _ in specs}
+        self._cv = threading.Condition()
+        self._outstanding = 0
+        self._stopped = False
+        self.wait_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="rtp-device-alloc", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _nbytes(items: list[tuple[tuple[int, ...], np.dtype, Any]]) -> int:
+        return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                   for shape, dtype, _ in items)
+
+    def _run(self) -> None:
+        for key, items in self._specs:
+            n = self._nbytes(items)
+            with self._cv:
+                while not (self._stopped or not self._outstanding or self._outstanding + n <= self._ahead):
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                self._outstanding += n
+            arrays = [_zeros_fn(shape, np.dtype(dtype), default_device() if d is None else d)()
+                      for shape, dtype, d in items]
+            with self._cv:
+                self._ready[key] = arrays
+            self._events[key].set()
+
+    def take(self, key: Any) -> list[Any]:
+        event = self._events[key]
+        if not event.is_set():
+            t0 = time.perf_counter()
+            event.wait()
+            self.wait_s += time.perf_counter() - t0
+        with self._cv:
+            arrays = self._ready.pop(key)
+            self._outstanding -= self._nbytes([(a.shape, a.dtype, None) for a in arrays])
+            self._cv.notify_all()
+        return arrays
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._ready.clear()
+            self._cv.notify_all()
+        self._thread.join()
+
+
+def put_direct(source: PageCacheSource, path: Path, start: int, nbytes: int, dsts: dict[Any, Any]
+               ) -> dict[Any, Any]:
+    """`dsts` ({device: zero-filled jax.Array}) with file bytes [start, start + nbytes) of `path` copied
+    into each by DMA from the pinned page cache. Complete on return."""
     pieces = source.acquire(path, start, nbytes)
     try:
-        out = {}
-        for d in devices:
-            device = default_device() if d is None else d
-            dst = _zeros_fn(shape, np.dtype(dtype), device)()
+        for d, dst in dsts.items():
             dst.block_until_ready()  # XLA's fill must land before our copy does
             at, copies = dst.unsafe_buffer_pointer(), []
             for src, n in pieces:
                 copies.append((at, src, n))
                 at += n
             t0 = time.perf_counter()
-            source.dma.copy(device, copies)
+            source.dma.copy(default_device() if d is None else d, copies)
             source.count(0, time.perf_counter() - t0)
-            out[d] = dst
-        source.count(nbytes * len(devices))
-        return out
+        source.count(nbytes * len(dsts))
+        return dsts
     finally:
         source.release(path, start, nbytes)
+
+
+def buffer_specs(job: _Job, sharding: Any) -> list[tuple[tuple[int, ...], np.dtype, Any]]:
+    """The device buffers `_put_job_direct` fills for `job`: one per (range, device), in that order."""
+    t = job.tensor
+    shape = t.entry.shape
+    return [((r1 - r0, *shape[1:]) if shape else (), t.entry.dtype, d)
+            for key, r0, r1, _ in job.ranges for d in _key_devices(t, sharding, key)]
 
 
 def _byte_range(t: PlannedTensor, r0: int, r1: int) -> tuple[int, int]:
@@ -447,28 +515,22 @@ def _byte_range(t: PlannedTensor, r0: int, r1: int) -> tuple[int, int]:
     return t.entry.start + r0 * rb, (r1 - r0) * rb
 
 
-def _direct_ok(source: PageCacheSource, job: _Job) -> bool:
-    """Whether a job can be copied straight from the page cache: its file is resident, it has bytes, and
-    each of its ranges is whole rows (a column slice would need a host copy)."""
-    shape = job.tensor.entry.shape
-    return job.tensor.path in source and job.nbytes > 0 and all(_is_full(rest, shape)
-                                                                for _, _, _, rest in job.ranges)
-
-
-def _put_job_direct(source: PageCacheSource, job: _Job, sharding: Any) -> tuple[Any, int]:
+def _put_job_direct(source: PageCacheSource, job: _Job, sharding: Any, buffers: list[Any]) -> tuple[Any, int]:
     """A job's result as the host path makes it (the jax.Array of a whole tensor, or (shard key, first
-    row, {device: rows}) for a piece), with its bytes copied by DMA from the page cache; and bytes sent."""
+    row, {device: rows}) for a piece), with its bytes copied by DMA from the page cache into `buffers`
+    (`buffer_specs` order); and bytes sent."""
     import jax
 
     t = job.tensor
     shape = t.entry.shape
     outs: dict[Any, dict[Any, Any]] = {}
-    nsent = 0
+    nsent, i = 0, 0
     for key, r0, r1, _ in job.ranges:
         devices = _key_devices(t, sharding, key)
         start, nbytes = _byte_range(t, r0, r1)
-        outs[key] = put_direct(source, t.path, start, nbytes, (r1 - r0, *shape[1:]) if shape else (),
-                               t.entry.dtype, devices)
+        outs[key] = put_direct(source, t.path, start, nbytes, dict(zip(devices, buffers[i:i + len(devices)],
+                                                                       strict=True)))
+        i += len(devices)
         nsent += nbytes * len(devices)
     if job.parts > 1:
         ((key, r0, _, _),) = job.ranges

@@ -51,12 +51,13 @@ import numpy as np
 from rtp_jax.loader.abstract import abstract_state
 from rtp_jax.loader.accounting import ByteBudget, LoadStats, phase_summary
 from rtp_jax.loader.direct import (
+    DeviceBuffers,
     DirectConfig,
     HostDma,
     PageCacheSource,
     _byte_range,
-    _direct_ok,
     _put_job_direct,
+    buffer_specs,
     host_dma,
 )
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
@@ -378,16 +379,22 @@ class FastLoader:
                 shardings[t.name] = sharding_for(t.name, t.entry.shape) if sharding_for is not None else None
             return shardings[t.name]
 
+        reads = {t.name: _shard_reads(t, sharding_of(t)) for t in self.plan}
+        source = self._page_cache_source()
+        chosen = self._direct_tensors(source, reads)
+        # Direct jobs are whole tensors: no host bytes to bound, so no pieces to join on the device.
         jobs = [job for t in self.plan
-                for job in _split_jobs(t, _shard_reads(t, sharding_of(t)), self.split_bytes)]
-        source = self._page_cache_source(jobs)
-        direct = self._direct_jobs(source, jobs)
+                for job in _split_jobs(t, reads[t.name], 0 if t.name in chosen else self.split_bytes)]
+        direct = {id(job) for job in jobs if job.tensor.name in chosen}
         for job in jobs:
             if id(job) in direct:
                 for _, r0, r1, _ in job.ranges:
                     source.expect(job.tensor.path, *_byte_range(job.tensor, r0, r1))
+        buffers = None
         if source is not None:
             source.start()
+            buffers = DeviceBuffers([(id(job), buffer_specs(job, sharding_of(job.tensor)))
+                                     for job in jobs if id(job) in direct])
 
         def work(ctx: _Ctx, job: _Job) -> tuple[Any, int, int]:
             t = job.tensor
@@ -395,7 +402,7 @@ class FastLoader:
             if id(job) in direct and t.path in source:
                 t0 = time.perf_counter()
                 try:
-                    out, nsent = _put_job_direct(source, job, sharding)
+                    out, nsent = _put_job_direct(source, job, sharding, buffers.take(id(job)))
                 except RuntimeError:
                     if source.failed is None:
                         raise
@@ -459,7 +466,7 @@ class FastLoader:
 
         parts: list[tuple[Any, int, dict[Any, Any]]] = []
         slab = self.staging != "none" and len(direct) < len(jobs)
-        runner = self._run(jobs, work, lambda j: j.nbytes, release_on_consume=False,
+        runner = self._run(jobs, work, lambda j: 0 if id(j) in direct else j.nbytes, release_on_consume=False,
                            make_slab=self._make_slab if slab else None)
         try:
             for job, out in runner:
@@ -475,6 +482,9 @@ class FastLoader:
                 yield job.tensor.name, out
         finally:
             runner.close()  # the workers are done with the page cache before it is unpinned
+            if buffers is not None:
+                buffers.close()
+                self.stats.extra["alloc_wait_s"] = buffers.wait_s
             if source is not None:
                 self.stats.extra.update(source.stats())
                 if self.release_in_background:  # unpinning 16 GB takes ~0.15 s
@@ -485,23 +495,25 @@ class FastLoader:
                     self.stats.extra["staging"] = "direct" if not slab else \
                         f"direct+{self.stats.extra.get('staging', 'none')}"
 
-    def _direct_jobs(self, source: PageCacheSource | None, jobs: list[_Job]) -> set[int]:
-        """ids of the jobs copied from the page cache: those that can be, interleaved with the slab's so
-        that about `direct_config.share` of their bytes go direct."""
+    def _direct_tensors(self, source: PageCacheSource | None, reads: dict[str, dict[Any, Any]]) -> set[str]:
+        """Names of the tensors copied from the page cache: those that can be (resident file, bytes to
+        copy, whole rows per shard), interleaved with the slab's so that about `direct_config.share` of
+        their bytes go direct."""
         if source is None:
             return set()
         out, sent, seen = set(), 0, 0
-        for job in jobs:
-            if _direct_ok(source, job):
-                seen += job.nbytes
-                if sent + job.nbytes <= self.direct_config.share * seen + job.nbytes / 2:
-                    out.add(id(job))
-                    sent += job.nbytes
+        for t in self.plan:
+            if t.path in source and t.nbytes > 0 and all(_is_full(rest, t.entry.shape)
+                                                        for _, _, rest in reads[t.name].values()):
+                seen += t.nbytes
+                if sent + t.nbytes <= self.direct_config.share * seen + t.nbytes / 2:
+                    out.add(t.name)
+                    sent += t.nbytes
         return out
 
-    def _page_cache_source(self, jobs: list[_Job]) -> PageCacheSource | None:
+    def _page_cache_source(self) -> PageCacheSource | None:
         """The resident files of the plan, mapped for direct DMA (None: disabled or unsupported here)."""
-        if self.direct is False or not jobs:
+        if self.direct is False or not self.plan:
             return None
         dma = host_dma() if self.direct is True else self.direct
         if dma is None:

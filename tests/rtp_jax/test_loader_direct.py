@@ -22,19 +22,22 @@ from rtp_jax.loader.safetensors_io import iter_safetensors
 
 class HostMemoryDma:
     """`HostDma` over host memory: memmove into the (CPU backend's) device buffers, with the driver's
-    rules checked. `fail_after`: registrations after this many raise, as an unsupported mapping would."""
+    rules checked. `fail_after`: registrations after this many raise (once a copy was made), as an
+    unsupported mapping would."""
 
     def __init__(self, fail_after: int | None = None) -> None:
         self.live: dict[int, int] = {}
         self.lock = threading.Lock()
         self.registrations = self.copies = 0
         self.fail_after = fail_after
+        self.copied = threading.Event()
 
     def register(self, address: int, nbytes: int) -> None:
         assert address % mmap.PAGESIZE == 0 and nbytes > 0
+        if self.fail_after is not None and self.registrations >= self.fail_after:
+            self.copied.wait(10)  # fail only once some job has copied, so both paths get exercised
+            raise RuntimeError("cuMemHostRegister failed: CUDA_ERROR_NOT_SUPPORTED (801)")
         with self.lock:
-            if self.fail_after is not None and self.registrations >= self.fail_after:
-                raise RuntimeError("cuMemHostRegister failed: CUDA_ERROR_NOT_SUPPORTED (801)")
             assert all(address + nbytes <= a or a + n <= address for a, n in self.live.items()), "overlap"
             self.live[address] = nbytes
             self.registrations += 1
@@ -49,6 +52,7 @@ class HostMemoryDma:
                 assert any(a <= src and src + n <= a + m for a, m in self.live.items()), "copy from unpinned"
                 self.copies += 1
             ctypes.memmove(dst, src, n)
+        self.copied.set()
 
 
 # small chunks and a window, unpinned before the load returns (so a test can see that nothing is left)
@@ -123,7 +127,7 @@ def test_a_refused_registration_falls_back_to_the_host_path(tiny_hf_model):
     read through the host path; the load still returns every tensor, and says why."""
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     ref = dict(iter_safetensors(path))
-    dma = HostMemoryDma(fail_after=4)  # the window (3 chunks) makes the first jobs finish before that
+    dma = HostMemoryDma(fail_after=12)  # the first tensor spans 9 chunks
     loader = FastLoader(path, num_workers=2, split_bytes=3 * 4096, direct=dma, release_in_background=False,
                         direct_config=DirectConfig(chunk_bytes=8192, window_bytes=6 * 4096, pin_threads=1))
     got = dict(loader.iter_device())
