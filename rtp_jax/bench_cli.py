@@ -204,7 +204,8 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_busy_s", "mean_reading",
               "mean_transferring", "first_job_start_s", "last_job_end_s", "slab_setup_s",
               "slab_first_segment_s", "staging", "direct_bytes", "direct_files", "pin_busy_s",
-              "unpin_busy_s", "pin_wait_s", "copy_busy_s", "pinned_peak_bytes", "direct_failed")
+              "unpin_busy_s", "pin_wait_s", "copy_busy_s", "fill_wait_s", "submit_s", "pinned_peak_bytes",
+              "direct_failed")
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,
