@@ -286,6 +286,8 @@ def run(res: dict[str, Any]) -> None:
     ap.add_argument("--folder", default="/var/tmp/rtp_dma_probe")
     ap.add_argument("--alignment", action="store_true",
                     help="instead: copy rates by source / destination misalignment")
+    ap.add_argument("--reread", action="store_true",
+                    help="drop the page cache and read the files back (as a cold load leaves them) first")
     ap.add_argument("--contention", action="store_true",
                     help="instead: copy rates alone and while other ranges are pinned / unpinned")
     args = ap.parse_args()
@@ -306,6 +308,11 @@ def run(res: dict[str, Any]) -> None:
     paths = write_files(Path(args.folder), args.gib)
     res["write_s"] = time.perf_counter() - t0
     rng = np.random.default_rng(1)
+    if args.reread:
+        from rtp_jax.bench_cli import disk_read, drop_page_cache
+
+        res["reread_drop"] = drop_page_cache(paths)
+        res["reread_GBps"] = (lambda nb_s: nb_s[0] / nb_s[1] / 1e9)(disk_read(paths, 16, 64 << 20))
     if args.contention:
         contention(cuda, paths, res, out)
         return
