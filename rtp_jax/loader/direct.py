@@ -44,6 +44,7 @@ _READ_ONLY_REGISTER_ATTRIBUTE = 113  # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGIST
 _REGISTER_FLAGS = 0x08 | 0x01  # CU_MEMHOSTREGISTER_READ_ONLY | CU_MEMHOSTREGISTER_PORTABLE
 _STREAM_NON_BLOCKING = 0x1
 _EVENT_DISABLE_TIMING = 0x2
+_NOT_READY = 600  # CUDA_ERROR_NOT_READY
 _COPY_STREAMS = 2  # per device: one copy engine per direction; two keeps it fed between submissions
 
 
@@ -149,10 +150,14 @@ class CudaHostDma:
         return ordinal, event
 
     def wait(self, handle: Any) -> None:
+        # Polled with short sleeps: cuEventSynchronize spins, and a dozen spinning waiters starve the
+        # pinning threads of CPU.
         ordinal, event = handle
         self._enter(ordinal)
         try:
-            self._check(self._lib.cuEventSynchronize(event), "cuEventSynchronize")
+            while (r := self._lib.cuEventQuery(event)) == _NOT_READY:
+                time.sleep(50e-6)
+            self._check(r, "cuEventQuery")
         finally:
             self._lib.cuEventDestroy_v2(event)
 
