@@ -128,18 +128,20 @@ class FastLoader:
     device runtime so transfers DMA straight from it (where the backend supports it).
     `skip(name)`: tensors to leave unread. release_in_background: the slab is unregistered and unmapped
     by a background thread once the pass is done, so the caller does not wait for it.
-    direct (`iter_device` only): files already in the page cache are pinned in place and copied to the
-    devices by DMA (`loader.direct`), skipping the slab, where the runtime allows it (CUDA with read-only
-    host registration; `host_dma()`); True: wherever it works, False: never, or a `HostDma` to use.
-    Jobs that slice columns, and files not in the page cache, keep to `staging`. `direct_config`
-    (`DirectConfig`): pinning chunks, threads and window, and the share of bytes sent directly.
+    direct (`iter_device` only, opt-in): files already in the page cache are pinned in place and copied to
+    the devices by DMA (`loader.direct`), skipping the slab, where the runtime allows it (CUDA with
+    read-only host registration; `host_dma()`); True: wherever it works, or a `HostDma` to use. Off by
+    default: on the H200 host it measured slower than the slab (warm 16 GB: 1.18 s vs 0.70 s; pinning
+    beside the copies halves their rate; bench/notes_bench.md). Jobs that slice columns, and files not in
+    the page cache, keep to `staging`. `direct_config` (`DirectConfig`): pinning chunks, threads and
+    window, and the share of bytes sent directly.
     """
 
     def __init__(self, path: str | Path, *, num_readers: int = 16, num_workers: int = 12,
                  chunk_bytes: int = 64 << 20, max_inflight_bytes: int = 384 << 20, use_mmap: bool = False,
                  staging: str = "slab", dma_map: bool = True, split_bytes: int = 32 << 20,
                  assemble: str = "concat", skip: Callable[[str], bool] | None = None,
-                 release_in_background: bool = True, direct: bool | HostDma = True,
+                 release_in_background: bool = True, direct: bool | HostDma = False,
                  direct_config: DirectConfig | None = None) -> None:
         if staging not in ("slab", "slab_async", "none"):
             raise ValueError(f"staging must be 'slab', 'slab_async' or 'none', got {staging!r}")

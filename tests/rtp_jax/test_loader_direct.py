@@ -254,8 +254,8 @@ def test_cuda_direct_copies_match_the_slab_path(tiny_hf_model):
     if host_dma() is None:
         pytest.skip("needs a CUDA GPU with read-only host registration")
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
-    ref = dict(FastLoader(path, direct=False).iter_device())
-    loader = FastLoader(path, split_bytes=3 * 4096, max_inflight_bytes=8 * 4096, **SMALL_CHUNKS)
+    ref = dict(FastLoader(path).iter_device())
+    loader = FastLoader(path, split_bytes=3 * 4096, max_inflight_bytes=8 * 4096, direct=True, **SMALL_CHUNKS)
     got = dict(loader.iter_device())
     assert loader.stats.extra["staging"] == "direct", loader.stats.extra
     assert list(got) == list(ref)
