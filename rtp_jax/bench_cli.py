@@ -192,8 +192,8 @@ def _direct(**kw: Any) -> dict[str, Any]:
 
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("direct", {"direct": True}),  # DMA from the pinned page cache (loader.direct), opt-in
-    ("direct_pin_threads4", {"direct": True, **_direct(pin_threads=4)}),
-    ("direct_share70", {"direct": True, **_direct(share=0.7)}),  # 30% through the slab beside it
+    ("direct_tail50", {"direct": True, **_direct(share=0.5, tail=True)}),  # slab first half, direct second
+    ("direct_tail35", {"direct": True, **_direct(share=0.35, tail=True)}),
 )
 
 

@@ -57,13 +57,15 @@ class DirectConfig:
     """How the loader's direct path runs: files pinned in pieces of `chunk_bytes` by `pin_threads`
     threads, their pages mapped first by `populate_threads` (0: by the pinning itself); at most
     `window_bytes` pinned at once (None: everything, unpinned after the pass); `share` of the resident
-    bytes copied directly, the rest read through the slab beside them."""
+    bytes copied directly, the rest read through the slab beside them: interleaved tensor by tensor, or
+    with `tail`, the last `share` of the plan direct (pinned while the slab reads the first part)."""
 
     chunk_bytes: int = 256 << 20
     window_bytes: int | None = None
     pin_threads: int = 2
     populate_threads: int = 8
     share: float = 1.0
+    tail: bool = False
 
 
 class HostDma(Protocol):

@@ -503,14 +503,22 @@ class FastLoader:
         their bytes go direct."""
         if source is None:
             return set()
+        ok = [t for t in self.plan if t.path in source and t.nbytes > 0
+              and all(_is_full(rest, t.entry.shape) for _, _, rest in reads[t.name].values())]
+        share = self.direct_config.share
         out, sent, seen = set(), 0, 0
-        for t in self.plan:
-            if t.path in source and t.nbytes > 0 and all(_is_full(rest, t.entry.shape)
-                                                        for _, _, rest in reads[t.name].values()):
-                seen += t.nbytes
-                if sent + t.nbytes <= self.direct_config.share * seen + t.nbytes / 2:
+        if self.direct_config.tail:
+            start = (1 - share) * sum(t.nbytes for t in ok)
+            for t in ok:
+                if seen + t.nbytes / 2 >= start:
                     out.add(t.name)
-                    sent += t.nbytes
+                seen += t.nbytes
+            return out
+        for t in ok:
+            seen += t.nbytes
+            if sent + t.nbytes <= share * seen + t.nbytes / 2:
+                out.add(t.name)
+                sent += t.nbytes
         return out
 
     def _page_cache_source(self) -> PageCacheSource | None:

@@ -18,6 +18,7 @@ from rtp_jax.loader import direct as direct_mod
 from rtp_jax.loader.direct import DirectConfig, PageCacheSource, host_dma, resident
 from rtp_jax.loader.fast import FastLoader, plan_checkpoint
 from rtp_jax.loader.safetensors_io import iter_safetensors
+from rtp_jax.loader.shards import _shard_reads
 
 
 class HostMemoryDma:
@@ -143,16 +144,17 @@ def test_a_refused_registration_falls_back_to_the_host_path(tiny_hf_model):
 
 
 @cpu_only
-@pytest.mark.parametrize("share", [1.0, 0.5])
-def test_without_a_window_everything_stays_pinned_until_the_pass_ends(tiny_hf_model, share):
+@pytest.mark.parametrize("share,tail", [(1.0, False), (0.5, False), (0.5, True)])
+def test_without_a_window_everything_stays_pinned_until_the_pass_ends(tiny_hf_model, share, tail):
     """The default: pin ahead with no limit and unpin after the pass (no unpinning beside the copies);
-    with `direct_share` 0.5 about half the bytes take the slab beside the direct copies."""
+    with share 0.5 about half the bytes take the slab beside the direct copies (interleaved, or with
+    `tail` the first half of the plan through the slab and the second direct)."""
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     ref = dict(iter_safetensors(path))
     total = sum(x.nbytes for x in ref.values())
     dma = HostMemoryDma()
     loader = FastLoader(path, split_bytes=3 * 4096, direct=dma, release_in_background=False,
-                        direct_config=DirectConfig(chunk_bytes=2 * 4096, share=share))
+                        direct_config=DirectConfig(chunk_bytes=2 * 4096, share=share, tail=tail))
     got = dict(loader.iter_device())
     for name, a in got.items():
         assert _same(a, ref[name]), name
@@ -163,6 +165,14 @@ def test_without_a_window_everything_stays_pinned_until_the_pass_ends(tiny_hf_mo
     else:
         assert extra["staging"].startswith("direct+slab")
         assert 0.3 * total < extra["direct_bytes"] < 0.7 * total
+    if tail:  # the direct tensors are the last ones of the plan
+        plan = plan_checkpoint(path)
+        names = [t.name for t in plan]
+        source = loader._page_cache_source()
+        direct_names = loader._direct_tensors(source, {t.name: _shard_reads(t, None) for t in plan})
+        source.close()
+        first = min(names.index(n) for n in direct_names)
+        assert direct_names == set(names[first:])
 
 
 @cpu_only
