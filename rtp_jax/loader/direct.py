@@ -13,7 +13,8 @@ made ready before the copy), on our own streams, complete before the array is ha
 `PageCacheSource` maps the plan's resident files and pins them in `chunk_bytes` pieces ahead of the jobs
 (pages mapped first by parallel MADV_POPULATE_READ); `DirectCopier` queues every job's copies in order from
 one thread; the loader's workers only wait for their job's copies. Everything CUDA-specific is in
-`CudaHostDma`; `host_dma()` returns it where it works and None elsewhere (CPU, ROCm, an old driver). Tests
+`loader.cuda_dma` (`CudaHostDma`; `host_dma()` returns it where it works and None elsewhere: CPU, ROCm, an
+old driver). Tests
 drive the same code with a host-memory stand-in for the driver.
 
 Measured on an H200 host (bench/notes_bench.md, 2026-12-01 ninth session): copies from pinned page-cache
@@ -38,18 +39,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from rtp_jax.loader.reading import PlannedTensor
-from rtp_jax.loader.shards import _device_keys, _Job, _row_bytes
+from rtp_jax.loader.shards import _device_keys, _is_full, _Job, _row_bytes
 from rtp_jax.loader.transfer import _key_devices
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
-_READ_ONLY_REGISTER_ATTRIBUTE = 113  # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED
-_REGISTER_FLAGS = 0x08 | 0x01  # CU_MEMHOSTREGISTER_READ_ONLY | CU_MEMHOSTREGISTER_PORTABLE
-_STREAM_NON_BLOCKING = 0x1
-_EVENT_DISABLE_TIMING = 0x2
-_NOT_READY = 600  # CUDA_ERROR_NOT_READY
-_COPY_STREAMS = 2  # per device: one copy engine per direction; two keeps it fed between submissions
 
 
 @dataclass(frozen=True)
@@ -82,119 +77,6 @@ class HostDma(Protocol):
     def wait(self, handle: Any) -> None:
         """Returns once the copies of `copy_async`'s `handle` are done."""
         ...
-
-
-class CudaHostDma:
-    """`HostDma` through the CUDA driver (ctypes), in each device's primary context, which XLA uses too."""
-
-    def __init__(self, lib: Any) -> None:
-        self._lib = lib
-        c = ctypes
-        lib.cuMemcpyHtoDAsync_v2.argtypes = [c.c_uint64, c.c_void_p, c.c_size_t, c.c_void_p]
-        lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-        lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
-        self._contexts: dict[int, ctypes.c_void_p] = {}
-        self._streams: dict[int, list[ctypes.c_void_p]] = {}
-        self._turn = 0
-        self._lock = threading.Lock()
-        self._first = 0
-
-    def _check(self, result: int, what: str) -> None:
-        if result:
-            name = ctypes.c_char_p()
-            self._lib.cuGetErrorName(result, ctypes.byref(name))
-            raise RuntimeError(f"{what} failed: {(name.value or b'?').decode()} ({result})")
-
-    def _device(self, ordinal: int) -> ctypes.c_int:
-        dev = ctypes.c_int()
-        self._check(self._lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
-        return dev
-
-    def supports(self, ordinal: int) -> bool:
-        value = ctypes.c_int()
-        self._check(self._lib.cuDeviceGetAttribute(ctypes.byref(value), _READ_ONLY_REGISTER_ATTRIBUTE,
-                                                   self._device(ordinal)), "cuDeviceGetAttribute")
-        return bool(value.value)
-
-    def _enter(self, ordinal: int) -> None:
-        with self._lock:
-            ctx = self._contexts.get(ordinal)
-            if ctx is None:
-                ctx = ctypes.c_void_p()
-                self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self._device(ordinal)),
-                            "cuDevicePrimaryCtxRetain")
-                self._contexts[ordinal] = ctx
-        self._check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-
-    def register(self, address: int, nbytes: int) -> None:
-        self._enter(self._first)  # portable: one registration serves every device
-        self._check(self._lib.cuMemHostRegister_v2(address, nbytes, _REGISTER_FLAGS), "cuMemHostRegister")
-
-    def unregister(self, address: int) -> None:
-        self._enter(self._first)
-        self._check(self._lib.cuMemHostUnregister(address), "cuMemHostUnregister")
-
-    def copy_async(self, device: Any, copies: list[tuple[int, int, int]]) -> Any:
-        ordinal = _ordinal(device)
-        self._enter(ordinal)
-        with self._lock:
-            streams = self._streams.get(ordinal)
-            if streams is None:
-                streams = self._streams[ordinal] = []
-                for _ in range(_COPY_STREAMS):
-                    stream = ctypes.c_void_p()
-                    self._check(self._lib.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING),
-                                "cuStreamCreate")
-                    streams.append(stream)
-            self._turn = (self._turn + 1) % len(streams)
-            stream = streams[self._turn]
-        for dst, src, n in copies:
-            self._check(self._lib.cuMemcpyHtoDAsync_v2(dst, src, n, stream), "cuMemcpyHtoDAsync")
-        event = ctypes.c_void_p()
-        self._check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_DISABLE_TIMING), "cuEventCreate")
-        self._check(self._lib.cuEventRecord(event, stream), "cuEventRecord")
-        return ordinal, event
-
-    def wait(self, handle: Any) -> None:
-        # Polled with short sleeps: cuEventSynchronize spins, and a dozen spinning waiters starve the
-        # pinning threads of CPU.
-        ordinal, event = handle
-        self._enter(ordinal)
-        try:
-            while (r := self._lib.cuEventQuery(event)) == _NOT_READY:
-                time.sleep(50e-6)
-            self._check(r, "cuEventQuery")
-        finally:
-            self._lib.cuEventDestroy_v2(event)
-
-
-def _ordinal(device: Any) -> int:
-    hw = getattr(device, "local_hardware_id", None)
-    return int(hw if hw is not None else device.id)
-
-
-@functools.lru_cache(maxsize=1)
-def host_dma() -> CudaHostDma | None:
-    """The CUDA driver's `HostDma` when every local device is a CUDA GPU that can pin read-only host
-    memory; None otherwise (then the loader keeps to its staging slab)."""
-    import jax
-
-    devices = jax.local_devices()
-    if not devices or devices[0].platform != "gpu":
-        return None
-    if "cuda" not in str(getattr(devices[0].client, "platform_version", "")).lower():
-        return None
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        if lib.cuInit(0):
-            return None
-        dma = CudaHostDma(lib)
-        if not all(dma.supports(_ordinal(d)) for d in devices):
-            return None
-        dma._first = _ordinal(devices[0])
-        return dma
-    except (OSError, AttributeError, RuntimeError):
-        return None
 
 
 def resident(mapping: mmap.mmap, samples: int = 256, window: int = 16 * _PAGE) -> bool:
@@ -620,3 +502,48 @@ def direct_result(job: _Job, sharding: Any, arrays: list[Any]) -> tuple[Any, int
         return only, nsent
     singles = [outs[key][d] for d, key in _device_keys(t, sharding)]
     return jax.make_array_from_single_device_arrays(shape, sharding, singles), nsent
+
+
+def open_page_cache(plan: list[PlannedTensor], direct: bool | HostDma, config: DirectConfig
+                    ) -> PageCacheSource | None:
+    """The plan's resident files mapped for direct DMA; None when `direct` is False, the runtime cannot
+    pin read-only memory (`host_dma()`), or no file is resident."""
+    if direct is False or not plan:
+        return None
+    from rtp_jax.loader.cuda_dma import host_dma
+
+    dma = host_dma() if direct is True else direct
+    if dma is None:
+        return None
+    source = PageCacheSource(sorted({t.path for t in plan}), dma, chunk_bytes=config.chunk_bytes,
+                             window_bytes=config.window_bytes, threads=config.pin_threads,
+                             populate_threads=config.populate_threads)
+    if not source.maps:
+        source.close()
+        return None
+    return source
+
+
+def choose_direct(plan: list[PlannedTensor], source: PageCacheSource | None,
+                  reads: dict[str, dict[Any, Any]], config: DirectConfig) -> set[str]:
+    """Names of the tensors copied from the page cache: those that can be (resident file, bytes to copy,
+    whole rows per shard in `reads`), and of those about `config.share` of the bytes (interleaved tensor
+    by tensor, or the last ones with `config.tail`)."""
+    if source is None:
+        return set()
+    ok = [t for t in plan if t.path in source and t.nbytes > 0
+          and all(_is_full(rest, t.entry.shape) for _, _, rest in reads[t.name].values())]
+    out, sent, seen = set(), 0, 0
+    if config.tail:
+        start = (1 - config.share) * sum(t.nbytes for t in ok)
+        for t in ok:
+            if seen + t.nbytes / 2 >= start:
+                out.add(t.name)
+            seen += t.nbytes
+        return out
+    for t in ok:
+        seen += t.nbytes
+        if sent + t.nbytes <= config.share * seen + t.nbytes / 2:
+            out.add(t.name)
+            sent += t.nbytes
+    return out

@@ -54,11 +54,11 @@ from rtp_jax.loader.direct import (
     DirectConfig,
     DirectCopier,
     HostDma,
-    PageCacheSource,
     _byte_range,
+    choose_direct,
     direct_job,
     direct_result,
-    host_dma,
+    open_page_cache,
 )
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
 from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
@@ -382,8 +382,8 @@ class FastLoader:
             return shardings[t.name]
 
         reads = {t.name: _shard_reads(t, sharding_of(t)) for t in self.plan}
-        source = self._page_cache_source()
-        chosen = self._direct_tensors(source, reads)
+        source = open_page_cache(self.plan, self.direct, self.direct_config)
+        chosen = choose_direct(self.plan, source, reads, self.direct_config)
         # Direct jobs are whole tensors: no host bytes to bound, so no pieces to join on the device.
         jobs = [job for t in self.plan
                 for job in _split_jobs(t, reads[t.name], 0 if t.name in chosen else self.split_bytes)]
@@ -496,46 +496,6 @@ class FastLoader:
                 if source.bytes:
                     self.stats.extra["staging"] = "direct" if not slab else \
                         f"direct+{self.stats.extra.get('staging', 'none')}"
-
-    def _direct_tensors(self, source: PageCacheSource | None, reads: dict[str, dict[Any, Any]]) -> set[str]:
-        """Names of the tensors copied from the page cache: those that can be (resident file, bytes to
-        copy, whole rows per shard), interleaved with the slab's so that about `direct_config.share` of
-        their bytes go direct."""
-        if source is None:
-            return set()
-        ok = [t for t in self.plan if t.path in source and t.nbytes > 0
-              and all(_is_full(rest, t.entry.shape) for _, _, rest in reads[t.name].values())]
-        share = self.direct_config.share
-        out, sent, seen = set(), 0, 0
-        if self.direct_config.tail:
-            start = (1 - share) * sum(t.nbytes for t in ok)
-            for t in ok:
-                if seen + t.nbytes / 2 >= start:
-                    out.add(t.name)
-                seen += t.nbytes
-            return out
-        for t in ok:
-            seen += t.nbytes
-            if sent + t.nbytes <= share * seen + t.nbytes / 2:
-                out.add(t.name)
-                sent += t.nbytes
-        return out
-
-    def _page_cache_source(self) -> PageCacheSource | None:
-        """The resident files of the plan, mapped for direct DMA (None: disabled or unsupported here)."""
-        if self.direct is False or not self.plan:
-            return None
-        dma = host_dma() if self.direct is True else self.direct
-        if dma is None:
-            return None
-        c = self.direct_config
-        source = PageCacheSource(sorted({t.path for t in self.plan}), dma, chunk_bytes=c.chunk_bytes,
-                                 window_bytes=c.window_bytes, threads=c.pin_threads,
-                                 populate_threads=c.populate_threads)
-        if not source.maps:
-            source.close()
-            return None
-        return source
 
     def _time(self, t0: float, t1: float) -> None:
         t2 = time.perf_counter()

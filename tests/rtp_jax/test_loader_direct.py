@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtp_jax.loader import direct as direct_mod
-from rtp_jax.loader.direct import DirectConfig, PageCacheSource, host_dma, resident
+from rtp_jax.loader.cuda_dma import host_dma
+from rtp_jax.loader.direct import DirectConfig, PageCacheSource, choose_direct, open_page_cache, resident
 from rtp_jax.loader.fast import FastLoader, plan_checkpoint
 from rtp_jax.loader.safetensors_io import iter_safetensors
 from rtp_jax.loader.shards import _shard_reads
@@ -168,8 +169,9 @@ def test_without_a_window_everything_stays_pinned_until_the_pass_ends(tiny_hf_mo
     if tail:  # the direct tensors are the last ones of the plan
         plan = plan_checkpoint(path)
         names = [t.name for t in plan]
-        source = loader._page_cache_source()
-        direct_names = loader._direct_tensors(source, {t.name: _shard_reads(t, None) for t in plan})
+        source = open_page_cache(plan, dma, loader.direct_config)
+        direct_names = choose_direct(plan, source, {t.name: _shard_reads(t, None) for t in plan},
+                                     loader.direct_config)
         source.close()
         first = min(names.index(n) for n in direct_names)
         assert direct_names == set(names[first:])

@@ -1,0 +1,133 @@
+"""The CUDA driver calls of the loader's direct path (`loader.direct`), in one place: pinning read-only
+host ranges (`cuMemHostRegister` with CU_MEMHOSTREGISTER_READ_ONLY, which PJRT's `dma_map` does not pass),
+and asynchronous host-to-device copies on our own streams, completed through events. Through ctypes on
+`libcuda.so.1`, in each device's primary context, which XLA uses too, so device addresses of XLA buffers
+(`unsafe_buffer_pointer`) are valid here."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+import time
+from typing import Any
+
+_READ_ONLY_REGISTER_ATTRIBUTE = 113  # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED
+_REGISTER_FLAGS = 0x08 | 0x01  # CU_MEMHOSTREGISTER_READ_ONLY | CU_MEMHOSTREGISTER_PORTABLE
+_STREAM_NON_BLOCKING = 0x1
+_EVENT_DISABLE_TIMING = 0x2
+_NOT_READY = 600  # CUDA_ERROR_NOT_READY
+_COPY_STREAMS = 2  # per device: one copy engine per direction; two keeps it fed between submissions
+
+
+class CudaHostDma:
+    """`HostDma` through the CUDA driver (ctypes), in each device's primary context, which XLA uses too."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        c = ctypes
+        lib.cuMemcpyHtoDAsync_v2.argtypes = [c.c_uint64, c.c_void_p, c.c_size_t, c.c_void_p]
+        lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+        self._contexts: dict[int, ctypes.c_void_p] = {}
+        self._streams: dict[int, list[ctypes.c_void_p]] = {}
+        self._turn = 0
+        self._lock = threading.Lock()
+        self._first = 0
+
+    def _check(self, result: int, what: str) -> None:
+        if result:
+            name = ctypes.c_char_p()
+            self._lib.cuGetErrorName(result, ctypes.byref(name))
+            raise RuntimeError(f"{what} failed: {(name.value or b'?').decode()} ({result})")
+
+    def _device(self, ordinal: int) -> ctypes.c_int:
+        dev = ctypes.c_int()
+        self._check(self._lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
+        return dev
+
+    def supports(self, ordinal: int) -> bool:
+        value = ctypes.c_int()
+        self._check(self._lib.cuDeviceGetAttribute(ctypes.byref(value), _READ_ONLY_REGISTER_ATTRIBUTE,
+                                                   self._device(ordinal)), "cuDeviceGetAttribute")
+        return bool(value.value)
+
+    def _enter(self, ordinal: int) -> None:
+        with self._lock:
+            ctx = self._contexts.get(ordinal)
+            if ctx is None:
+                ctx = ctypes.c_void_p()
+                self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self._device(ordinal)),
+                            "cuDevicePrimaryCtxRetain")
+                self._contexts[ordinal] = ctx
+        self._check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+    def register(self, address: int, nbytes: int) -> None:
+        self._enter(self._first)  # portable: one registration serves every device
+        self._check(self._lib.cuMemHostRegister_v2(address, nbytes, _REGISTER_FLAGS), "cuMemHostRegister")
+
+    def unregister(self, address: int) -> None:
+        self._enter(self._first)
+        self._check(self._lib.cuMemHostUnregister(address), "cuMemHostUnregister")
+
+    def copy_async(self, device: Any, copies: list[tuple[int, int, int]]) -> Any:
+        ordinal = _ordinal(device)
+        self._enter(ordinal)
+        with self._lock:
+            streams = self._streams.get(ordinal)
+            if streams is None:
+                streams = self._streams[ordinal] = []
+                for _ in range(_COPY_STREAMS):
+                    stream = ctypes.c_void_p()
+                    self._check(self._lib.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING),
+                                "cuStreamCreate")
+                    streams.append(stream)
+            self._turn = (self._turn + 1) % len(streams)
+            stream = streams[self._turn]
+        for dst, src, n in copies:
+            self._check(self._lib.cuMemcpyHtoDAsync_v2(dst, src, n, stream), "cuMemcpyHtoDAsync")
+        event = ctypes.c_void_p()
+        self._check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_DISABLE_TIMING), "cuEventCreate")
+        self._check(self._lib.cuEventRecord(event, stream), "cuEventRecord")
+        return ordinal, event
+
+    def wait(self, handle: Any) -> None:
+        # Polled with short sleeps: cuEventSynchronize spins, and a dozen spinning waiters starve the
+        # pinning threads of CPU.
+        ordinal, event = handle
+        self._enter(ordinal)
+        try:
+            while (r := self._lib.cuEventQuery(event)) == _NOT_READY:
+                time.sleep(50e-6)
+            self._check(r, "cuEventQuery")
+        finally:
+            self._lib.cuEventDestroy_v2(event)
+
+
+def _ordinal(device: Any) -> int:
+    hw = getattr(device, "local_hardware_id", None)
+    return int(hw if hw is not None else device.id)
+
+
+@functools.lru_cache(maxsize=1)
+def host_dma() -> CudaHostDma | None:
+    """The CUDA driver's `HostDma` when every local device is a CUDA GPU that can pin read-only host
+    memory; None otherwise (then the loader keeps to its staging slab)."""
+    import jax
+
+    devices = jax.local_devices()
+    if not devices or devices[0].platform != "gpu":
+        return None
+    if "cuda" not in str(getattr(devices[0].client, "platform_version", "")).lower():
+        return None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        if lib.cuInit(0):
+            return None
+        dma = CudaHostDma(lib)
+        if not all(dma.supports(_ordinal(d)) for d in devices):
+            return None
+        dma._first = _ordinal(devices[0])
+        return dma
+    except (OSError, AttributeError, RuntimeError):
+        return None
