@@ -14,8 +14,7 @@ made ready before the copy), on our own streams, complete before the array is ha
 (pages mapped first by parallel MADV_POPULATE_READ); `DirectCopier` queues every job's copies in order from
 one thread; the loader's workers only wait for their job's copies. Everything CUDA-specific is in
 `loader.cuda_dma` (`CudaHostDma`; `host_dma()` returns it where it works and None elsewhere: CPU, ROCm, an
-old driver). Tests
-drive the same code with a host-memory stand-in for the driver.
+old driver). Tests drive the same code with a host-memory stand-in for the driver.
 
 Measured on an H200 host (bench/notes_bench.md, 2026-12-01 ninth session): copies from pinned page-cache
 pages run at 54 GB/s alone, but at 29-41 GB/s while other pages are being pinned, and pinning runs at ~20-42
@@ -284,13 +283,19 @@ class PageCacheSource:
             if done:
                 self._unpins.put((path, k))
 
-    def close(self) -> None:
-        """Stops pinning, waits for the threads, unpins every chunk still pinned, unmaps the files."""
+    def stop(self) -> None:
+        """Stops pinning and wakes every `acquire` still waiting (it raises for a chunk not pinned)."""
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
         for w in self._workers[:-1]:
             w.join()
+        for event in self._ready.values():
+            event.set()
+
+    def close(self) -> None:
+        """Stops pinning, waits for the threads, unpins every chunk still pinned, unmaps the files."""
+        self.stop()
         if self._populator is not None:
             self._populator.shutdown(wait=True, cancel_futures=True)
         with self._cv:  # chunks whose jobs went elsewhere (a failure, an early exit) are still pinned

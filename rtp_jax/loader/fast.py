@@ -484,6 +484,8 @@ class FastLoader:
                 yield job.tensor.name, out
         finally:
             runner.close()  # the workers are done with the page cache before it is unpinned
+            if source is not None:
+                source.stop()  # an early exit leaves the copier waiting for chunks nobody will pin
             if copier is not None:
                 copier.close()
                 self.stats.extra.update(fill_wait_s=copier.fill_wait_s, submit_s=copier.submit_s)
