@@ -128,13 +128,10 @@ class FastLoader:
     device runtime so transfers DMA straight from it (where the backend supports it).
     `skip(name)`: tensors to leave unread. release_in_background: the slab is unregistered and unmapped
     by a background thread once the pass is done, so the caller does not wait for it.
-    direct (`iter_device` only, opt-in): files already in the page cache are pinned in place and copied to
-    the devices by DMA (`loader.direct`), skipping the slab, where the runtime allows it (CUDA with
-    read-only host registration; `host_dma()`); True: wherever it works, or a `HostDma` to use. Off by
-    default: on the H200 host it measured slower than the slab (warm 16 GB: 1.18 s vs 0.70 s; pinning
-    beside the copies halves their rate; bench/notes_bench.md). Jobs that slice columns, and files not in
-    the page cache, keep to `staging`. `direct_config` (`DirectConfig`): pinning chunks, threads and
-    window, and the share of bytes sent directly.
+    direct (`iter_device` only, opt-in): files already in the page cache are pinned in place and copied by
+    DMA (`loader.direct`; CUDA with read-only host registration), skipping the slab; True, or a `HostDma`.
+    Off by default: slower than the slab on the H200 host (16 GB warm: 1.18 vs 0.70 s; notes_bench.md).
+    `direct_config` (`DirectConfig`): pinning chunks, threads and window, and the share sent directly.
     """
 
     def __init__(self, path: str | Path, *, num_readers: int = 16, num_workers: int = 12,
@@ -398,6 +395,14 @@ class FastLoader:
             source.start()
             copier = DirectCopier(source, list(specs.values()))
 
+        def cast_whole(job: _Job, out: Any) -> Any:
+            """A whole tensor cast on its devices to the wanted dtype (pieces are cast once joined)."""
+            want = target_dtype(job.tensor.name)
+            if job.parts == 1 and want is not None and np.dtype(want) != out.dtype:
+                out = _cast(out, np.dtype(want))
+                out.block_until_ready()
+            return out
+
         def work(ctx: _Ctx, job: _Job) -> tuple[Any, int, int]:
             t = job.tensor
             e, rb, sharding = t.entry, _row_bytes(t), sharding_of(t)
@@ -405,14 +410,11 @@ class FastLoader:
                 t0 = time.perf_counter()
                 try:
                     out, nsent = direct_result(job, sharding, copier.collect(specs[id(job)]))
-                except RuntimeError:
+                except RuntimeError:  # pinning failed: this and later jobs take the host path
                     if source.failed is None:
                         raise
-                else:  # pinning failed: this and later jobs take the host path
-                    want = target_dtype(t.name)
-                    if job.parts == 1 and want is not None and np.dtype(want) != out.dtype:
-                        out = _cast(out, np.dtype(want))
-                        out.block_until_ready()
+                else:
+                    out = cast_whole(job, out)
                     self._time(t0, t0)
                     return out, job.nbytes, nsent
             slab = ctx.slab()
@@ -459,10 +461,7 @@ class FastLoader:
                     slab.free(offset)
                 if mapped is not None:
                     mapped.close()
-            want = target_dtype(t.name)
-            if job.parts == 1 and want is not None and np.dtype(want) != out.dtype:
-                out = _cast(out, np.dtype(want))
-                out.block_until_ready()
+            out = cast_whole(job, out)
             self._time(t0, t1)
             return out, job.nbytes, nsent
 
