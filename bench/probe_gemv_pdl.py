@@ -1,0 +1,219 @@
+"""Does a decode GEMM that prefetches its weights before waiting on the previous kernel beat XLA's?
+
+    python3 bench/probe_gemv_pdl.py --out $OUT        # GPU (jax >= 0.11, Hopper)
+
+At batch 1 the engine's small GEMMs (q/k/v 50 MB, o_proj 33.5 MB per layer) stream at 3.3-3.6 TB/s
+against 4.2 for lm_head: each waits for its input before it reads a byte of weight, then ramps up
+(bench/notes_bench.md). Pallas Mosaic GPU kernels that call `plgpu.griddepcontrol_wait` are launched with
+programmatic dependent launch (`mosaic_gpu.uses_pdl`), so such a kernel can issue its first weight copies
+(which depend on nothing) before it waits for the previous kernel, and overlap its ramp with that
+kernel's tail. `gemv` below: out[T, N] = x[T, K] @ w[N, K]^T for T <= 8 rows, one CTA per 64 output
+columns (and per K split), weights [64, tile_k] and x [8, tile_k] copied by TMA into `stages` slots, one
+wgmma [64, tile_k] x [tile_k, 8] per tile (the weights are wgmma's A operand, so 64 columns fill its M).
+
+The probe checks it against `x @ w.T` and times, per shape (o_proj, q/k/v, down, gate/up at T=4), a
+chain of 32 layers of distinct weights where each GEMM follows a small XLA fusion on its input (as in the
+engine): XLA's dot, this kernel without PDL, and with PDL, over a few tilings; medians of the chain's
+time, a short table last, JSON under --out. Not wired into the engine: it goes in only if it wins here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+T_PAD = 8  # wgmma's N: the token rows, padded
+
+
+@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "stages", "splits", "pdl", "interpret"))
+def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, stages: int = 4,
+         splits: int = 1, pdl: bool = False, interpret: bool = False) -> jax.Array:
+    """x: [T, K] (T <= 8), w: [N, K] -> [T, N] float32 (bf16 operands, f32 accumulation)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    t, k = x.shape
+    n = w.shape[0]
+    if t > T_PAD or n % tile_n or k % (splits * tile_k):
+        raise ValueError(f"gemv: T={t} (<= {T_PAD}), N={n} (multiple of {tile_n}), K={k} (multiple of "
+                         f"{splits * tile_k}) expected")
+    xp = jnp.pad(x, ((0, T_PAD - t), (0, 0)))
+    k_per = k // splits
+    steps = k_per // tile_k
+    first = min(stages, steps)
+
+    def kernel(x_ref: Any, w_ref: Any, o_ref: Any, w_smem: Any, x_smem: Any, o_smem: Any, w_full: Any,
+               x_full: Any) -> None:
+        col, split = lax.axis_index("n"), lax.axis_index("k")
+        k0 = split * k_per
+
+        def load_w(i: Any, slot: Any) -> None:
+            src = w_ref.at[pl.ds(col * tile_n, tile_n), pl.ds(k0 + i * tile_k, tile_k)]
+            plgpu.copy_gmem_to_smem(src, w_smem.at[slot], w_full.at[slot])
+
+        def load_x(i: Any, slot: Any) -> None:
+            plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(k0 + i * tile_k, tile_k)], x_smem.at[slot],
+                                    x_full.at[slot])
+
+        for s in range(first):  # the weights depend on no earlier kernel: ask for them first
+            load_w(s, s)
+        if pdl and not interpret:  # (the interpreter has no rule for it; it only orders launches)
+            plgpu.griddepcontrol_wait()  # x is the previous kernel's output
+        for s in range(first):
+            load_x(s, s)
+        acc0 = plgpu.layout_cast(jnp.zeros((tile_n, T_PAD), jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(i: Any, acc: Any) -> Any:
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(w_full.at[slot])
+            plgpu.barrier_wait(x_full.at[slot])
+
+            def scope(acc_ref: Any) -> Any:
+                plgpu.wgmma(acc_ref, w_smem.at[slot], x_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            part = pl.run_scoped(scope, plgpu.ACC((tile_n, T_PAD), jnp.float32))
+
+            @pl.when(i + stages < steps)
+            def _refill() -> None:
+                load_w(i + stages, slot)
+                load_x(i + stages, slot)
+
+            return acc + part
+
+        acc = lax.fori_loop(0, steps, step, acc0)
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, pl.ds(col * tile_n, tile_n)])
+        plgpu.wait_smem_to_gmem(0)
+
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    call = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((splits, n, T_PAD), jnp.float32),
+        scratch_types=[
+            plgpu.SMEM((stages, tile_n, tile_k), w.dtype, transforms=tiled),
+            plgpu.SMEM((stages, T_PAD, tile_k), x.dtype, transforms=tiled),
+            plgpu.SMEM((tile_n, T_PAD), jnp.float32),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+        ],
+        grid=(splits, n // tile_n), grid_names=("k", "n"),
+        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
+    )
+    out = call(xp, w)
+    return out.sum(axis=0).T[:t]
+
+
+SHAPES = {"o_proj": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336), "gate_up": (28672, 4096)}
+TILINGS = ((64, 256, 4, 1), (64, 256, 4, 2), (64, 128, 6, 2), (64, 256, 6, 4))
+
+
+@functools.cache
+def exported(tiling: tuple[int, int, int, int], pdl: bool, x_shape: tuple[int, int], w_shape: tuple[int, int],
+             platform: str = "cuda") -> Any:
+    """`gemv` lowered once (a `jax.export.Exported`), so a 32-layer program does not lower it 32 times
+    (~0.5 s each), as kernels_pallas/paged_decode_mgpu.py does for the decode kernel."""
+    from jax import export
+
+    tn, tk, st, sp = tiling
+    fn = jax.jit(functools.partial(gemv, tile_n=tn, tile_k=tk, stages=st, splits=sp, pdl=pdl))
+    avals = (jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct(w_shape, jnp.bfloat16))
+    return export.export(fn, platforms=(platform,))(*avals)
+
+
+def chain(kind: str, tiling: tuple[int, int, int, int] | None, pdl: bool) -> Any:
+    """32 layers: a small fusion on x (as the RMSNorm before each GEMM), then x @ w_l.T, fed forward."""
+
+    def layer(x: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+        h = (x.astype(jnp.float32) * lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1,
+                                                          keepdims=True) + 1e-6)).astype(x.dtype)
+        if tiling is None:
+            y = jnp.dot(h, w.T, preferred_element_type=jnp.float32)
+        else:
+            y = exported(tiling, pdl, tuple(h.shape), tuple(w.shape)).call(h, w)
+        return y[:, :x.shape[1]].astype(x.dtype) + x, None
+
+    @jax.jit
+    def run(x: jax.Array, ws: jax.Array) -> jax.Array:
+        for i in range(ws.shape[0]):  # unrolled, as the engine's decode step
+            x, _ = layer(x, ws[i])
+        return x
+
+    del kind
+    return run
+
+
+def timed(fn: Any, *args: Any, reps: int = 20) -> float:
+    fn(*args).block_until_ready()
+    t_end = time.perf_counter() + 0.3
+    while time.perf_counter() < t_end:
+        fn(*args).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            out = fn(*args)
+        out.block_until_ready()
+        ts.append((time.perf_counter() - t0) / 5)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=32)
+    args = ap.parse_args()
+    key = jax.random.PRNGKey(0)
+    res: dict[str, Any] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": []}
+    lines = ["| shape | variant | us per layer | TB/s of weights |", "|---|---|---|---|"]
+    for kind, (n, k) in SHAPES.items():
+        kx, kw, key = jax.random.split(key, 3)
+        ws = (jax.random.normal(kw, (args.layers, n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        x = jax.random.normal(kx, (args.tokens, k), jnp.float32).astype(jnp.bfloat16)
+        ref = jnp.dot(x, ws[0].T, preferred_element_type=jnp.float32)
+        variants: list[tuple[str, Any, bool]] = [("xla", None, False)]
+        variants += [(f"gemv{t}{'_pdl' if p else ''}", t, p) for t in TILINGS for p in (False, True)]
+        for name, tiling, pdl in variants:
+            row: dict[str, Any] = {"shape": kind, "variant": name}
+            try:
+                if tiling is not None:
+                    tn, tk, st, sp = tiling
+                    got = gemv(x, ws[0], tile_n=tn, tile_k=tk, stages=st, splits=sp, pdl=pdl)
+                    row["max_rel_err"] = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+                if n < k:  # the chain feeds y's first K columns back as x; down_proj times one GEMM
+                    fn = jax.jit(lambda a, b, t=tiling, p=pdl: (
+                        jnp.dot(a, b.T, preferred_element_type=jnp.float32) if t is None else
+                        gemv(a, b, tile_n=t[0], tile_k=t[1], stages=t[2], splits=t[3], pdl=p)))
+                    s = timed(fn, x, ws[0])
+                else:
+                    s = timed(chain(kind, tiling, pdl), x, ws) / args.layers
+                row["us"] = s * 1e6
+                row["TBps"] = n * k * 2 / s / 1e12
+                lines.append(f"| {kind} | {name} | {row['us']:.1f} | {row['TBps']:.2f} |")
+            except Exception as e:  # noqa: BLE001 - record and go on with the other variants
+                row["error"] = repr(e)[:500]
+                lines.append(f"| {kind} | {name} | error | {type(e).__name__} |")
+            res["rows"].append(row)
+            print(row, flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "probe_gemv_pdl.json").write_text(json.dumps(res, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
