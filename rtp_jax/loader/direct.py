@@ -398,12 +398,13 @@ class DirectCopier:
                 if j not in allocated:
                     allocated[j] = self._allocate(self._jobs[j])
             arrays = allocated.pop(i)
+            handles = []
             try:
                 t0 = time.perf_counter()
                 for a in arrays:
                     a.block_until_ready()  # XLA's fill must land before our copy does
                 t1 = time.perf_counter()
-                handles, at = [], 0
+                at = 0
                 for start, nbytes, bufs in job.ranges:
                     pieces = self.source.acquire(job.path, start, nbytes)
                     for (_, _, d), dst in zip(bufs, arrays[at:at + len(bufs)], strict=True):
@@ -417,6 +418,8 @@ class DirectCopier:
                 self.fill_wait_s += t1 - t0
                 self.submit_s += time.perf_counter() - t1
             except BaseException as e:  # noqa: BLE001 - this job and the later ones go back to the files
+                for h in handles:  # copies already queued must land before their buffers can be freed
+                    self.source.dma.wait(h)
                 failed = e
                 self._finish(job, e)
                 continue
