@@ -1,6 +1,7 @@
 """Does a decode GEMM that prefetches its weights before waiting on the previous kernel beat XLA's?
 
     python3 bench/probe_gemv_pdl.py --out $OUT        # GPU (jax >= 0.11, Hopper)
+    XLA_FLAGS=--xla_gpu_enable_pdl_launch=true python3 bench/probe_gemv_pdl.py --out $OUT --tag pdl_launch
 
 At batch 1 the engine's small GEMMs (q/k/v 50 MB, o_proj 33.5 MB per layer) stream at 3.3-3.6 TB/s
 against 4.2 for lm_head: each waits for its input before it reads a byte of weight, then ramps up
@@ -13,8 +14,11 @@ wgmma [64, tile_k] x [tile_k, 8] per tile (the weights are wgmma's A operand, so
 
 The probe checks it against `x @ w.T` and times, per shape (o_proj, q/k/v, down, gate/up at T=4), a
 chain of 32 layers of distinct weights where each GEMM follows a small XLA fusion on its input (as in the
-engine): XLA's dot, this kernel without PDL, and with PDL, over a few tilings; medians of the chain's
-time, a short table last, JSON under --out. Not wired into the engine: it goes in only if it wins here.
+engine): XLA's dot, and this kernel over a few tilings without PDL, with PDL, and with PDL plus an early
+`launch_dependents`; medians of the chain's time, a short table last, JSON under --out. The prefetch can
+only overlap the previous kernel's work if that kernel lets its dependents launch early: XLA's own
+kernels do so with `--xla_gpu_enable_pdl_launch=true` (second command). The engine-level A/B is
+`bench/probe_decode_variants.py --variants base,gemv_pdl` (bench/probe_patches.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,10 +43,17 @@ sys.path.insert(0, str(ROOT))
 T_PAD = 8  # wgmma's N: the token rows, padded
 
 
-@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "stages", "splits", "pdl", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "stages", "splits", "pdl", "early_launch",
+                                             "interpret"))
 def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, stages: int = 4,
-         splits: int = 1, pdl: bool = False, interpret: bool = False) -> jax.Array:
-    """x: [T, K] (T <= 8), w: [N, K] -> [T, N] float32 (bf16 operands, f32 accumulation)."""
+         splits: int = 1, pdl: bool = False, early_launch: bool = False,
+         interpret: bool = False) -> jax.Array:
+    """x: [T, K] (T <= 8), w: [N, K] -> [T, N] float32 (bf16 operands, f32 accumulation).
+
+    pdl: the first weight copies are issued before `griddepcontrol.wait` (x is the previous kernel's
+    output; the weights are no kernel's). early_launch: `griddepcontrol.launch_dependents` right after
+    that wait, so the next kernel can be launched (and prefetch its own weights) while this one streams;
+    without it the next kernel launches only as this one's CTAs exit."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -72,6 +84,8 @@ def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, sta
             load_w(s, s)
         if pdl and not interpret:  # (the interpreter has no rule for it; it only orders launches)
             plgpu.griddepcontrol_wait()  # x is the previous kernel's output
+            if early_launch:
+                plgpu.griddepcontrol_launch_dependents()
         for s in range(first):
             load_x(s, s)
         acc0 = plgpu.layout_cast(jnp.zeros((tile_n, T_PAD), jnp.float32), plgpu.Layout.WGMMA)
@@ -118,41 +132,48 @@ def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, sta
 
 
 SHAPES = {"o_proj": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336), "gate_up": (28672, 4096)}
-TILINGS = ((64, 256, 4, 1), (64, 256, 4, 2), (64, 128, 6, 2), (64, 256, 6, 4))
+# (tile_n, tile_k, stages, splits): 64 columns per CTA; 3 stages of [64, 256] bf16 (96 KiB) leave room for
+# two CTAs per SM, 4-6 for one; splits bring o_proj's and down_proj's 64 column tiles up to ~1-2 CTAs per SM.
+TILINGS = ((64, 256, 4, 1), (64, 256, 3, 2), (64, 256, 4, 2), (64, 128, 6, 2), (64, 256, 6, 4))
+# (pdl, early_launch) per tiling
+MODES = ((False, False), (True, False), (True, True))
 
 
 @functools.cache
 def exported(tiling: tuple[int, int, int, int], pdl: bool, x_shape: tuple[int, int], w_shape: tuple[int, int],
-             platform: str = "cuda") -> Any:
+             platform: str = "cuda", early_launch: bool = False) -> Any:
     """`gemv` lowered once (a `jax.export.Exported`), so a 32-layer program does not lower it 32 times
     (~0.5 s each), as kernels_pallas/paged_decode_mgpu.py does for the decode kernel."""
     from jax import export
 
     tn, tk, st, sp = tiling
-    fn = jax.jit(functools.partial(gemv, tile_n=tn, tile_k=tk, stages=st, splits=sp, pdl=pdl))
+    fn = jax.jit(functools.partial(gemv, tile_n=tn, tile_k=tk, stages=st, splits=sp, pdl=pdl,
+                                   early_launch=early_launch))
     avals = (jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct(w_shape, jnp.bfloat16))
     return export.export(fn, platforms=(platform,))(*avals)
 
 
-def chain(kind: str, tiling: tuple[int, int, int, int] | None, pdl: bool) -> Any:
-    """32 layers: a small fusion on x (as the RMSNorm before each GEMM), then x @ w_l.T, fed forward."""
+def chain(tiling: tuple[int, int, int, int] | None, pdl: bool, early_launch: bool) -> Any:
+    """Layers of distinct weights: a small fusion on x (as the RMSNorm before each GEMM), then
+    y = x @ w_l.T, fed forward as x + y (y cut or zero-padded to x's width)."""
 
-    def layer(x: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+    def layer(x: jax.Array, w: jax.Array) -> jax.Array:
         h = (x.astype(jnp.float32) * lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1,
                                                           keepdims=True) + 1e-6)).astype(x.dtype)
         if tiling is None:
             y = jnp.dot(h, w.T, preferred_element_type=jnp.float32)
         else:
-            y = exported(tiling, pdl, tuple(h.shape), tuple(w.shape)).call(h, w)
-        return y[:, :x.shape[1]].astype(x.dtype) + x, None
+            y = exported(tiling, pdl, tuple(h.shape), tuple(w.shape), early_launch=early_launch).call(h, w)
+        k = x.shape[1]
+        y = y[:, :k] if y.shape[1] >= k else jnp.pad(y, ((0, 0), (0, k - y.shape[1])))
+        return y.astype(x.dtype) + x
 
     @jax.jit
-    def run(x: jax.Array, ws: jax.Array) -> jax.Array:
-        for i in range(ws.shape[0]):  # unrolled, as the engine's decode step
-            x, _ = layer(x, ws[i])
+    def run(x: jax.Array, ws: list[jax.Array]) -> jax.Array:
+        for w in ws:  # unrolled, as the engine's decode step; separate arrays, as the engine's layers
+            x = layer(x, w)
         return x
 
-    del kind
     return run
 
 
@@ -174,33 +195,34 @@ def timed(fn: Any, *args: Any, reps: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tag", default="", help="suffix of the JSON file (e.g. the XLA_FLAGS of this run)")
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
     key = jax.random.PRNGKey(0)
-    res: dict[str, Any] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": []}
+    res: dict[str, Any] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tag": args.tag,
+                           "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": []}
     lines = ["| shape | variant | us per layer | TB/s of weights |", "|---|---|---|---|"]
-    for kind, (n, k) in SHAPES.items():
-        kx, kw, key = jax.random.split(key, 3)
-        ws = (jax.random.normal(kw, (args.layers, n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    for kind in args.shapes.split(","):
+        n, k = SHAPES[kind]
+        kx, key = jax.random.split(key)
+        ws = [(jax.random.normal(kw, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+              for kw in jax.random.split(key, args.layers)]
         x = jax.random.normal(kx, (args.tokens, k), jnp.float32).astype(jnp.bfloat16)
         ref = jnp.dot(x, ws[0].T, preferred_element_type=jnp.float32)
-        variants: list[tuple[str, Any, bool]] = [("xla", None, False)]
-        variants += [(f"gemv{t}{'_pdl' if p else ''}", t, p) for t in TILINGS for p in (False, True)]
-        for name, tiling, pdl in variants:
+        variants: list[tuple[str, Any, bool, bool]] = [("xla", None, False, False)]
+        variants += [(f"gemv{t}{'_pdl' if p else ''}{'_early' if e else ''}", t, p, e)
+                     for t in TILINGS for p, e in MODES]
+        for name, tiling, pdl, early in variants:
             row: dict[str, Any] = {"shape": kind, "variant": name}
             try:
                 if tiling is not None:
                     tn, tk, st, sp = tiling
-                    got = gemv(x, ws[0], tile_n=tn, tile_k=tk, stages=st, splits=sp, pdl=pdl)
+                    got = gemv(x, ws[0], tile_n=tn, tile_k=tk, stages=st, splits=sp, pdl=pdl,
+                               early_launch=early)
                     row["max_rel_err"] = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
-                if n < k:  # the chain feeds y's first K columns back as x; down_proj times one GEMM
-                    fn = jax.jit(lambda a, b, t=tiling, p=pdl: (
-                        jnp.dot(a, b.T, preferred_element_type=jnp.float32) if t is None else
-                        gemv(a, b, tile_n=t[0], tile_k=t[1], stages=t[2], splits=t[3], pdl=p)))
-                    s = timed(fn, x, ws[0])
-                else:
-                    s = timed(chain(kind, tiling, pdl), x, ws) / args.layers
+                s = timed(chain(tiling, pdl, early), x, ws) / args.layers
                 row["us"] = s * 1e6
                 row["TBps"] = n * k * 2 / s / 1e12
                 lines.append(f"| {kind} | {name} | {row['us']:.1f} | {row['TBps']:.2f} |")
@@ -209,9 +231,11 @@ def main() -> None:
                 lines.append(f"| {kind} | {name} | error | {type(e).__name__} |")
             res["rows"].append(row)
             print(row, flush=True)
+        del ws
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "probe_gemv_pdl.json").write_text(json.dumps(res, indent=1))
+        name = f"probe_gemv_pdl{'_' + args.tag if args.tag else ''}.json"
+        (Path(args.out) / name).write_text(json.dumps(res, indent=1))
     print("\n".join(lines))
 
 

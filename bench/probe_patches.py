@@ -9,3 +9,92 @@ def lower_kernel_per_program() -> None:
     import kernels_pallas.paged_decode_mgpu as mgpu
 
     mgpu._lowered_once = lambda signature, static, platform: mgpu.InlineKernel(static)
+
+
+def decode_gemv(mode: str, tilings_json: str | None = None, max_rows: int = 8) -> None:
+    """The model's q/k/v, o_proj, gate/up and down GEMMs of programs with at most `max_rows` token rows
+    served by bench/probe_gemv_pdl.py's Mosaic GPU `gemv` instead of XLA's dot (one device only; other
+    shapes and meshes keep XLA). `mode`: "gemv" (no PDL), "gemv_pdl" (weights requested before waiting
+    on the previous kernel) or "gemv_pdl_early" (and `launch_dependents` right after the wait).
+    `tilings_json`: a probe_gemv_pdl JSON; per weight shape the fastest tiling of this mode there,
+    else (64, 256, 4, 2) with the splits reduced until they divide K. On the CPU the kernel runs in the
+    Mosaic GPU interpreter (jax >= 0.11), for a smoke test of this patch."""
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    from probe_gemv_pdl import SHAPES, exported, gemv
+
+    import rtp_jax.models.llama as llama
+
+    pdl, early = {"gemv": (False, False), "gemv_pdl": (True, False), "gemv_pdl_early": (True, True)}[mode]
+    suffix = ("_pdl" if pdl else "") + ("_early" if early else "")
+    best: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+    if tilings_json:
+        timed: dict[tuple[int, int], list[tuple[float, tuple[int, int, int, int]]]] = {}
+        for row in json.loads(open(tilings_json).read())["rows"]:
+            name = row["variant"]
+            if "us" not in row or not name.startswith("gemv(") or not name.endswith(")" + suffix):
+                continue
+            tiling = tuple(int(v) for v in name[5:name.index(")")].split(","))
+            if row.get("max_rel_err", 1.0) < 1e-2:
+                timed.setdefault(SHAPES[row["shape"]], []).append((row["us"], tiling))  # type: ignore[arg-type]
+        best = {shape: min(rows)[1] for shape, rows in timed.items()}
+    cpu = jax.default_backend() == "cpu"
+    seen: set[tuple[int, ...]] = set()
+
+    def tiling_for(n: int, k: int) -> tuple[int, int, int, int] | None:
+        tn, tk, st, sp = best.get((n, k), (64, 256, 4, 2))
+        while sp > 1 and k % (sp * tk):
+            sp //= 2
+        return (tn, tk, st, sp) if n % tn == 0 and k % (sp * tk) == 0 else None
+
+    def matmul(x: jax.Array, w: jax.Array) -> jax.Array | None:
+        """x: [T, K] @ w: [N, K]^T -> [T, N] in x's dtype, or None where the kernel does not apply."""
+        n, k = w.shape
+        tiling = tiling_for(n, k)
+        if (tiling is None or x.ndim != 2 or x.shape[0] > max_rows or x.dtype != jnp.bfloat16
+                or w.dtype != jnp.bfloat16 or jax.device_count() != 1):
+            return None
+        if (x.shape[0], n, k) not in seen:  # at trace time: which GEMMs the kernel serves
+            seen.add((x.shape[0], n, k))
+            print(f"decode_gemv: T={x.shape[0]} N={n} K={k} tiling {tiling}", flush=True)
+        if cpu:
+            y = gemv(x, w, tile_n=tiling[0], tile_k=tiling[1], stages=tiling[2], splits=tiling[3],
+                     interpret=True)
+        else:
+            y = exported(tiling, pdl, tuple(x.shape), tuple(w.shape), early_launch=early).call(x, w)
+        return y.astype(x.dtype)
+
+    linear_call, qkv_call, gate_up_call = (llama.Linear.__call__, llama.QKVProj.__call__,
+                                           llama.GateUpProj.__call__)
+
+    def linear(self: llama.Linear, x: jax.Array) -> jax.Array:
+        y = matmul(x, self.weight[...])
+        if y is None:
+            return linear_call(self, x)
+        return y + self.bias[...] if self.bias is not None else y
+
+    def qkv(self: llama.QKVProj, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        kv, group2, hd, d = self.weight.shape
+        y = matmul(x, self.weight[...].reshape(kv * group2 * hd, d))
+        if y is None:
+            return qkv_call(self, x)
+        h = y.reshape(x.shape[0], kv, group2, hd)
+        if self.bias is not None:
+            h = h + self.bias[...]
+        q = h[:, :, : group2 - 2].reshape(x.shape[0], kv * (group2 - 2), hd)
+        return q, h[:, :, group2 - 2], h[:, :, group2 - 1]
+
+    def gate_up(self: llama.GateUpProj, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        two, i, d = self.weight.shape
+        y = matmul(x, self.weight[...].reshape(two * i, d))
+        if y is None:
+            return gate_up_call(self, x)
+        h = y.reshape(x.shape[0], two, i)
+        return h[:, 0], h[:, 1]
+
+    llama.Linear.__call__ = linear  # type: ignore[method-assign]
+    llama.QKVProj.__call__ = qkv  # type: ignore[method-assign]
+    llama.GateUpProj.__call__ = gate_up  # type: ignore[method-assign]
+    print(f"decode_gemv {mode}: tilings {best or 'default'}", flush=True)
