@@ -1,7 +1,8 @@
 """Does a decode GEMM that prefetches its weights before waiting on the previous kernel beat XLA's?
 
     python3 bench/probe_gemv_pdl.py --out $OUT        # GPU (jax >= 0.11, Hopper)
-    XLA_FLAGS=--xla_gpu_enable_pdl_launch=true python3 bench/probe_gemv_pdl.py --out $OUT --tag pdl_launch
+    XLA_FLAGS=--xla_gpu_enable_pdl_launch=true python3 bench/probe_gemv_pdl.py --out $OUT --tag pdl_launch \
+        --modes pdl,pdl_early
 
 At batch 1 the engine's small GEMMs (q/k/v 50 MB, o_proj 33.5 MB per layer) stream at 3.3-3.6 TB/s
 against 4.2 for lm_head: each waits for its input before it reads a byte of weight, then ramps up
@@ -137,6 +138,7 @@ SHAPES = {"o_proj": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336), "g
 TILINGS = ((64, 256, 4, 1), (64, 256, 3, 2), (64, 256, 4, 2), (64, 128, 6, 2), (64, 256, 6, 4))
 # (pdl, early_launch) per tiling
 MODES = ((False, False), (True, False), (True, True))
+MODE_NAMES = {(False, False): "nopdl", (True, False): "pdl", (True, True): "pdl_early"}
 
 
 @functools.cache
@@ -199,6 +201,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--modes", default="nopdl,pdl,pdl_early", help="kernel modes to time (comma-separated)")
     args = ap.parse_args()
     key = jax.random.PRNGKey(0)
     res: dict[str, Any] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tag": args.tag,
@@ -213,7 +216,7 @@ def main() -> None:
         ref = jnp.dot(x, ws[0].T, preferred_element_type=jnp.float32)
         variants: list[tuple[str, Any, bool, bool]] = [("xla", None, False, False)]
         variants += [(f"gemv{t}{'_pdl' if p else ''}{'_early' if e else ''}", t, p, e)
-                     for t in TILINGS for p, e in MODES]
+                     for t in TILINGS for p, e in MODES if MODE_NAMES[(p, e)] in args.modes.split(",")]
         for name, tiling, pdl, early in variants:
             row: dict[str, Any] = {"shape": kind, "variant": name}
             try:
