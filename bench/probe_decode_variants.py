@@ -20,6 +20,7 @@ Variants:
               tilings: per shape the fastest of that mode in the probe JSON named by --gemv-tilings
   xla:FLAGS   the engine compiled with XLA_FLAGS=FLAGS (e.g. "xla:--xla_gpu_autotune_level=0"; several flags
               separated by spaces, no commas, the whole variant quoted), for the child process alone
+  attn_splits:N the Mosaic decode attention kernel with N K splits (default: from max_model_len; 9 at bs1)
   A+B         both (e.g. "gemv_pdl_early+xla:--xla_gpu_enable_pdl_launch=true")
 Prints a table last; writes probe_decode_variants.json under --out.
 """
@@ -67,6 +68,10 @@ if "no_export_kernel" in parts:  # the Mosaic decode kernel lowered in every pro
 if "decode_rows1" in parts:  # decode programs down to one sequence slot (bs1 runs T = 1, not 4)
     import rtp_jax.engine.runner as runner_mod
     runner_mod.MIN_DECODE_SEQS = 1
+for p in parts:
+    if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
+        import probe_patches
+        probe_patches.decode_attention_splits(int(p.split(":")[1]))
 gemv_modes = [p for p in parts if p in ("gemv", "gemv_pdl", "gemv_pdl_early")]
 if gemv_modes:  # the model's GEMMs of <= 8 rows by the Mosaic GPU gemv (bench/probe_gemv_pdl.py)
     import os, probe_patches

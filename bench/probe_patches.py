@@ -98,3 +98,18 @@ def decode_gemv(mode: str, tilings_json: str | None = None, max_rows: int = 8) -
     llama.QKVProj.__call__ = qkv  # type: ignore[method-assign]
     llama.GateUpProj.__call__ = gate_up  # type: ignore[method-assign]
     print(f"decode_gemv {mode}: tilings {best or 'default'}", flush=True)
+
+
+def decode_attention_splits(num_splits: int) -> None:
+    """The Mosaic decode attention kernel with `num_splits` K splits in every program. The default tuning
+    sees the block table's width (max_model_len), not the contexts: at batch 1 with a 4096-token
+    max_model_len it picks 9 splits, of which a 128-384 token context fills 1-3, and the split merge
+    runs as its own kernel; with 1 split the merge goes away and one block walks the 1-3 tiles."""
+    import kernels_pallas.paged_decode_mgpu as mgpu
+
+    default = mgpu.default_decode_tuning
+
+    def tuning(num_seqs: int, num_kv_heads: int, block_size: int, max_context: int) -> dict:
+        return {**default(num_seqs, num_kv_heads, block_size, max_context), "num_splits": num_splits}
+
+    mgpu.default_decode_tuning = tuning
