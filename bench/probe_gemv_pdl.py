@@ -45,12 +45,16 @@ T_PAD = 8  # wgmma's N: the token rows, padded
 
 
 @functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "stages", "splits", "pdl", "early_launch",
-                                             "interpret"))
+                                             "ctas", "interpret"))
 def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, stages: int = 4,
-         splits: int = 1, pdl: bool = False, early_launch: bool = False,
+         splits: int = 1, pdl: bool = False, early_launch: bool = False, ctas: int = 0,
          interpret: bool = False) -> jax.Array:
     """x: [T, K] (T <= 8), w: [N, K] -> [T, N] float32 (bf16 operands, f32 accumulation).
 
+    Work items: (K split, 64-column tile), N / tile_n * splits of them. ctas: 0 gives each item its own
+    CTA; a positive count makes the kernel persistent: CTA c takes items c, c + ctas, ... and its copies
+    run on across item boundaries, so no CTA idles in a last partial wave and no pipeline drains and
+    refills between items (gate/up has 448 column tiles: 1.7 waves at two CTAs per SM).
     pdl: the first weight copies are issued before `griddepcontrol.wait` (x is the previous kernel's
     output; the weights are no kernel's). early_launch: `griddepcontrol.launch_dependents` right after
     that wait, so the next kernel can be launched (and prefetch its own weights) while this one streams;
@@ -65,34 +69,43 @@ def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, sta
                          f"{splits * tile_k}) expected")
     xp = jnp.pad(x, ((0, T_PAD - t), (0, 0)))
     k_per = k // splits
-    steps = k_per // tile_k
-    first = min(stages, steps)
+    steps = k_per // tile_k  # per item
+    col_tiles = n // tile_n
+    items = col_tiles * splits
+    grid = min(ctas, items) if ctas > 0 else items
 
     def kernel(x_ref: Any, w_ref: Any, o_ref: Any, w_smem: Any, x_smem: Any, o_smem: Any, w_full: Any,
                x_full: Any) -> None:
-        col, split = lax.axis_index("n"), lax.axis_index("k")
-        k0 = split * k_per
+        cta = lax.axis_index("c")
+        total = ((items - cta + grid - 1) // grid) * steps  # this CTA's tiles over all its items
 
-        def load_w(i: Any, slot: Any) -> None:
-            src = w_ref.at[pl.ds(col * tile_n, tile_n), pl.ds(k0 + i * tile_k, tile_k)]
+        def where(g: Any) -> tuple[Any, Any, Any]:
+            """(column tile, split, K step) of this CTA's g-th tile."""
+            item = cta + (g // steps) * grid
+            return item % col_tiles, item // col_tiles, g % steps
+
+        def load_w(g: Any, slot: Any) -> None:
+            col, split, i = where(g)
+            src = w_ref.at[pl.ds(col * tile_n, tile_n), pl.ds(split * k_per + i * tile_k, tile_k)]
             plgpu.copy_gmem_to_smem(src, w_smem.at[slot], w_full.at[slot])
 
-        def load_x(i: Any, slot: Any) -> None:
-            plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(k0 + i * tile_k, tile_k)], x_smem.at[slot],
+        def load_x(g: Any, slot: Any) -> None:
+            _, split, i = where(g)
+            plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(split * k_per + i * tile_k, tile_k)], x_smem.at[slot],
                                     x_full.at[slot])
 
-        for s in range(first):  # the weights depend on no earlier kernel: ask for them first
-            load_w(s, s)
+        for s in range(stages):  # the weights depend on no earlier kernel: ask for them first
+            pl.when(s < total)(functools.partial(load_w, jnp.int32(s), s))
         if pdl and not interpret:  # (the interpreter has no rule for it; it only orders launches)
             plgpu.griddepcontrol_wait()  # x is the previous kernel's output
             if early_launch:
                 plgpu.griddepcontrol_launch_dependents()
-        for s in range(first):
-            load_x(s, s)
+        for s in range(stages):
+            pl.when(s < total)(functools.partial(load_x, jnp.int32(s), s))
         acc0 = plgpu.layout_cast(jnp.zeros((tile_n, T_PAD), jnp.float32), plgpu.Layout.WGMMA)
 
-        def step(i: Any, acc: Any) -> Any:
-            slot = lax.rem(i, stages)
+        def step(g: Any, acc: Any) -> Any:
+            slot = lax.rem(g, stages)
             plgpu.barrier_wait(w_full.at[slot])
             plgpu.barrier_wait(x_full.at[slot])
 
@@ -100,19 +113,26 @@ def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, sta
                 plgpu.wgmma(acc_ref, w_smem.at[slot], x_smem.at[slot].transpose((1, 0)))
                 return acc_ref[...]
 
-            part = pl.run_scoped(scope, plgpu.ACC((tile_n, T_PAD), jnp.float32))
+            acc = acc + pl.run_scoped(scope, plgpu.ACC((tile_n, T_PAD), jnp.float32))
 
-            @pl.when(i + stages < steps)
+            @pl.when(g + stages < total)
             def _refill() -> None:
-                load_w(i + stages, slot)
-                load_x(i + stages, slot)
+                load_w(g + stages, slot)
+                load_x(g + stages, slot)
 
-            return acc + part
+            col, split, i = where(g)
+            last = i == steps - 1
 
-        acc = lax.fori_loop(0, steps, step, acc0)
-        o_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, pl.ds(col * tile_n, tile_n)])
+            @pl.when(last)
+            def _store() -> None:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's store has read it
+                o_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, pl.ds(col * tile_n, tile_n)])
+
+            return acc * jnp.where(last, 0.0, 1.0).astype(jnp.float32)
+
+        lax.fori_loop(0, total, step, acc0)
         plgpu.wait_smem_to_gmem(0)
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -125,7 +145,7 @@ def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, sta
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
         ],
-        grid=(splits, n // tile_n), grid_names=("k", "n"),
+        grid=(grid,), grid_names=("c",),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
     out = call(xp, w)
@@ -133,29 +153,37 @@ def gemv(x: jax.Array, w: jax.Array, *, tile_n: int = 64, tile_k: int = 256, sta
 
 
 SHAPES = {"o_proj": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336), "gate_up": (28672, 4096)}
-# (tile_n, tile_k, stages, splits): 64 columns per CTA; 3 stages of [64, 256] bf16 (96 KiB) leave room for
-# two CTAs per SM, 4-6 for one; splits bring o_proj's and down_proj's 64 column tiles up to ~1-2 CTAs per SM.
-TILINGS = ((64, 256, 4, 1), (64, 256, 3, 2), (64, 256, 4, 2), (64, 128, 6, 2), (64, 256, 6, 4))
+Tiling = tuple[int, int, int, int, int]
+# (tile_n, tile_k, stages, splits, per_sm): 64 columns per CTA; 3 stages of [64, 256] bf16 (96 KiB) leave
+# room for two CTAs per SM, 4-6 for one; splits bring o_proj's and down_proj's 64 column tiles up to ~1-2
+# CTAs per SM; per_sm > 0: persistent, per_sm CTAs per SM walking all the work items.
+TILINGS: tuple[Tiling, ...] = ((64, 256, 4, 1, 0), (64, 256, 3, 2, 0), (64, 256, 4, 2, 0), (64, 128, 6, 2, 0),
+                               (64, 256, 6, 4, 0), (64, 256, 4, 2, 1), (64, 256, 3, 2, 2))
 # (pdl, early_launch) per tiling
 MODES = ((False, False), (True, False), (True, True))
 MODE_NAMES = {(False, False): "nopdl", (True, False): "pdl", (True, True): "pdl_early"}
 
 
+def tiling_kwargs(tiling: Tiling) -> dict[str, int]:
+    """`gemv`'s keyword arguments for a tiling on this machine's GPU (its SM count for persistent ones)."""
+    tn, tk, st, sp, per_sm = tiling
+    sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    return dict(tile_n=tn, tile_k=tk, stages=st, splits=sp, ctas=per_sm * sms)
+
+
 @functools.cache
-def exported(tiling: tuple[int, int, int, int], pdl: bool, x_shape: tuple[int, int], w_shape: tuple[int, int],
+def exported(tiling: Tiling, pdl: bool, x_shape: tuple[int, int], w_shape: tuple[int, int],
              platform: str = "cuda", early_launch: bool = False) -> Any:
     """`gemv` lowered once (a `jax.export.Exported`), so a 32-layer program does not lower it 32 times
     (~0.5 s each), as kernels_pallas/paged_decode_mgpu.py does for the decode kernel."""
     from jax import export
 
-    tn, tk, st, sp = tiling
-    fn = jax.jit(functools.partial(gemv, tile_n=tn, tile_k=tk, stages=st, splits=sp, pdl=pdl,
-                                   early_launch=early_launch))
+    fn = jax.jit(functools.partial(gemv, pdl=pdl, early_launch=early_launch, **tiling_kwargs(tiling)))
     avals = (jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct(w_shape, jnp.bfloat16))
     return export.export(fn, platforms=(platform,))(*avals)
 
 
-def chain(tiling: tuple[int, int, int, int] | None, pdl: bool, early_launch: bool) -> Any:
+def chain(tiling: Tiling | None, pdl: bool, early_launch: bool) -> Any:
     """Layers of distinct weights: a small fusion on x (as the RMSNorm before each GEMM), then
     y = x @ w_l.T, fed forward as x + y (y cut or zero-padded to x's width)."""
 
@@ -202,9 +230,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--modes", default="nopdl,pdl,pdl_early", help="kernel modes to time (comma-separated)")
+    ap.add_argument("--tilings", default=None, help="indices into TILINGS to time (comma-separated; all)")
     args = ap.parse_args()
+    tilings = TILINGS if args.tilings is None else tuple(TILINGS[int(i)] for i in args.tilings.split(","))
+    out = Path(args.out) if args.out else None
+    json_name = f"probe_gemv_pdl{'_' + args.tag if args.tag else ''}.json"
     key = jax.random.PRNGKey(0)
     res: dict[str, Any] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tag": args.tag,
+                           "sms": getattr(jax.devices()[0], "core_count", None),
                            "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": []}
     lines = ["| shape | variant | us per layer | TB/s of weights |", "|---|---|---|---|"]
     for kind in args.shapes.split(","):
@@ -216,14 +249,12 @@ def main() -> None:
         ref = jnp.dot(x, ws[0].T, preferred_element_type=jnp.float32)
         variants: list[tuple[str, Any, bool, bool]] = [("xla", None, False, False)]
         variants += [(f"gemv{t}{'_pdl' if p else ''}{'_early' if e else ''}", t, p, e)
-                     for t in TILINGS for p, e in MODES if MODE_NAMES[(p, e)] in args.modes.split(",")]
+                     for t in tilings for p, e in MODES if MODE_NAMES[(p, e)] in args.modes.split(",")]
         for name, tiling, pdl, early in variants:
             row: dict[str, Any] = {"shape": kind, "variant": name}
             try:
                 if tiling is not None:
-                    tn, tk, st, sp = tiling
-                    got = gemv(x, ws[0], tile_n=tn, tile_k=tk, stages=st, splits=sp, pdl=pdl,
-                               early_launch=early)
+                    got = gemv(x, ws[0], pdl=pdl, early_launch=early, **tiling_kwargs(tiling))
                     row["max_rel_err"] = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
                 s = timed(chain(tiling, pdl, early), x, ws) / args.layers
                 row["us"] = s * 1e6
@@ -235,10 +266,9 @@ def main() -> None:
             res["rows"].append(row)
             print(row, flush=True)
         del ws
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = f"probe_gemv_pdl{'_' + args.tag if args.tag else ''}.json"
-        (Path(args.out) / name).write_text(json.dumps(res, indent=1))
+        if out:  # after each shape: a run cut by its time limit keeps what it measured
+            out.mkdir(parents=True, exist_ok=True)
+            (out / json_name).write_text(json.dumps(res, indent=1))
     print("\n".join(lines))
 
 

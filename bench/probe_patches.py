@@ -17,21 +17,21 @@ def decode_gemv(mode: str, tilings_json: str | None = None, max_rows: int = 8) -
     shapes and meshes keep XLA). `mode`: "gemv" (no PDL), "gemv_pdl" (weights requested before waiting
     on the previous kernel) or "gemv_pdl_early" (and `launch_dependents` right after the wait).
     `tilings_json`: a probe_gemv_pdl JSON; per weight shape the fastest tiling of this mode there,
-    else (64, 256, 4, 2) with the splits reduced until they divide K. On the CPU the kernel runs in the
+    else (64, 256, 4, 2, 0) with the splits reduced until they divide K. On the CPU the kernel runs in the
     Mosaic GPU interpreter (jax >= 0.11), for a smoke test of this patch."""
     import json
 
     import jax
     import jax.numpy as jnp
-    from probe_gemv_pdl import SHAPES, exported, gemv
+    from probe_gemv_pdl import SHAPES, Tiling, exported, gemv, tiling_kwargs
 
     import rtp_jax.models.llama as llama
 
     pdl, early = {"gemv": (False, False), "gemv_pdl": (True, False), "gemv_pdl_early": (True, True)}[mode]
     suffix = ("_pdl" if pdl else "") + ("_early" if early else "")
-    best: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+    best: dict[tuple[int, int], Tiling] = {}
     if tilings_json:
-        timed: dict[tuple[int, int], list[tuple[float, tuple[int, int, int, int]]]] = {}
+        timed: dict[tuple[int, int], list[tuple[float, Tiling]]] = {}
         for row in json.loads(open(tilings_json).read())["rows"]:
             name = row["variant"]
             if "us" not in row or not name.startswith("gemv(") or not name.endswith(")" + suffix):
@@ -43,11 +43,11 @@ def decode_gemv(mode: str, tilings_json: str | None = None, max_rows: int = 8) -
     cpu = jax.default_backend() == "cpu"
     seen: set[tuple[int, ...]] = set()
 
-    def tiling_for(n: int, k: int) -> tuple[int, int, int, int] | None:
-        tn, tk, st, sp = best.get((n, k), (64, 256, 4, 2))
+    def tiling_for(n: int, k: int) -> Tiling | None:
+        tn, tk, st, sp, per_sm = best.get((n, k), (64, 256, 4, 2, 0))
         while sp > 1 and k % (sp * tk):
             sp //= 2
-        return (tn, tk, st, sp) if n % tn == 0 and k % (sp * tk) == 0 else None
+        return (tn, tk, st, sp, per_sm) if n % tn == 0 and k % (sp * tk) == 0 else None
 
     def matmul(x: jax.Array, w: jax.Array) -> jax.Array | None:
         """x: [T, K] @ w: [N, K]^T -> [T, N] in x's dtype, or None where the kernel does not apply."""
@@ -60,8 +60,7 @@ def decode_gemv(mode: str, tilings_json: str | None = None, max_rows: int = 8) -
             seen.add((x.shape[0], n, k))
             print(f"decode_gemv: T={x.shape[0]} N={n} K={k} tiling {tiling}", flush=True)
         if cpu:
-            y = gemv(x, w, tile_n=tiling[0], tile_k=tiling[1], stages=tiling[2], splits=tiling[3],
-                     interpret=True)
+            y = gemv(x, w, interpret=True, **{**tiling_kwargs(tiling), "ctas": 0})
         else:
             y = exported(tiling, pdl, tuple(x.shape), tuple(w.shape), early_launch=early).call(x, w)
         return y.astype(x.dtype)
