@@ -53,6 +53,7 @@ class Case:
     kv_lens: list[int]
     results: dict[str, Any] = field(default_factory=dict)
     block_size: int = BS
+    table_tokens: int = 0  # block-table width in tokens (the engine's: max_model_len); 0: the longest context
 
     @property
     def kv_bytes(self) -> int:
@@ -97,7 +98,7 @@ def make_inputs(case: Case, seed: int, copies: int) -> tuple[list[tuple], tuple]
     pages = [-(-kl // case.block_size) for kl in case.kv_lens]
     num_blocks = sum(pages) + 1
     perm = rng.permutation(num_blocks).astype(np.int32)
-    tables = np.zeros((len(pages), max(pages)), np.int32)
+    tables = np.zeros((len(pages), max(max(pages), -(-case.table_tokens // case.block_size))), np.int32)
     off = 0
     for s, n in enumerate(pages):
         tables[s, :n] = perm[off : off + n]

@@ -3,7 +3,12 @@ JAX's built-in Pallas paged_attention, on the issue's decode rows, in one proces
 
     python3 bench/attention_mgpu.py [--out DIR] [--cases 64x4096,256x512,64x4096b64,...] [--no-sweep]
 
-A case is SEQSxCONTEXT, optionally bBLOCK for a page size other than 16 tokens.
+A case is SEQSxCONTEXT, optionally followed by bBLOCK (a page size other than 16 tokens), wTOKENS (the
+block table's width in tokens, as the engine's max_model_len; default the context) and pSLOTS (sequence
+slots, the ones past SEQS empty, as the engine pads a decode batch), e.g. `1x384w4096p4` for the engine's
+batch-1 decode in bench/run_all.py. Errors are measured on the non-empty slots. `--splits 1,2,4` adds
+the default tuning with each of these split counts (the default derives its count from the slots and the
+table width, not from the contexts).
 
 Every variant's output is checked against the pure-JAX reference (relative error) before it is timed.
 Timing as in bench/attention.py (one jit over rotating input sets, median of 10 after warm-up). Writes
@@ -16,11 +21,13 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 import traceback
 from typing import Any
 
 import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -62,11 +69,13 @@ def mgpu_memory_only(case: Case, **tuning: Any):
                                          soft_cap=None, interpret=False, memory_only=True, **tuning)
 
 
-def variants(case: Case, sweep: bool) -> list[dict[str, Any]]:
-    """The default tuning first; with `sweep`, tiles of 64/128 tokens x 2-4 stages x both grid orders."""
+def variants(case: Case, sweep: bool, splits: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """The default tuning first (as the engine derives it: from the slots and the table width), then the
+    default with each of `splits`; with `sweep`, tiles of 64/128 tokens x 2-4 stages x both grid orders."""
     bs = case.block_size
-    base = default_decode_tuning(len(case.kv_lens), 8, bs, max(case.kv_lens))
+    base = default_decode_tuning(len(case.kv_lens), 8, bs, max(max(case.kv_lens), case.table_tokens))
     out = [dict(base)]
+    out += [{**base, "num_splits": k} for k in splits if k != base["num_splits"]]
     if not sweep:
         return out
     for tile, st, inner in itertools.product((64, 128), (2, 3, 4), (True, False)):
@@ -78,16 +87,18 @@ def variants(case: Case, sweep: bool) -> list[dict[str, Any]]:
     return out
 
 
-def run_case(case: Case, sweep: bool) -> dict[str, Any]:
+def run_case(case: Case, sweep: bool, splits: tuple[int, ...] = ()) -> dict[str, Any]:
     copies = int(min(8, max(1, -(-4 * L2_BYTES // max(case.kv_bytes, 1)))))
     sets, case.meta = make_inputs(case, seed=len(case.name), copies=copies)
+    live = np.asarray([s for s, n in enumerate(case.kv_lens) if n > 0])  # empty slots: the reference: NaN
     _, want = timed(reference(case), sets[:1], iters=1, warm_s=0.0)
+    want = want[live]
     rows: list[dict[str, Any]] = []
 
     def attempt(name: str, fn: Any, cfg: dict[str, Any], inputs: list[tuple] = sets) -> None:
         try:
             sec, got = timed(fn, inputs)
-            err = relative_error(got, want) if name != "mem_only" else float("nan")
+            err = relative_error(got[live], want) if name != "mem_only" else float("nan")
             rows.append(dict(impl=name, cfg=cfg, us=sec * 1e6, TBps=case.kv_bytes / sec / 1e12, rel_err=err))
             print(f"  {case.name:16s} {name:8s} {sec * 1e6:9.1f} us {case.kv_bytes / sec / 1e12:5.2f} TB/s "
                   f"err {err:.1e} {cfg}", flush=True)
@@ -96,7 +107,7 @@ def run_case(case: Case, sweep: bool) -> dict[str, Any]:
             print(f"  {case.name} {name} {cfg} FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
             traceback.print_exc(limit=3)
 
-    for cfg in variants(case, sweep):
+    for cfg in variants(case, sweep, splits):
         attempt("mgpu", mgpu(case, **cfg), cfg)
     if sweep:
         best = min((x for x in rows if "us" in x), key=lambda x: x["us"], default=None)
@@ -107,7 +118,7 @@ def run_case(case: Case, sweep: bool) -> dict[str, Any]:
         for x in [first] + ([best] if best is not None and best is not first else []):
             attempt("again", mgpu(case, **x["cfg"]), x["cfg"])
     attempt("triton", ours(case), {})
-    if case.block_size != BS:
+    if case.block_size != BS or case.table_tokens or len(live) < len(case.kv_lens):
         return dict(name=case.name, kv_bytes=case.kv_bytes, copies=copies, rows=rows)
     pages = -(-max(case.kv_lens) // BS)
     head_major = [(q, k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)) for q, k, v in sets]
@@ -123,17 +134,24 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--cases", default=DEFAULT_CASES)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--splits", default="", help="split counts to time besides the default's (e.g. 1,2,4)")
     ns = ap.parse_args()
+    splits = tuple(int(k) for k in ns.splits.split(",") if k)
     machine = measure_machine()
     print(f"copy {machine['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 mm "
           f"{machine['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     results = []
     for spec in ns.cases.split(","):
-        shape, _, block = spec.partition("b")
-        s, c = (int(x) for x in shape.split("x"))
-        bs = int(block or BS)
-        name = f"decode {s}x{c}" + (f" block {bs}" if bs != BS else "")
-        results.append(run_case(Case("decode", name, [1] * s, [c] * s, block_size=bs), not ns.no_sweep))
+        m = re.fullmatch(r"(\d+)x(\d+)(?:b(\d+))?(?:w(\d+))?(?:p(\d+))?", spec)
+        if m is None:
+            raise SystemExit(f"--cases: {spec!r} is not SEQSxCONTEXT[bBLOCK][wTOKENS][pSLOTS]")
+        s, c = int(m[1]), int(m[2])
+        bs, width, slots = int(m[3] or BS), int(m[4] or 0), max(int(m[5] or 0), s)
+        name = (f"decode {s}x{c}" + (f" block {bs}" if bs != BS else "")
+                + (f" table {width}" if width else "") + (f" slots {slots}" if slots > s else ""))
+        case = Case("decode", name, [1] * slots, [c] * s + [0] * (slots - s), block_size=bs,
+                    table_tokens=width)
+        results.append(run_case(case, not ns.no_sweep, splits))
     os.makedirs(ns.out, exist_ok=True)
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, git=git_sha(), machine=machine,
                 command="python3 bench/attention_mgpu.py " + " ".join(sys.argv[1:]))
