@@ -208,10 +208,16 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
 
         @pl.when(lax.axis_index("wg") == 0)
         def _compute() -> None:
-            q_smem[...] = jnp.zeros((BLOCK_M, head_dim), dtype)
-            plgpu.commit_smem()
-            plgpu.copy_gmem_to_smem(q_ref.at[s, h], q_smem.at[pl.ds(0, group_pad)], q_bar)
-            plgpu.barrier_wait(q_bar)
+            # A block with no tile (an empty split, or a padded sequence slot: most blocks of a small
+            # batch, whose split count follows the table width) only writes its empty result; it skips
+            # the q copy, a global-memory round trip.
+            @pl.when(steps > 0)
+            def _load_q() -> None:
+                q_smem[...] = jnp.zeros((BLOCK_M, head_dim), dtype)
+                plgpu.commit_smem()
+                plgpu.copy_gmem_to_smem(q_ref.at[s, h], q_smem.at[pl.ds(0, group_pad)], q_bar)
+                plgpu.barrier_wait(q_bar)
+
             row = plgpu.Layout.WGMMA.reduce(1)
             m0 = plgpu.layout_cast(jnp.full((BLOCK_M,), MASK_VALUE, jnp.float32), row)
             l0 = plgpu.layout_cast(jnp.zeros((BLOCK_M,), jnp.float32), row)
