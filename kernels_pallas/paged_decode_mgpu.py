@@ -74,11 +74,14 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
+    num_q_heads: int | None = None,
     **tuning: Any,
 ) -> jax.Array:
     """Attention of one new token per sequence over its paged context.
 
-    q: [S, num_q_heads, head_dim] (token s belongs to sequence s); k_cache, v_cache: [num_blocks,
+    q: [S, num_q_heads, head_dim] (token s belongs to sequence s), or already grouped as the kernel reads
+    it, [S, num_kv_heads, group_pad(group), head_dim] with zero rows past each group (`group_pad`; as
+    kernels_pallas/rope_kv_write.py writes it) and `num_q_heads` given; k_cache, v_cache: [num_blocks,
     block_size, num_kv_heads, head_dim] (already holding this step's K/V); kv_lens: int32[S] (0 for
     padded slots, whose rows come out as zeros); block_tables: int32[S, max_blocks].
     Returns [S, num_q_heads, head_dim] in q's dtype.
@@ -87,8 +90,18 @@ def paged_decode_attention(
     the KV heads of a sequence in adjacent blocks).
     Constraints: bf16 or fp16; head_dim a multiple of 64; group = q heads per KV head <= 64.
     """
-    num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    if q.ndim == 4:
+        if num_q_heads is None or num_q_heads % num_kv_heads:
+            raise ValueError(f"grouped q {q.shape} needs num_q_heads, a multiple of {num_kv_heads=}; got "
+                             f"{num_q_heads}")
+        want = (q.shape[0], num_kv_heads, group_pad(num_q_heads // num_kv_heads), q.shape[3])
+        if q.shape != want:
+            raise ValueError(f"grouped q must be [S, num_kv_heads, group_pad, head_dim] = {want}, "
+                             f"got {q.shape}")
+    elif num_q_heads not in (None, q.shape[1]):
+        raise ValueError(f"num_q_heads={num_q_heads} differs from q's {q.shape[1]} heads")
+    num_seqs, head_dim, num_q_heads = q.shape[0], q.shape[-1], num_q_heads or q.shape[1]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
     if kv_lens.shape != (num_seqs,) or block_tables.shape[0] != num_seqs:
@@ -115,7 +128,8 @@ def paged_decode_attention(
     if num_q_heads // num_kv_heads > BLOCK_M:
         raise ValueError(f"at most {BLOCK_M} q heads per KV head, got {num_q_heads // num_kv_heads}")
     args = (q, k_cache, v_cache, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(block_tables, jnp.int32))
-    static = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap, **params)
+    static = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
+                  num_q_heads=num_q_heads, **params)
     if interpret:
         return _paged_decode(*args, interpret=True, **static)
     signature = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in args)
@@ -161,18 +175,25 @@ class InlineKernel(NamedTuple):
         return _paged_decode(*args, interpret=False, **dict(self.static))
 
 
+def group_pad(group: int) -> int:
+    """Rows of a head group's q tile: whole 8-row tiles (TMA boxes)."""
+    return -(-group // 8) * 8
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret",
                                              "pages_per_tile", "num_stages", "num_splits", "heads_inner",
-                                             "memory_only"))
+                                             "memory_only", "num_q_heads"))
 def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens: jax.Array,
                   block_tables: jax.Array, *, sm_scale: float, sliding_window: int | None,
                   soft_cap: float | None, interpret: bool, pages_per_tile: int, num_stages: int,
-                  num_splits: int, heads_inner: bool = True, memory_only: bool = False) -> jax.Array:
+                  num_splits: int, heads_inner: bool = True, memory_only: bool = False,
+                  num_q_heads: int | None = None) -> jax.Array:
     pl, plgpu = mosaic_gpu_modules()
-    num_seqs, num_q_heads, head_dim = q.shape
+    num_seqs, head_dim = q.shape[0], q.shape[-1]
+    num_q_heads = num_q_heads or q.shape[1]
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
-    group_pad = -(-group // 8) * 8  # TMA boxes of whole 8-row tiles
+    gpad = group_pad(group)
     block_kv = pages_per_tile * block_size
     dtype = q.dtype
     # Mosaic GPU takes only 256-byte aligned buffers; a caller's table or lengths may be a slice of a packed
@@ -184,14 +205,17 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
     cols = jnp.arange(block_tables.shape[1], dtype=jnp.int32)
     block_tables = jnp.where(cols[None, :] < used_pages[:, None], block_tables, 0)
     # q rows of a head group are contiguous in [S, KVH, group_pad, D]; the padding rows are zeros.
-    q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)
-    q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
+    if q.ndim == 4:  # already grouped and padded (rope_kv_write)
+        q4 = q
+    else:
+        q4 = jnp.pad(q.reshape(num_seqs, num_kv_heads, group, head_dim),
+                     ((0, 0), (0, 0), (0, gpad - group), (0, 0)))
     split_out = num_splits > 1
     o_dtype = jnp.float32 if split_out else dtype
     # Only the group's real rows leave the kernel, so the result reshapes to [S, heads, D] without a slice.
     # The log-sum-exps keep whole 8-row tiles: TMA needs 16-byte strides, and the merge reads them anyway.
     out_types = (jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group, head_dim), o_dtype),
-                 jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, group_pad), jnp.float32))
+                 jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, gpad), jnp.float32))
     scale2 = sm_scale * LOG2E
 
     def kernel(q_ref: Any, k_ref: Any, v_ref: Any, lens_ref: Any, bt_ref: Any, o_ref: Any, lse_ref: Any,
@@ -215,7 +239,7 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
             def _load_q() -> None:
                 q_smem[...] = jnp.zeros((BLOCK_M, head_dim), dtype)
                 plgpu.commit_smem()
-                plgpu.copy_gmem_to_smem(q_ref.at[s, h], q_smem.at[pl.ds(0, group_pad)], q_bar)
+                plgpu.copy_gmem_to_smem(q_ref.at[s, h], q_smem.at[pl.ds(0, gpad)], q_bar)
                 plgpu.barrier_wait(q_bar)
 
             row = plgpu.Layout.WGMMA.reduce(1)
@@ -277,7 +301,7 @@ def _paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens:
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[s, h, split])
             if split_out:
-                plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, group_pad)], lse_ref.at[s, h, split])
+                plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, gpad)], lse_ref.at[s, h, split])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(lax.axis_index("wg") == 1)

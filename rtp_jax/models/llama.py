@@ -110,12 +110,15 @@ class QKVProj(nnx.Module):
         self.bias = nnx.Param(init_constant(rngs, (kv, group + 2, hd), dtype, 0.0)) if cfg.attention_bias \
             else None
 
+    def project(self, x: jax.Array) -> jax.Array:
+        """x: [T, dim] -> [T, kv_heads, group + 2, head_dim] (per KV head: its q heads, its k, its v)."""
+        h = jnp.einsum("td,kghd->tkgh", x, self.weight[...])
+        return h + self.bias[...] if self.bias is not None else h
+
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [T, dim] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim]."""
-        kv, group2, hd, _ = self.weight.shape
-        h = jnp.einsum("td,kghd->tkgh", x, self.weight[...])
-        if self.bias is not None:
-            h = h + self.bias[...]
+        h = self.project(x)
+        kv, group2, hd = h.shape[1:]
         q = h[:, :, : group2 - 2].reshape(x.shape[0], kv * (group2 - 2), hd)
         return q, h[:, :, group2 - 2], h[:, :, group2 - 1]
 

@@ -101,6 +101,32 @@ def test_grid_orders_give_the_same_result(heads_inner):
     _check([33, 190], pad_seqs=1, num_splits=2, pages_per_tile=4, num_stages=2, heads_inner=heads_inner)
 
 
+@needs_kernel
+def test_grouped_q_input_gives_the_same_result():
+    """q handed over already grouped and padded ([S, kv_heads, 8, D], as rope_kv_write writes it) gives
+    the flat q's result bit for bit, with and without splits."""
+    q, k, v, lens, tables, _, _ = _decode_batch([20, 150], pad_seqs=1)
+    s, heads, d = q.shape
+    grouped = jnp.pad(q.reshape(s, 2, heads // 2, d), ((0, 0), (0, 0), (0, 4), (0, 0)))
+    for splits in (1, 3):
+        kw = dict(sm_scale=d**-0.5, interpret=not ON_GPU, num_splits=splits, pages_per_tile=4)
+        flat = paged_decode_attention(q, k, v, lens, tables, **kw)
+        got = paged_decode_attention(grouped, k, v, lens, tables, num_q_heads=heads, **kw)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(flat, np.float32))
+
+
+def test_grouped_q_needs_its_head_count_and_shape():
+    """Grouped q without num_q_heads, or not padded to whole 8-row tiles: refused, naming what is expected."""
+    cache = jnp.zeros((4, 16, 2, 128), jnp.bfloat16)
+    lens, tables = jnp.ones((2,), jnp.int32), jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match="needs num_q_heads"):
+        paged_decode_attention(jnp.zeros((2, 2, 8, 128), jnp.bfloat16), cache, cache, lens, tables,
+                               sm_scale=0.1)
+    with pytest.raises(ValueError, match="group_pad"):
+        paged_decode_attention(jnp.zeros((2, 2, 4, 128), jnp.bfloat16), cache, cache, lens, tables,
+                               sm_scale=0.1, num_q_heads=8)
+
+
 @pytest.fixture
 def fresh_export_cache():
     """An empty per-signature export cache, emptied again afterwards (also when the test fails), so no
