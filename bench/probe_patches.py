@@ -163,8 +163,8 @@ def fused_rope_write() -> None:
         h = self.qkv_proj.project(x)
         q_probe = jax.ShapeDtypeStruct((t, cfg.num_heads, cfg.head_dim), h.dtype)
         if (not getattr(attn_fn, "fused_rope_write", False) or self.q_norm is not None
-                or t != md.kv_lens.shape[0] or not rkw.supports(h, k_cache) or not supports(q_probe, k_cache)
-                or cfg.sliding_window is not None):
+                or t != md.kv_lens.shape[0] or not rkw.supports(h, k_cache)
+                or not supports(q_probe, k_cache)):
             return attention_call(self, x, positions, inv_freq, kv, md, attn_fn)
         if h.shape not in seen:  # at trace time: which programs take the fused path
             seen.add(h.shape)
@@ -173,7 +173,8 @@ def fused_rope_write() -> None:
         q4, k_cache, v_cache = rkw.rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
                                                  group_pad=gpad, interpret=cpu)
         o = paged_decode_attention(q4, k_cache, v_cache, md.kv_lens, md.block_tables,
-                                   sm_scale=cfg.head_dim**-0.5, num_q_heads=cfg.num_heads, interpret=cpu)
+                                   sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
+                                   num_q_heads=cfg.num_heads, interpret=cpu)
         return self.o_proj(o.reshape(t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
 
     llama.Attention.__call__ = call  # type: ignore[method-assign]
