@@ -1,7 +1,9 @@
-"""rope_kv_write (Pallas, interpreted on the CPU) against its plain-JAX contract and the engine's own ops."""
+"""rope_kv_write (Pallas: compiled on a GPU, interpreted on the CPU) against its plain-JAX contract and the
+engine's own ops."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +11,10 @@ import pytest
 from kernels_pallas.rope_kv_write import rope_kv_write, rope_kv_write_reference, supports
 from rtp_jax.models.attention import write_kv
 from rtp_jax.models.rope import apply_rope, inv_frequencies
+
+ON_GPU = jax.default_backend() == "gpu"
+# On a GPU the kernel's cos/sin (Triton) and XLA's may round differently at positions in the thousands.
+TOL = 2e-3 if ON_GPU else 1e-5
 
 
 def _case(kv_heads: int, group: int, head_dim: int, num_tokens: int, dtype: jnp.dtype, seed: int = 0):
@@ -37,10 +43,10 @@ def test_matches_reference(kv_heads: int, group: int, head_dim: int, group_pad: 
     caches: to float32 rounding, since the kernel computes its own cos/sin)."""
     args = _case(kv_heads, group, head_dim, 5, jnp.float32)
     want = rope_kv_write_reference(*[jnp.array(a) for a in args], group_pad=group_pad)
-    got = rope_kv_write(*[jnp.array(a) for a in args], group_pad=group_pad, interpret=True)
+    got = rope_kv_write(*[jnp.array(a) for a in args], group_pad=group_pad, interpret=not ON_GPU)
     assert got[0].shape == (5, kv_heads, group_pad, head_dim)
     for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(_f32(g), _f32(w), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_f32(g), _f32(w), rtol=TOL, atol=TOL)
     assert not _f32(got[0])[:, :, group:].any(), "padding rows must be zero"
 
 
@@ -61,7 +67,7 @@ def test_bf16_kernel_within_one_rounding_of_reference() -> None:
     """bf16 activations and caches: each value within one bf16 rounding step of the reference."""
     args = _case(2, 4, 128, 4, jnp.bfloat16, seed=3)
     want = rope_kv_write_reference(*[jnp.array(a) for a in args], group_pad=8)
-    got = rope_kv_write(*[jnp.array(a) for a in args], group_pad=8, interpret=True)
+    got = rope_kv_write(*[jnp.array(a) for a in args], group_pad=8, interpret=not ON_GPU)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(_f32(g), _f32(w), rtol=2 ** -7, atol=1e-2)
 
