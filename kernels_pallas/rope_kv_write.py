@@ -2,10 +2,10 @@
 
 At batch 1 XLA spends three kernels per layer there: RoPE on q plus its padding to the Mosaic decode
 kernel's 8-row groups, RoPE on k stacked with v, and the K/V cache write (1.4-1.8 us each on an H200 for a
-few KB of work; bench/notes_bench.md). `rope_kv_write` does all three in one: program (t, j) takes KV head
-j's rows of token t from the projection, ropes its q heads and its k, writes the q rows (zero-padded to
-`group_pad`) for the attention kernel, and k and v into the token's cache slot (in place; nothing where the
-slot is out of range).
+few KB of work; bench/notes_bench.md). `rope_kv_write` does all three in one kernel: program (t, j, r)
+writes output row r of KV head j for token t: a roped q head, a zero padding row (q rows are padded to
+`group_pad` for the attention kernel), the roped k or the v into the token's cache slot (in place;
+nothing where the slot is out of range).
 
     h:            [T, kv_heads, group + 2, head_dim]  (QKVProj's fused output: per KV head its `group` q
                   heads, then its k, then its v)
@@ -95,44 +95,53 @@ def _rope_kv_write(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_ca
     shape = k_cache.shape
     slots, width = shape[0] * shape[1], shape[2] * shape[3]
 
+    # One program per (token, KV head, output row): rows < group are q heads, then the zero padding rows,
+    # then k (row group_pad) and v (row group_pad + 1). A program per (token, KV head) doing all rows in
+    # sequence took 3.4 us at batch 1 on an H200 (bench/notes_bench.md, tenth session).
     def kernel(pos_ref: Any, slot_ref: Any, h_ref: Any, inv_ref: Any, _kc: Any, _vc: Any, q_ref: Any,
                kc_ref: Any, vc_ref: Any) -> None:
-        freqs = pos_ref[0].astype(jnp.float32) * inv_ref[...]  # [half]
-        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        r = pl.program_id(2)
+        slot = slot_ref[0]
+        col = pl.multiple_of(pl.program_id(1) * hd, hd)
+        in_range = (slot >= 0) & (slot < slots)
 
-        def rope(row: int) -> tuple[jax.Array, jax.Array]:
+        def rope(row: Any) -> tuple[jax.Array, jax.Array]:
+            freqs = pos_ref[0].astype(jnp.float32) * inv_ref[...]  # [half]
+            cos, sin = jnp.cos(freqs), jnp.sin(freqs)
             x1 = h_ref[0, 0, row, pl.ds(0, half)].astype(jnp.float32)
             x2 = h_ref[0, 0, row, pl.ds(half, half)].astype(jnp.float32)
             return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
-        for row in range(group):
-            a, b = rope(row)
-            q_ref[0, 0, row, pl.ds(0, half)] = a.astype(q_ref.dtype)
-            q_ref[0, 0, row, pl.ds(half, half)] = b.astype(q_ref.dtype)
-        for row in range(group, group_pad):  # the attention kernel's padding rows
-            q_ref[0, 0, row, pl.ds(0, half)] = jnp.zeros((half,), q_ref.dtype)
-            q_ref[0, 0, row, pl.ds(half, half)] = jnp.zeros((half,), q_ref.dtype)
-        slot = slot_ref[0]
-        col = pl.multiple_of(pl.program_id(1) * hd, hd)
+        @pl.when(r < group)
+        def _q() -> None:
+            a, b = rope(r)
+            q_ref[0, 0, 0, pl.ds(0, half)] = a.astype(q_ref.dtype)
+            q_ref[0, 0, 0, pl.ds(half, half)] = b.astype(q_ref.dtype)
 
-        @pl.when((slot >= 0) & (slot < slots))
-        def _write() -> None:
+        @pl.when((r >= group) & (r < group_pad))
+        def _pad() -> None:
+            q_ref[0, 0, 0, pl.ds(0, half)] = jnp.zeros((half,), q_ref.dtype)
+            q_ref[0, 0, 0, pl.ds(half, half)] = jnp.zeros((half,), q_ref.dtype)
+
+        @pl.when((r == group_pad) & in_range)
+        def _k() -> None:
             a, b = rope(group)
             kc_ref[pl.ds(slot, 1), pl.ds(col, half)] = a.astype(kc_ref.dtype)[None]
             kc_ref[pl.ds(slot, 1), pl.ds(col + half, half)] = b.astype(kc_ref.dtype)[None]
-            for part in range(2):
-                cols = pl.ds(col + part * half, half)
-                vc_ref[pl.ds(slot, 1), cols] = h_ref[0, 0, group + 1, pl.ds(part * half, half)].astype(
-                    vc_ref.dtype)[None]
 
-    whole = pl.BlockSpec((slots, width), lambda i, j: (0, 0))
+        @pl.when((r == group_pad + 1) & in_range)
+        def _v() -> None:
+            vc_ref[pl.ds(slot, 1), pl.ds(col, hd)] = h_ref[0, 0, group + 1, :].astype(vc_ref.dtype)[None]
+
+    whole = pl.BlockSpec((slots, width), lambda i, j, r: (0, 0))
+    q_row = lambda i, j, r: (i, j, jnp.minimum(r, group_pad - 1), 0)  # noqa: E731 - k/v programs: unused
     q, kc, vc = pl.pallas_call(
         kernel,
-        grid=(t, kv),
-        in_specs=[pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (i,)),
-                  pl.BlockSpec((1, 1, g2, hd), lambda i, j: (i, j, 0, 0)),
-                  pl.BlockSpec((half,), lambda i, j: (0,)), whole, whole],
-        out_specs=[pl.BlockSpec((1, 1, group_pad, hd), lambda i, j: (i, j, 0, 0)), whole, whole],
+        grid=(t, kv, group_pad + 2),
+        in_specs=[pl.BlockSpec((1,), lambda i, j, r: (i,)), pl.BlockSpec((1,), lambda i, j, r: (i,)),
+                  pl.BlockSpec((1, 1, g2, hd), lambda i, j, r: (i, j, 0, 0)),
+                  pl.BlockSpec((half,), lambda i, j, r: (0,)), whole, whole],
+        out_specs=[pl.BlockSpec((1, 1, 1, hd), q_row), whole, whole],
         out_shape=[jax.ShapeDtypeStruct((t, kv, group_pad, hd), h.dtype),
                    jax.ShapeDtypeStruct((slots, width), k_cache.dtype),
                    jax.ShapeDtypeStruct((slots, width), k_cache.dtype)],
