@@ -20,9 +20,8 @@ Variants:
               tilings: per shape the fastest of that mode in the probe JSON named by --gemv-tilings
   xla:FLAGS   the engine compiled with XLA_FLAGS=FLAGS (e.g. "xla:--xla_gpu_autotune_level=0"; several flags
               separated by spaces, no commas, the whole variant quoted), for the child process alone
-  fused_rope  decode layers' RoPE, q padding and K/V cache write as one kernel
-              (kernels_pallas/rope_kv_write.py) feeding the Mosaic decode kernel grouped q
-              (bench/probe_patches.py `fused_rope_write`)
+  unfused_rope decode layers without the fused RoPE + K/V write kernel (kernels_pallas/rope_kv_write.py,
+              the engine's default with the Mosaic decode kernel): XLA's fusions and the Pallas K/V write
   bucket_tables block tables padded to the context's power-of-two bucket (as for the reference backend),
               so the decode attention's split count follows the context (one decode program per bucket)
   attn_splits:N the Mosaic decode attention kernel with N K splits (default: from max_model_len; 9 at bs1)
@@ -73,9 +72,9 @@ if "no_export_kernel" in parts:  # the Mosaic decode kernel lowered in every pro
 if "decode_rows1" in parts:  # decode programs down to one sequence slot (bs1 runs T = 1, not 4)
     import rtp_jax.engine.runner as runner_mod
     runner_mod.MIN_DECODE_SEQS = 1
-if "fused_rope" in parts:  # RoPE, q padding and the K/V write as one kernel (kernels_pallas/rope_kv_write.py)
+if "unfused_rope" in parts:  # decode layers without kernels_pallas/rope_kv_write.py (the engine's default)
     import probe_patches
-    probe_patches.fused_rope_write()
+    probe_patches.unfused_decode()
 if "bucket_tables" in parts:  # block tables by context bucket: the attention's splits follow the context
     import probe_patches
     probe_patches.bucketed_block_tables()

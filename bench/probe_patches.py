@@ -125,56 +125,17 @@ def bucketed_block_tables() -> None:
     core.ModelRunner = Runner  # type: ignore[misc]
 
 
-def fused_rope_write() -> None:
-    """Decode programs' attention layers through kernels_pallas/rope_kv_write.py: RoPE on q and k, q's
-    padding to the decode kernel's 8-row groups and the K/V cache write as one kernel (XLA's q RoPE + pad
-    fusion, K/V stack fusion and the Pallas K/V write: three kernels, ~4.6 us per layer at bs1), the q
-    handed to the Mosaic decode kernel already grouped. Only where the engine's decode attention is the
-    Mosaic kernel (one query row per sequence slot) and the model has no q/k norm; on the CPU both kernels
-    run interpreted (jax >= 0.11), for a smoke test."""
-    import jax
-
+def unfused_decode() -> None:
+    """Decode layers without the fused RoPE + K/V write path (`rtp_jax.models.attention.rope_write_decode`,
+    on by default with the Mosaic decode kernel since 2026-12-01): XLA's q RoPE + pad and K/V stack
+    fusions and the Pallas K/V write, as before."""
     import rtp_jax.engine.core as core
-    import rtp_jax.models.llama as llama
-    from kernels_pallas import rope_kv_write as rkw
-    from kernels_pallas.paged_decode_mgpu import group_pad, paged_decode_attention, supports
     from rtp_jax.models.attention import select_attention_backend
-
-    cpu = jax.default_backend() == "cpu"
 
     def select(name: str = "auto", **tuning: object) -> object:
         backend = select_attention_backend(name, **tuning)
-        if cpu:  # the reference backend's decode is its mixed function: mark a copy of it only
-            decode = backend.decode
-            backend = backend._replace(decode=lambda *a, **kw: decode(*a, **kw))
-        if backend.name == "pallas" or cpu:  # pallas: the Mosaic decode kernel on Hopper
-            backend.decode.fused_rope_write = True  # type: ignore[attr-defined]
+        if getattr(backend.decode, "fused_decode", None) is not None:
+            backend.decode.fused_decode = None  # type: ignore[attr-defined]
         return backend
 
     core.select_attention_backend = select
-    attention_call = llama.Attention.__call__
-    seen: set[tuple[int, ...]] = set()
-
-    def call(self: llama.Attention, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-             kv: llama.KVCache, md: llama.AttentionMetadata, attn_fn: llama.AttentionFn
-             ) -> tuple[jax.Array, llama.KVCache]:
-        cfg, t = self.cfg, x.shape[0]
-        k_cache, v_cache = kv
-        h = self.qkv_proj.project(x)
-        q_probe = jax.ShapeDtypeStruct((t, cfg.num_heads, cfg.head_dim), h.dtype)
-        if (not getattr(attn_fn, "fused_rope_write", False) or self.q_norm is not None
-                or t != md.kv_lens.shape[0] or not rkw.supports(h, k_cache)
-                or not supports(q_probe, k_cache)):
-            return attention_call(self, x, positions, inv_freq, kv, md, attn_fn)
-        if h.shape not in seen:  # at trace time: which programs take the fused path
-            seen.add(h.shape)
-            print(f"fused_rope_write: h {h.shape}", flush=True)
-        gpad = group_pad(cfg.num_heads // cfg.num_kv_heads)
-        q4, k_cache, v_cache = rkw.rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
-                                                 group_pad=gpad, interpret=cpu)
-        o = paged_decode_attention(q4, k_cache, v_cache, md.kv_lens, md.block_tables,
-                                   sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
-                                   num_q_heads=cfg.num_heads, interpret=cpu)
-        return self.o_proj(o.reshape(t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
-
-    llama.Attention.__call__ = call  # type: ignore[method-assign]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rtp_jax.config import ModelConfig
-from rtp_jax.models.attention import AttentionFn, AttentionMetadata, kv_writer, rms_norm
+from rtp_jax.models.attention import AttentionFn, AttentionMetadata, fused_decoder, kv_writer, rms_norm
 from rtp_jax.models.rope import apply_rope, rope_tables
 
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, kv_heads, head_dim]
@@ -115,12 +115,16 @@ class QKVProj(nnx.Module):
         h = jnp.einsum("td,kghd->tkgh", x, self.weight[...])
         return h + self.bias[...] if self.bias is not None else h
 
+    @staticmethod
+    def split(h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`project`'s output -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim]."""
+        t, kv, group2, hd = h.shape
+        q = h[:, :, : group2 - 2].reshape(t, kv * (group2 - 2), hd)
+        return q, h[:, :, group2 - 2], h[:, :, group2 - 1]
+
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [T, dim] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim]."""
-        h = self.project(x)
-        kv, group2, hd = h.shape[1:]
-        q = h[:, :, : group2 - 2].reshape(x.shape[0], kv * (group2 - 2), hd)
-        return q, h[:, :, group2 - 2], h[:, :, group2 - 1]
+        return self.split(self.project(x))
 
 
 class Attention(nnx.Module):
@@ -136,7 +140,15 @@ class Attention(nnx.Module):
                  md: AttentionMetadata, attn_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
         """x: [T, D] -> ([T, D], updated (k_cache, v_cache))."""
         cfg, t = self.cfg, x.shape[0]
-        q, k, v = self.qkv_proj(x)
+        h = self.qkv_proj.project(x)
+        fused = fused_decoder(attn_fn) if self.q_norm is None else None
+        done = None if fused is None else fused(
+            h, positions, inv_freq, kv[0], kv[1], md, num_q_heads=cfg.num_heads, sm_scale=cfg.head_dim**-0.5,
+            sliding_window=cfg.sliding_window, soft_cap=None)
+        if done is not None:
+            o, k_cache, v_cache = done
+            return self.o_proj(o.reshape(t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
+        q, k, v = self.qkv_proj.split(h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)

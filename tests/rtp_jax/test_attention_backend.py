@@ -223,3 +223,64 @@ def test_engine_layers_write_kv_with_the_backends_writer(tiny_hf_model, monkeypa
     assert traced and len(traced) % layers == 0  # each traced program wrote once per layer
     # the mixed program (token buckets >= 16) and the multi-step decode one (4 sequence slots, one token each)
     assert {shape[0] for shape in traced} >= {4, 32}, traced
+
+
+def test_mosaic_decode_offers_the_fused_rope_write_path():
+    """The Mosaic decode function carries `fused_decode` (RoPE + cache write + attention from the unsplit
+    projection); the reference and Triton-only backends do not."""
+    from rtp_jax.models.attention import fused_decoder, rope_write_decode
+
+    mosaic = _mosaic_decode(_from_contract(ragged_paged_attention_reference))
+    assert fused_decoder(mosaic) is rope_write_decode
+    for name in ("reference", "pallas-triton"):
+        backend = select_attention_backend(name)
+        assert fused_decoder(backend.mixed) is None and fused_decoder(backend.decode) is None
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool):
+    """A layer whose attention function offers `fused_decode` hands it the unsplit projection and returns
+    its output through o_proj with its caches: equal to the layer's own RoPE, write and attention (here the
+    fused path is rope_kv_write, interpreted, then the reference attention). Qwen3-style q/k norms keep
+    the unfused path (the fused kernel has no norm)."""
+    from flax import nnx
+
+    from kernels_pallas.rope_kv_write import rope_kv_write
+    from rtp_jax.models.llama import Attention
+    from rtp_jax.models.rope import rope_tables
+
+    cfg = ModelConfig.from_hf_config({
+        "architectures": ["Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM"], "vocab_size": 64,
+        "hidden_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32})
+    layer = Attention(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    seqs, block, blocks = 3, 4, 12
+    x = jnp.asarray(rng.standard_normal((seqs, 128)), jnp.float32)
+    kv_lens = jnp.asarray([5, 9, 2], jnp.int32)
+    tables = jnp.asarray(rng.permutation(blocks)[:seqs * 3].reshape(seqs, 3), jnp.int32)
+    positions = kv_lens - 1
+    slots = tables[jnp.arange(seqs), positions // block] * block + positions % block
+    md = AttentionMetadata(slots, kv_lens, tables, jnp.arange(seqs + 1, dtype=jnp.int32), jnp.int32(seqs))
+    caches = tuple(jnp.asarray(rng.standard_normal((blocks, block, 2, 32)), jnp.float32) for _ in range(2))
+    inv_freq = jnp.asarray(rope_tables(cfg))
+    plain = _from_contract(ragged_paged_attention_reference)
+    calls: list[tuple[int, ...]] = []
+
+    def fused(h, positions, inv_freq, k_cache, v_cache, md, *, num_q_heads, sm_scale, sliding_window,
+              soft_cap):
+        calls.append(tuple(h.shape))
+        q4, k_cache, v_cache = rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
+                                             group_pad=8, interpret=True)
+        q = q4[:, :, :num_q_heads // h.shape[1]].reshape(h.shape[0], num_q_heads, h.shape[3])
+        out = plain(q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
+                    soft_cap=soft_cap)
+        return out, k_cache, v_cache
+
+    offering = _from_contract(ragged_paged_attention_reference)
+    offering.fused_decode = fused
+    want, (wk, wv) = layer(x, positions, inv_freq, tuple(jnp.array(c) for c in caches), md, plain)
+    got, (gk, gv) = layer(x, positions, inv_freq, tuple(jnp.array(c) for c in caches), md, offering)
+    assert calls == ([] if qk_norm else [(seqs, 2, 4, 32)])
+    for g, w in ((got, want), (gk, wk), (gv, wv)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
