@@ -14,10 +14,6 @@ Variants:
               one kernel (the engine's choice for the Pallas backends since 2026-12-01)
   no_export_kernel the Mosaic decode kernel lowered in every program, not once per signature
   decode_rows1 multi-step decode programs from 1 sequence slot (`MIN_DECODE_SEQS` 1 instead of 4)
-  gemv, gemv_pdl, gemv_pdl_early
-              the model's GEMMs of <= 8 rows by bench/probe_gemv_pdl.py's Mosaic GPU kernel, without PDL,
-              with it, and with an early launch of the next kernel (bench/probe_patches.py `decode_gemv`);
-              tilings: per shape the fastest of that mode in the probe JSON named by --gemv-tilings
   xla:FLAGS   the engine compiled with XLA_FLAGS=FLAGS (e.g. "xla:--xla_gpu_autotune_level=0"; several flags
               separated by spaces, no commas, the whole variant quoted), for the child process alone
   unfused_rope decode layers without the fused RoPE + K/V write kernel (kernels_pallas/rope_kv_write.py,
@@ -25,7 +21,7 @@ Variants:
   bucket_tables block tables padded to the context's power-of-two bucket (as for the reference backend),
               so the decode attention's split count follows the context (one decode program per bucket)
   attn_splits:N the Mosaic decode attention kernel with N K splits (default: from max_model_len; 9 at bs1)
-  A+B         both (e.g. "gemv_pdl_early+xla:--xla_gpu_enable_pdl_launch=true")
+  A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
 Prints a table last; writes probe_decode_variants.json under --out.
 """
 
@@ -48,7 +44,7 @@ repeats, trace = int(repeats), trace == "1"
 sys.path.insert(0, root); sys.path.insert(0, root + "/bench")
 import jax, jax.numpy as jnp, numpy as np
 res = {"variant": variant}
-parts = variant.split("+")  # e.g. "gemv_pdl_early+xla:--xla_gpu_enable_pdl_launch=true"
+parts = variant.split("+")  # e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true"
 if "base" in parts:  # the Pallas K/V write against XLA's scatters on this device, 8B cache rows
     from kernels_pallas.kv_write import paged_kv_write, paged_kv_write_reference
     interpret = jax.default_backend() == "cpu"  # a CPU smoke run of this probe
@@ -82,10 +78,6 @@ for p in parts:
     if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
         import probe_patches
         probe_patches.decode_attention_splits(int(p.split(":")[1]))
-gemv_modes = [p for p in parts if p in ("gemv", "gemv_pdl", "gemv_pdl_early")]
-if gemv_modes:  # the model's GEMMs of <= 8 rows by the Mosaic GPU gemv (bench/probe_gemv_pdl.py)
-    import os, probe_patches
-    probe_patches.decode_gemv(gemv_modes[0], os.environ.get("RTP_GEMV_TILINGS") or None)
 from probe_programs import model_dir
 from run_all import run_steps
 from rtp_jax import LLM
@@ -121,13 +113,10 @@ print("CHILD " + json.dumps(res), flush=True)
 """
 
 
-def run_child(variant: str, repeats: int, trace: bool, out: Path, shape: str,
-              gemv_tilings: str | None = None) -> dict[str, Any]:
+def run_child(variant: str, repeats: int, trace: bool, out: Path, shape: str) -> dict[str, Any]:
     cmd = [sys.executable, "-c", _CHILD, str(ROOT), variant, str(repeats), "1" if trace else "0", str(out),
            shape]
     env = dict(os.environ)
-    if gemv_tilings:
-        env["RTP_GEMV_TILINGS"] = gemv_tilings
     xla = [p for p in variant.split("+") if p.startswith("xla:")]
     if xla:  # set before the child imports jax: XLA reads it once
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla[0][4:]}".strip()
@@ -151,13 +140,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--shape", default="llama3-8b", help="bench/synth_ckpt.py SHAPES key (tiny: CPU smoke)")
-    p.add_argument("--gemv-tilings", default=None, help="probe_gemv_pdl JSON for the gemv variants' tilings")
     ns = p.parse_args()
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for v in ns.variants.split(","):  # written after each child: a run cut by its time limit keeps the rest
-        rows.append(run_child(v, ns.repeats, ns.trace, out, ns.shape, ns.gemv_tilings))
+        rows.append(run_child(v, ns.repeats, ns.trace, out, ns.shape))
         (out / "probe_decode_variants.json").write_text(json.dumps(rows, indent=1))
     print("\n| variant | bs1 tok/s (median) | runs | first tokens |\n|---|---|---|---|")
     for r in rows:
