@@ -18,8 +18,6 @@ Variants:
               separated by spaces, no commas, the whole variant quoted), for the child process alone
   unfused_rope decode layers without the fused RoPE + K/V write kernel (kernels_pallas/rope_kv_write.py,
               the engine's default with the Mosaic decode kernel): XLA's fusions and the Pallas K/V write
-  bucket_tables block tables padded to the context's power-of-two bucket (as for the reference backend),
-              so the decode attention's split count follows the context (one decode program per bucket)
   attn_splits:N the Mosaic decode attention kernel with N K splits (default: from max_model_len; 9 at bs1)
   A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
 Prints a table last; writes probe_decode_variants.json under --out.
@@ -71,9 +69,6 @@ if "decode_rows1" in parts:  # decode programs down to one sequence slot (bs1 ru
 if "unfused_rope" in parts:  # decode layers without kernels_pallas/rope_kv_write.py (the engine's default)
     import probe_patches
     probe_patches.unfused_decode()
-if "bucket_tables" in parts:  # block tables by context bucket: the attention's splits follow the context
-    import probe_patches
-    probe_patches.bucketed_block_tables()
 for p in parts:
     if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
         import probe_patches

@@ -26,20 +26,6 @@ def decode_attention_splits(num_splits: int) -> None:
     mgpu.default_decode_tuning = tuning
 
 
-def bucketed_block_tables() -> None:
-    """Block tables padded to a power of two of the batch's longest context (as for the reference
-    backend) with the Pallas backends too, so the decode attention's tuning (split count) follows the
-    context bucket instead of max_model_len, at the price of one decode program per bucket."""
-    import rtp_jax.engine.core as core
-
-    class Runner(core.ModelRunner):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            kwargs["bucket_block_tables"] = True
-            super().__init__(*args, **kwargs)
-
-    core.ModelRunner = Runner  # type: ignore[misc]
-
-
 def unfused_decode() -> None:
     """Decode layers without the fused RoPE + K/V write path (`rtp_jax.models.attention.rope_write_decode`,
     on by default with the Mosaic decode kernel since 2026-12-01): XLA's q RoPE + pad and K/V stack

@@ -31,24 +31,18 @@ from kernels_pallas._lowering import gpu_lowering
 from kernels_pallas.kv_write import paged_kv_write_reference
 
 
-def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """HF's rotate-half RoPE in float32 (rtp_jax.models.rope.apply_rope's math). x: [T, n, head_dim]."""
-    half = x.shape[-1] // 2
-    freqs = positions.astype(jnp.float32)[:, None, None] * inv_freq  # [T, 1, half]
-    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 def rope_kv_write_reference(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
                             v_cache: jax.Array, slot_mapping: jax.Array, *,
                             group_pad: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The contract in plain JAX: RoPE, the q padding, and the two scatters of `paged_kv_write_reference`."""
+    """The contract in plain JAX: the engine's RoPE, the q padding, and the two scatters of
+    `paged_kv_write_reference`."""
+    from rtp_jax.models.rope import apply_rope  # the model's own RoPE: the kernel must match it
+
     t, kv, g2, hd = h.shape
     group = g2 - 2
-    q = _rope(h[:, :, :group].reshape(t, kv * group, hd), positions, inv_freq).astype(h.dtype)
+    q = apply_rope(h[:, :, :group].reshape(t, kv * group, hd), positions, inv_freq)
     q = jnp.pad(q.reshape(t, kv, group, hd), ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
-    k = _rope(h[:, :, group], positions, inv_freq)
+    k = apply_rope(h[:, :, group], positions, inv_freq)
     k_cache, v_cache = paged_kv_write_reference(k_cache, v_cache, k, h[:, :, group + 1], slot_mapping)
     return q, k_cache, v_cache
 
