@@ -19,6 +19,10 @@ Variants:
   unfused_rope decode layers without the fused RoPE + K/V write kernel (kernels_pallas/rope_kv_write.py,
               the engine's default with the Mosaic decode kernel): XLA's fusions and the Pallas K/V write
   attn_splits:N the Mosaic decode attention kernel with N K splits (default: from max_model_len; 9 at bs1)
+  decode_gemm:CFG programs of <= 16 tokens with every Triton GEMM forced to the tiling CFG (a
+              TritonGemmKey textproto, fields separated by ';': "block_m:16;block_n:32;block_k:128;split_k:2;
+              num_stages:3;num_warps:4;num_ctas:1"); bench/probe_gemm_configs.py finds candidates
+  gate_up_major gate/up's GEMM output as [2, T, hidden] instead of [T, 2, hidden]
   A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
 Prints a table last; writes probe_decode_variants.json under --out.
 """
@@ -70,6 +74,12 @@ if "unfused_rope" in parts:  # decode layers without kernels_pallas/rope_kv_writ
     import probe_patches
     probe_patches.unfused_decode()
 for p in parts:
+    if p.startswith("decode_gemm:"):  # decode programs' Triton GEMMs forced to one tiling
+        import probe_patches
+        probe_patches.decode_gemm_config(p.split(":", 1)[1])
+    if p == "gate_up_major":  # gate/up output [2, T, hidden]: silu * up may fuse into down's operand
+        import probe_patches
+        probe_patches.gate_up_major()
     if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
         import probe_patches
         probe_patches.decode_attention_splits(int(p.split(":")[1]))

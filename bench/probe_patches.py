@@ -40,3 +40,34 @@ def unfused_decode() -> None:
         return backend
 
     core.select_attention_backend = select
+
+
+def decode_gemm_config(config: str, max_tokens: int = 16) -> None:
+    """Programs of at most `max_tokens` tokens (bs1 decode runs 4) compiled with every Triton GEMM forced to
+    one tiling (`xla_gpu_override_gemm_autotuner`, an AutotuneResult.TritonGemmKey textproto such as
+    "block_m:16;block_n:32;block_k:128;split_k:2;num_stages:3;num_warps:4;num_ctas:1") instead of the one
+    XLA's autotuner times with the weights in L2 (bench/probe_gemm_configs.py)."""
+    import rtp_jax.engine.step as step
+
+    default = step.compiler_options
+
+    def options(num_tokens: int) -> dict:
+        opts = default(num_tokens)
+        return {**opts, "xla_gpu_override_gemm_autotuner": config} if num_tokens <= max_tokens else opts
+
+    step.compiler_options = options
+
+
+def gate_up_major() -> None:
+    """gate/up's GEMM output laid out [2, T, hidden] (gate and up contiguous) instead of [T, 2, hidden], so
+    XLA may fuse silu(gate) * up into the down GEMM's operand instead of running it as its own kernel."""
+    import jax
+    import jax.numpy as jnp
+
+    import rtp_jax.models.llama as llama
+
+    def call(self: llama.GateUpProj, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = jnp.einsum("td,gid->gti", x, self.weight[...])
+        return h[0], h[1]
+
+    llama.GateUpProj.__call__ = call  # type: ignore[method-assign]
