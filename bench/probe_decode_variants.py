@@ -142,6 +142,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
     p.add_argument("--variants", default="base,kv_scatter")
+    p.add_argument("--sep", default=",", help="separator of --variants ('|' for flag values with commas)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--shape", default="llama3-8b", help="bench/synth_ckpt.py SHAPES key (tiny: CPU smoke)")
@@ -149,7 +150,7 @@ def main() -> None:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for v in ns.variants.split(","):  # written after each child: a run cut by its time limit keeps the rest
+    for v in ns.variants.split(ns.sep):  # written after each child: a run cut short keeps the rest
         rows.append(run_child(v, ns.repeats, ns.trace, out, ns.shape))
         (out / "probe_decode_variants.json").write_text(json.dumps(rows, indent=1))
     print("\n| variant | bs1 tok/s (median) | runs | first tokens |\n|---|---|---|---|")
