@@ -24,7 +24,9 @@ Variants:
               num_stages:3;num_warps:4;num_ctas:1"); bench/probe_gemm_configs.py finds candidates
   gate_up_major gate/up's GEMM output as [2, T, hidden] instead of [T, 2, hidden]
   A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
-Prints a table last; writes probe_decode_variants.json under --out.
+Each child runs without the persistent compilation cache (`--shared-cache` to share it): XLA's per-fusion
+autotune cache lives inside it, and a child finding the base child's GEMM tilings there ignores options
+that change them. Prints a table last; writes probe_decode_variants.json under --out.
 """
 
 from __future__ import annotations
@@ -118,10 +120,14 @@ print("CHILD " + json.dumps(res), flush=True)
 """
 
 
-def run_child(variant: str, repeats: int, trace: bool, out: Path, shape: str) -> dict[str, Any]:
+def run_child(variant: str, repeats: int, trace: bool, out: Path, shape: str,
+              shared_cache: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, "-c", _CHILD, str(ROOT), variant, str(repeats), "1" if trace else "0", str(out),
            shape]
-    env = dict(os.environ)
+    # No persistent compilation cache unless asked: JAX turns on XLA's per-fusion autotune cache inside it
+    # (`jax_persistent_cache_enable_xla_caches`), so a variant child would reuse the GEMM tilings the base
+    # child autotuned, and tiling options (`decode_gemm:`, autotune levels) would silently not apply.
+    env = dict(os.environ) if shared_cache else dict(os.environ, RTP_JAX_COMPILATION_CACHE="0")
     xla = [p for p in variant.split("+") if p.startswith("xla:")]
     if xla:  # set before the child imports jax: XLA reads it once
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla[0][4:]}".strip()
@@ -145,13 +151,15 @@ def main() -> None:
     p.add_argument("--sep", default=",", help="separator of --variants ('|' for flag values with commas)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--trace", action="store_true")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="children share the engine's compilation cache (and XLA's autotune cache)")
     p.add_argument("--shape", default="llama3-8b", help="bench/synth_ckpt.py SHAPES key (tiny: CPU smoke)")
     ns = p.parse_args()
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for v in ns.variants.split(ns.sep):  # written after each child: a run cut short keeps the rest
-        rows.append(run_child(v, ns.repeats, ns.trace, out, ns.shape))
+        rows.append(run_child(v, ns.repeats, ns.trace, out, ns.shape, ns.shared_cache))
         (out / "probe_decode_variants.json").write_text(json.dumps(rows, indent=1))
     print("\n| variant | bs1 tok/s (median) | runs | first tokens |\n|---|---|---|---|")
     for r in rows:
