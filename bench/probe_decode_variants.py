@@ -23,6 +23,8 @@ Variants:
               TritonGemmKey textproto, fields separated by ';': "block_m:16;block_n:32;block_k:128;split_k:2;
               num_stages:3;num_warps:4;num_ctas:1"); bench/probe_gemm_configs.py finds candidates
   gate_up_major gate/up's GEMM output as [2, T, hidden] instead of [T, 2, hidden]
+  qkv_split:S decode steps project q/k/v as S float32 split-K partials that rope_kv_write sums
+              (`attention.DECODE_QKV_SPLITS`), instead of XLA's split-K with its own reduction kernel
   A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
 Each child runs without the persistent compilation cache (`--shared-cache` to share it): XLA's per-fusion
 autotune cache lives inside it, and a child finding the base child's GEMM tilings there ignores options
@@ -79,6 +81,9 @@ for p in parts:
     if p.startswith("decode_gemm:"):  # decode programs' Triton GEMMs forced to one tiling
         import probe_patches
         probe_patches.decode_gemm_config(p.split(":", 1)[1])
+    if p.startswith("qkv_split:"):  # decode q/k/v as S float32 partials, summed inside rope_kv_write
+        import rtp_jax.models.attention as attention
+        attention.DECODE_QKV_SPLITS = int(p.split(":")[1])
     if p == "gate_up_major":  # gate/up output [2, T, hidden]: silu * up may fuse into down's operand
         import probe_patches
         probe_patches.gate_up_major()

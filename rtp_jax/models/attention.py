@@ -72,6 +72,24 @@ def fused_decoder(attn_fn: AttentionFn) -> FusedDecode | None:
     return getattr(attn_fn, "fused_decode", None)
 
 
+# Split-K factor of the q/k/v projection in decode steps whose fused decoder sums partial sums itself
+# (`takes_partials`, e.g. `rope_write_decode`): the projection becomes a batched GEMM writing this many
+# float32 partials (`QKVProj.project_partials`), and the kernel XLA runs to sum its own split-K partials
+# goes away. 0: off, XLA splits as it likes. A/B: bench/probe_decode_variants.py's `qkv_split:S`.
+DECODE_QKV_SPLITS = 0
+
+
+def decode_qkv_splits(fused: FusedDecode | None, num_tokens: int, md: AttentionMetadata, dim: int) -> int:
+    """How many partial sums of the q/k/v projection to hand `fused`: `DECODE_QKV_SPLITS` in a decode step
+    (one row per sequence slot) when `fused` takes partials and they divide `dim`; else 0 (the unsplit
+    projection)."""
+    splits = DECODE_QKV_SPLITS
+    if (fused is None or not getattr(fused, "takes_partials", False) or splits < 2 or dim % splits
+            or num_tokens != md.kv_lens.shape[0]):
+        return 0
+    return splits
+
+
 def write_kv(
     k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -186,7 +204,8 @@ def rope_write_decode(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k
                       v_cache: jax.Array, md: AttentionMetadata, *, num_q_heads: int, sm_scale: float,
                       sliding_window: int | None, soft_cap: float | None,
                       ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-    """`FusedDecode` for one query row per sequence slot: kernels_pallas/rope_kv_write.py ropes q and k,
+    """`FusedDecode` for one query row per sequence slot: kernels_pallas/rope_kv_write.py (summing h's
+    split-K partials first when it is given them) ropes q and k,
     writes k and v into the caches and lays q out in the Mosaic decode kernel's padded head groups (one
     kernel where XLA made three: q RoPE + pad, K/V stack, and the K/V write; 1.9 us where those took 4.6 per
     layer at batch 1 on an H200, +0.65% tokens/s), then the Mosaic kernel attends. None where either
@@ -194,8 +213,8 @@ def rope_write_decode(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k
     from kernels_pallas import rope_kv_write as rkw
     from kernels_pallas.paged_decode_mgpu import group_pad, paged_decode_attention, supports
 
-    t, kv, _, head_dim = h.shape
-    q_like = jax.ShapeDtypeStruct((t, num_q_heads, head_dim), h.dtype)
+    t, kv, _, head_dim = h.shape[-4:]  # h may be [S, T, ...] float32 partial sums (`takes_partials`)
+    q_like = jax.ShapeDtypeStruct((t, num_q_heads, head_dim), k_cache.dtype if h.ndim == 5 else h.dtype)
     if t != md.kv_lens.shape[0] or not rkw.supports(h, k_cache) or not supports(q_like, k_cache):
         return None
     q4, k_cache, v_cache = rkw.rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
@@ -203,6 +222,9 @@ def rope_write_decode(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k
     out = paged_decode_attention(q4, k_cache, v_cache, md.kv_lens, md.block_tables, sm_scale=sm_scale,
                                  sliding_window=sliding_window, soft_cap=soft_cap, num_q_heads=num_q_heads)
     return out, k_cache, v_cache
+
+
+rope_write_decode.takes_partials = True  # type: ignore[attr-defined]
 
 
 def split_decode_rows(ragged: AttentionFn, decode: AttentionFn,

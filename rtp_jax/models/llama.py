@@ -17,7 +17,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rtp_jax.config import ModelConfig
-from rtp_jax.models.attention import AttentionFn, AttentionMetadata, fused_decoder, kv_writer, rms_norm
+from rtp_jax.models.attention import (
+    AttentionFn,
+    AttentionMetadata,
+    decode_qkv_splits,
+    fused_decoder,
+    kv_writer,
+    rms_norm,
+)
 from rtp_jax.models.rope import apply_rope, rope_tables
 
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, kv_heads, head_dim]
@@ -115,6 +122,16 @@ class QKVProj(nnx.Module):
         h = jnp.einsum("td,kghd->tkgh", x, self.weight[...])
         return h + self.bias[...] if self.bias is not None else h
 
+    def project_partials(self, x: jax.Array, splits: int) -> jax.Array:
+        """x: [T, dim] -> float32 [S, T, kv_heads, group + 2, head_dim]: `project` (no bias) as S split-K
+        partial sums, one batched GEMM over S slices of `dim`, for a consumer that sums them itself
+        (`attention.decode_qkv_splits`)."""
+        t, d = x.shape
+        w = self.weight[...]
+        xs = x.reshape(t, splits, d // splits)
+        return jnp.einsum("tsd,kghsd->stkgh", xs, w.reshape(*w.shape[:3], splits, d // splits),
+                          preferred_element_type=jnp.float32)
+
     @staticmethod
     def split(h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`project`'s output -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim]."""
@@ -140,14 +157,17 @@ class Attention(nnx.Module):
                  md: AttentionMetadata, attn_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
         """x: [T, D] -> ([T, D], updated (k_cache, v_cache))."""
         cfg, t = self.cfg, x.shape[0]
-        h = self.qkv_proj.project(x)
         fused = fused_decoder(attn_fn) if self.q_norm is None else None
+        splits = 0 if self.qkv_proj.bias is not None else decode_qkv_splits(fused, t, md, x.shape[-1])
+        h = self.qkv_proj.project_partials(x, splits) if splits else self.qkv_proj.project(x)
         done = None if fused is None else fused(
             h, positions, inv_freq, kv[0], kv[1], md, num_q_heads=cfg.num_heads, sm_scale=cfg.head_dim**-0.5,
             sliding_window=cfg.sliding_window, soft_cap=None)
         if done is not None:
             o, k_cache, v_cache = done
             return self.o_proj(o.reshape(t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
+        if splits:  # the fused path declined these shapes: the unsplit projection's values
+            h = h.sum(0).astype(jnp.result_type(x, self.qkv_proj.weight[...]))
         q, k, v = self.qkv_proj.split(h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)

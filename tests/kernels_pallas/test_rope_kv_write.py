@@ -85,3 +85,46 @@ def test_refusals_name_the_argument() -> None:
         rope_kv_write(h, pos, inv[:4], kc, vc, slots, group_pad=8, interpret=True)
     with pytest.raises(ValueError, match="group_pad"):
         rope_kv_write(h, pos, inv, kc, vc, slots, group_pad=2, interpret=True)
+
+
+def _partials(h: jax.Array, splits: int, seed: int = 7) -> jax.Array:
+    """float32 [S, ...] partial sums adding up to h (random split, so each partial matters)."""
+    rng = np.random.default_rng(seed)
+    parts = rng.standard_normal((splits - 1, *h.shape)).astype(np.float32)
+    return jnp.asarray(np.concatenate([parts, np.asarray(h, np.float32)[None] - parts.sum(0)[None]]))
+
+
+@pytest.mark.parametrize("splits", [2, 4, 8])
+def test_partial_sums_are_summed_first(splits: int) -> None:
+    """Given float32 split-K partials of h, the kernel writes what it writes for their sum rounded to the
+    caches' dtype (f32 caches: to f32 rounding; the padding token's write dropped as before)."""
+    h, pos, inv, kc, vc, slots = _case(2, 4, 64, 5, jnp.float32, seed=splits)
+    parts = _partials(h, splits)
+    want = rope_kv_write_reference(parts.sum(0), pos, inv, jnp.array(kc), jnp.array(vc), slots, group_pad=8)
+    got = rope_kv_write(parts, pos, inv, jnp.array(kc), jnp.array(vc), slots, group_pad=8,
+                        interpret=not ON_GPU)
+    assert got[0].dtype == kc.dtype
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(_f32(g), _f32(w), rtol=TOL, atol=10 * TOL)
+
+
+def test_bf16_partials_within_one_rounding_of_reference() -> None:
+    """bf16 caches: the partials' sum is rounded to bf16 before RoPE, as the unsplit bf16 projection's
+    output is; q comes out bf16; each value within one bf16 rounding of the reference."""
+    h, pos, inv, kc, vc, slots = _case(2, 4, 128, 4, jnp.bfloat16, seed=5)
+    parts = _partials(h.astype(jnp.float32), 4)
+    want = rope_kv_write_reference(parts, pos, inv, jnp.array(kc), jnp.array(vc), slots, group_pad=8)
+    got = rope_kv_write(parts, pos, inv, jnp.array(kc), jnp.array(vc), slots, group_pad=8,
+                        interpret=not ON_GPU)
+    assert got[0].dtype == jnp.bfloat16
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(_f32(g), _f32(w), rtol=2 ** -7, atol=2e-2)
+
+
+def test_partials_refused_unless_float32_and_a_power_of_two() -> None:
+    """Three partials (not a power of two: Triton loads) or bf16 partials are refused by name."""
+    h, pos, inv, kc, vc, slots = _case(2, 4, 64, 3, jnp.float32)
+    for bad in (_partials(h, 3), _partials(h, 2).astype(jnp.bfloat16)):
+        assert not supports(bad, kc)
+        with pytest.raises(ValueError, match="partials"):
+            rope_kv_write(bad, pos, inv, kc, vc, slots, group_pad=8, interpret=True)

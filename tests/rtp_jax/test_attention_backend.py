@@ -237,13 +237,19 @@ def test_mosaic_decode_offers_the_fused_rope_write_path():
         assert fused_decoder(backend.mixed) is None and fused_decoder(backend.decode) is None
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool):
-    """A layer whose attention function offers `fused_decode` hands it the unsplit projection and returns
-    its output through o_proj with its caches: equal to the layer's own RoPE, write and attention (here the
-    fused path is rope_kv_write, interpreted, then the reference attention). Qwen3-style q/k norms keep
-    the unfused path (the fused kernel has no norm)."""
+@pytest.mark.parametrize("qk_norm,splits", [(False, 0), (True, 0), (False, 4), (True, 4)])
+def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool, splits: int,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """A layer whose attention function offers `fused_decode` hands it the unsplit projection (or, with
+    `DECODE_QKV_SPLITS`, its split-K partial sums) and returns its output through o_proj with its caches:
+    equal to the layer's own RoPE, write and attention (here the fused path is rope_kv_write, interpreted,
+    then the reference attention). Qwen3-style q/k norms keep the unfused path (the fused kernel has no
+    norm)."""
     from flax import nnx
+
+    import rtp_jax.models.attention as attention
+
+    monkeypatch.setattr(attention, "DECODE_QKV_SPLITS", splits)
 
     from kernels_pallas.rope_kv_write import rope_kv_write
     from rtp_jax.models.llama import Attention
@@ -272,15 +278,34 @@ def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool):
         calls.append(tuple(h.shape))
         q4, k_cache, v_cache = rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
                                              group_pad=8, interpret=True)
-        q = q4[:, :, :num_q_heads // h.shape[1]].reshape(h.shape[0], num_q_heads, h.shape[3])
+        t, kv, _, hd = h.shape[-4:]
+        q = q4[:, :, :num_q_heads // kv].reshape(t, num_q_heads, hd)
         out = plain(q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
                     soft_cap=soft_cap)
         return out, k_cache, v_cache
 
     offering = _from_contract(ragged_paged_attention_reference)
+    fused.takes_partials = True
     offering.fused_decode = fused
     want, (wk, wv) = layer(x, positions, inv_freq, tuple(jnp.array(c) for c in caches), md, plain)
     got, (gk, gv) = layer(x, positions, inv_freq, tuple(jnp.array(c) for c in caches), md, offering)
-    assert calls == ([] if qk_norm else [(seqs, 2, 4, 32)])
+    assert calls == ([] if qk_norm else [(splits,) * bool(splits) + (seqs, 2, 4, 32)])
     for g, w in ((got, want), (gk, wk), (gv, wv)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_qkv_partials_go_only_to_decode_steps_of_a_decoder_that_takes_them(monkeypatch: pytest.MonkeyPatch):
+    """`decode_qkv_splits`: the configured split count for a decode step (one row per sequence slot) whose
+    fused decoder takes partials and whose width they divide; 0 otherwise (prefill, other decoders, off)."""
+    import rtp_jax.models.attention as attention
+
+    md = AttentionMetadata(*(jnp.zeros(n, jnp.int32) for n in (3, 3, 3, 4)), jnp.int32(3))
+    takes = attention.rope_write_decode
+    monkeypatch.setattr(attention, "DECODE_QKV_SPLITS", 4)
+    assert attention.decode_qkv_splits(takes, 3, md, 128) == 4
+    assert attention.decode_qkv_splits(takes, 8, md, 128) == 0  # a prefill / mixed step
+    assert attention.decode_qkv_splits(takes, 3, md, 126) == 0  # 4 does not divide the width
+    assert attention.decode_qkv_splits(lambda *a, **k: None, 3, md, 128) == 0  # does not take partials
+    assert attention.decode_qkv_splits(None, 3, md, 128) == 0
+    monkeypatch.setattr(attention, "DECODE_QKV_SPLITS", 0)
+    assert attention.decode_qkv_splits(takes, 3, md, 128) == 0
