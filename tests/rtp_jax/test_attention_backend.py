@@ -237,14 +237,15 @@ def test_mosaic_decode_offers_the_fused_rope_write_path():
         assert fused_decoder(backend.mixed) is None and fused_decoder(backend.decode) is None
 
 
-@pytest.mark.parametrize("qk_norm,splits", [(False, 0), (True, 0), (False, 4), (True, 4)])
-def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool, splits: int,
+@pytest.mark.parametrize("qk_norm,splits,declines", [(False, 0, False), (True, 0, False), (False, 4, False),
+                                                     (True, 4, False), (False, 4, True)])
+def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool, splits: int, declines: bool,
                                                                monkeypatch: pytest.MonkeyPatch):
     """A layer whose attention function offers `fused_decode` hands it the unsplit projection (or, with
     `DECODE_QKV_SPLITS`, its split-K partial sums) and returns its output through o_proj with its caches:
     equal to the layer's own RoPE, write and attention (here the fused path is rope_kv_write, interpreted,
     then the reference attention). Qwen3-style q/k norms keep the unfused path (the fused kernel has no
-    norm)."""
+    norm). A fused path that declines after being handed partials leaves the layer to sum them itself."""
     from flax import nnx
 
     import rtp_jax.models.attention as attention
@@ -276,6 +277,8 @@ def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool, sp
     def fused(h, positions, inv_freq, k_cache, v_cache, md, *, num_q_heads, sm_scale, sliding_window,
               soft_cap):
         calls.append(tuple(h.shape))
+        if declines:
+            return None
         q4, k_cache, v_cache = rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
                                              group_pad=8, interpret=True)
         t, kv, _, hd = h.shape[-4:]
