@@ -57,9 +57,11 @@ class AttentionFn(Protocol):
 
 
 class FusedDecode(Protocol):
-    """h: [T, kv_heads, group + 2, head_dim] (`QKVProj.project`: per KV head its q heads, its k, its v),
-    positions int32[T], inv_freq float32[head_dim // 2] -> (attention output [T, heads, head_dim], updated
-    k_cache, v_cache), or None where it does not apply (the layer then ropes, writes and attends itself)."""
+    """h: [T, kv_heads, group + 2, head_dim] (`QKVProj.project`: per KV head its q heads, its k, its v), or,
+    for one whose `takes_partials` attribute is true, float32 [S, T, ...] split-K partial sums of it
+    (`QKVProj.project_partials`); positions int32[T], inv_freq float32[head_dim // 2] -> (attention output
+    [T, heads, head_dim], updated k_cache, v_cache), or None where it does not apply (the layer then ropes,
+    writes and attends itself)."""
 
     def __call__(self, h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
                  v_cache: jax.Array, md: AttentionMetadata, *, num_q_heads: int, sm_scale: float,
