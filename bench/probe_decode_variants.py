@@ -22,6 +22,7 @@ Variants:
   decode_gemm:CFG programs of <= 16 tokens with every Triton GEMM forced to the tiling CFG (a
               TritonGemmKey textproto, fields separated by ';': "block_m:16;block_n:32;block_k:128;split_k:2;
               num_stages:3;num_warps:4;num_ctas:1"); bench/probe_gemm_configs.py finds candidates
+  decode_gemm_any:CFG1/CFG2/... the same programs with XLA's autotuner choosing per GEMM among these tilings
   gate_up_major gate/up's GEMM output as [2, T, hidden] instead of [T, 2, hidden]
   qkv_split:S decode steps project q/k/v as S float32 split-K partials that rope_kv_write sums
               (`attention.DECODE_QKV_SPLITS`), instead of XLA's split-K with its own reduction kernel
@@ -78,6 +79,9 @@ if "unfused_rope" in parts:  # decode layers without kernels_pallas/rope_kv_writ
     import probe_patches
     probe_patches.unfused_decode()
 for p in parts:
+    if p.startswith("decode_gemm_any:"):  # the autotuner choosing among a few tilings ('/'-separated)
+        import probe_patches
+        probe_patches.decode_gemm_candidates(p.split(":", 1)[1].split("/"))
     if p.startswith("decode_gemm:"):  # decode programs' Triton GEMMs forced to one tiling
         import probe_patches
         probe_patches.decode_gemm_config(p.split(":", 1)[1])

@@ -42,6 +42,28 @@ def unfused_decode() -> None:
     core.select_attention_backend = select
 
 
+def decode_gemm_candidates(configs: list[str], max_tokens: int = 16) -> None:
+    """Programs of at most `max_tokens` tokens compiled with XLA's autotuner choosing each Triton GEMM's
+    tiling among `configs` only (`xla_gpu_gemm_autotuner_override_file`; textprotos as for
+    `decode_gemm_config`): per-shape choices where no one tiling suits every decode GEMM."""
+    import tempfile
+
+    import rtp_jax.engine.step as step
+
+    path = tempfile.NamedTemporaryFile("w", suffix=".textproto", delete=False)
+    with path:
+        path.write("".join("config { " + c.replace(";", " ").replace(":", ": ") + " }\n" for c in configs))
+    default = step.compiler_options
+
+    def options(num_tokens: int) -> dict:
+        opts = default(num_tokens)
+        if num_tokens > max_tokens:
+            return opts
+        return {**opts, "xla_gpu_gemm_autotuner_override_file": path.name}
+
+    step.compiler_options = options
+
+
 def decode_gemm_config(config: str, max_tokens: int = 16) -> None:
     """Programs of at most `max_tokens` tokens (bs1 decode runs 4) compiled with every Triton GEMM forced to
     one tiling (`xla_gpu_override_gemm_autotuner`, an AutotuneResult.TritonGemmKey textproto such as
