@@ -47,6 +47,11 @@ def cfg_text(c: dict[str, Any]) -> str:
     return ";".join(f"{k}:{str(c[k]).lower()}" for k in KEYS if k in c)
 
 
+def candidates_textproto(configs: list[str]) -> str:
+    """TritonGemmConfigsProto text of `cfg_text` tilings: an `xla_gpu_gemm_autotuner_override_file`."""
+    return "".join("config { " + c.replace(";", " ").replace(":", ": ") + " }\n" for c in configs)
+
+
 def grid() -> list[dict[str, Any]]:
     """Tilings in the order they are tried (a run cut by its budget keeps the first ones): split-K 1 and 4
     over block_n x block_k, then split-K 2 and 8 for three tile shapes, then stages and TMA around one."""
@@ -175,7 +180,7 @@ def main() -> None:
     best = best_overall(res["rows"], shapes)[:3]
     if best and time.time() < deadline:  # the autotuner choosing per fusion among the best few tilings
         cand = out / "gemm_candidates.textproto"
-        cand.write_text("".join("config { " + c.replace(";", " ").replace(":", ": ") + " }\n" for c in best))
+        cand.write_text(candidates_textproto(best))
         opts = {"xla_gpu_gemm_autotuner_override_file": str(cand)}
         rows = run_config("candidates " + " | ".join(best), opts, shapes, args.tokens, args.layers,
                           deadline - time.time() + 5)

@@ -42,42 +42,38 @@ def unfused_decode() -> None:
     core.select_attention_backend = select
 
 
-def decode_gemm_candidates(configs: list[str], max_tokens: int = 16) -> None:
-    """Programs of at most `max_tokens` tokens compiled with XLA's autotuner choosing each Triton GEMM's
-    tiling among `configs` only (`xla_gpu_gemm_autotuner_override_file`; textprotos as for
-    `decode_gemm_config`): per-shape choices where no one tiling suits every decode GEMM."""
-    import tempfile
-
+def _decode_program_options(extra: dict, max_tokens: int) -> None:
+    """`extra` XLA options for the step programs of at most `max_tokens` tokens (bs1 decode runs 4)."""
     import rtp_jax.engine.step as step
 
-    path = tempfile.NamedTemporaryFile("w", suffix=".textproto", delete=False)
-    with path:
-        path.write("".join("config { " + c.replace(";", " ").replace(":", ": ") + " }\n" for c in configs))
     default = step.compiler_options
 
     def options(num_tokens: int) -> dict:
         opts = default(num_tokens)
-        if num_tokens > max_tokens:
-            return opts
-        return {**opts, "xla_gpu_gemm_autotuner_override_file": path.name}
+        return {**opts, **extra} if num_tokens <= max_tokens else opts
 
     step.compiler_options = options
+
+
+def decode_gemm_candidates(configs: list[str], max_tokens: int = 16) -> None:
+    """Decode programs compiled with XLA's autotuner choosing each Triton GEMM's tiling among `configs`
+    only (`xla_gpu_gemm_autotuner_override_file`; textprotos as for `decode_gemm_config`): per-shape
+    choices where no one tiling suits every decode GEMM."""
+    import tempfile
+
+    from probe_gemm_configs import candidates_textproto
+
+    with tempfile.NamedTemporaryFile("w", suffix=".textproto", delete=False) as f:
+        f.write(candidates_textproto(configs))
+    _decode_program_options({"xla_gpu_gemm_autotuner_override_file": f.name}, max_tokens)
 
 
 def decode_gemm_config(config: str, max_tokens: int = 16) -> None:
-    """Programs of at most `max_tokens` tokens (bs1 decode runs 4) compiled with every Triton GEMM forced to
-    one tiling (`xla_gpu_override_gemm_autotuner`, an AutotuneResult.TritonGemmKey textproto such as
+    """Decode programs compiled with every Triton GEMM forced to one tiling
+    (`xla_gpu_override_gemm_autotuner`, an AutotuneResult.TritonGemmKey textproto such as
     "block_m:16;block_n:32;block_k:128;split_k:2;num_stages:3;num_warps:4;num_ctas:1") instead of the one
     XLA's autotuner times with the weights in L2 (bench/probe_gemm_configs.py)."""
-    import rtp_jax.engine.step as step
-
-    default = step.compiler_options
-
-    def options(num_tokens: int) -> dict:
-        opts = default(num_tokens)
-        return {**opts, "xla_gpu_override_gemm_autotuner": config} if num_tokens <= max_tokens else opts
-
-    step.compiler_options = options
+    _decode_program_options({"xla_gpu_override_gemm_autotuner": config}, max_tokens)
 
 
 def gate_up_major() -> None:
