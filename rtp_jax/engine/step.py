@@ -23,6 +23,7 @@ from rtp_jax.engine.packing import PackSpec, pack, unpack
 from rtp_jax.engine.sampler import SamplingFlags, SamplingTensors, compute_logprobs, sample
 from rtp_jax.models.attention import AttentionFn, AttentionMetadata
 from rtp_jax.models.llama import layer_caller
+from rtp_jax.models.residual import resolve
 from rtp_jax.models.rope import rope_tables
 from sharding import compat
 from sharding.pipeline import microbatch_metadata, num_microbatches, token_slice
@@ -320,7 +321,7 @@ class PipelineStep:
             for i, cache in zip(layers, kv, strict=True):
                 x, cache = call(model.model.layers[i], x, positions, inv_freq, cache, md)
                 new.append(cache)
-            return x, _constrain(new, kv_shardings)
+            return resolve(x), _constrain(new, kv_shardings)  # a plain array crosses to the next stage
 
         return body
 

@@ -186,7 +186,8 @@ def select_attention_backend(name: str = "auto", **tuning: Any) -> AttentionBack
 
 def _mosaic_decode(fallback: AttentionFn) -> AttentionFn:
     """The Mosaic GPU decode kernel where it applies (bf16/fp16, head_dim % 64 == 0), else `fallback`;
-    decided from static shapes at trace time. Carries `fused_decode` (`rope_write_decode`)."""
+    decided from static shapes at trace time. Carries `fused_decode` (`rope_write_decode`) and `add_norm`
+    (models/residual.py: the residual add and RMSNorm in one kernel)."""
     from kernels_pallas.paged_decode_mgpu import paged_decode_attention, supports
 
     def attn(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMetadata, *,
@@ -198,7 +199,10 @@ def _mosaic_decode(fallback: AttentionFn) -> AttentionFn:
         return paged_decode_attention(q, k_cache, v_cache, md.kv_lens, md.block_tables, sm_scale=sm_scale,
                                       sliding_window=sliding_window, soft_cap=soft_cap)
 
+    from rtp_jax.models.residual import pallas_add_norm
+
     attn.fused_decode = rope_write_decode  # type: ignore[attr-defined]
+    attn.add_norm = pallas_add_norm  # type: ignore[attr-defined]
     return attn
 
 

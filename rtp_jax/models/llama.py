@@ -25,6 +25,7 @@ from rtp_jax.models.attention import (
     kv_writer,
     rms_norm,
 )
+from rtp_jax.models.residual import Hidden, Pending, add_norm_hidden, add_norm_of, residual_splits
 from rtp_jax.models.rope import apply_rope, rope_tables
 
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, kv_heads, head_dim]
@@ -80,6 +81,16 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum("ti,oi->to", x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
+
+    def partials(self, x: jax.Array, splits: int) -> jax.Array:
+        """x: [T, in] -> float32 [S, T, out]: `__call__` as S split-K partial sums, one batched GEMM over S
+        slices of `in`, for a consumer that sums them itself (models/residual.py)."""
+        if self.bias is not None:
+            raise ValueError("Linear.partials: a layer with a bias has no split-K partials here")
+        t, i = x.shape
+        w = self.weight[...]
+        return jnp.einsum("tsi,osi->sto", x.reshape(t, splits, i // splits),
+                          w.reshape(w.shape[0], splits, i // splits), preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -154,8 +165,9 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv: KVCache,
-                 md: AttentionMetadata, attn_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
-        """x: [T, D] -> ([T, D], updated (k_cache, v_cache))."""
+                 md: AttentionMetadata, attn_fn: AttentionFn, o_splits: int = 0) -> tuple[jax.Array, KVCache]:
+        """x: [T, D] -> ([T, D], updated (k_cache, v_cache)); with `o_splits`, o_proj's float32 split-K
+        partials [o_splits, T, D] instead of its output."""
         cfg, t = self.cfg, x.shape[0]
         fused = fused_decoder(attn_fn) if self.q_norm is None else None
         splits = 0 if self.qkv_proj.bias is not None else decode_qkv_splits(fused, t, md, x.shape[-1])
@@ -165,7 +177,7 @@ class Attention(nnx.Module):
             sliding_window=cfg.sliding_window, soft_cap=None)
         if done is not None:
             o, k_cache, v_cache = done
-            return self.o_proj(o.reshape(t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
+            return self._out(o.reshape(t, cfg.num_heads * cfg.head_dim), o_splits), (k_cache, v_cache)
         if splits:  # the fused path declined these shapes: the unsplit projection's values
             h = h.sum(0).astype(jnp.result_type(x, self.qkv_proj.weight[...]))
         q, k, v = self.qkv_proj.split(h)
@@ -175,7 +187,10 @@ class Attention(nnx.Module):
         k_cache, v_cache = kv_writer(attn_fn)(kv[0], kv[1], k, v, md.slot_mapping)
         o = attn_fn(q, k_cache, v_cache, md, sm_scale=cfg.head_dim**-0.5,
                     sliding_window=cfg.sliding_window, soft_cap=None, new_kv=(k, v))
-        return self.o_proj(o.reshape(t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
+        return self._out(o.reshape(t, cfg.num_heads * cfg.head_dim), o_splits), (k_cache, v_cache)
+
+    def _out(self, o: jax.Array, splits: int) -> jax.Array:
+        return self.o_proj.partials(o, splits) if splits else self.o_proj(o)
 
 
 class GateUpProj(nnx.Module):
@@ -197,9 +212,12 @@ class MLP(nnx.Module):
         self.gate_up_proj = GateUpProj(dim, hidden, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(hidden, dim, bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, down_splits: int = 0) -> jax.Array:
+        """x: [T, dim] -> [T, dim]; with `down_splits`, down_proj's float32 split-K partials
+        [down_splits, T, dim] instead."""
         gate, up = self.gate_up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        a = jax.nn.silu(gate) * up
+        return self.down_proj.partials(a, down_splits) if down_splits else self.down_proj(a)
 
 
 def make_mlp(cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
@@ -218,15 +236,30 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = make_mlp(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv: KVCache,
-                 md: AttentionMetadata, attn_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
-        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv, md, attn_fn)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def __call__(self, x: Hidden, positions: jax.Array, inv_freq: jax.Array, kv: KVCache,
+                 md: AttentionMetadata, attn_fn: AttentionFn) -> tuple[Hidden, KVCache]:
+        """x: the residual stream [T, D] (or `Pending`, models/residual.py) -> (the stream after this layer,
+        updated (k_cache, v_cache)). With an attention function offering `add_norm`, each residual add is
+        done together with the norm that follows it, and the layer's output is left `Pending`."""
+        add_norm = add_norm_of(attn_fn)
+        if add_norm is None and not isinstance(x, Pending):  # XLA's adds and norms
+            h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv, md, attn_fn)
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x)), kv
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        x, h = add_norm_hidden(x, ln1.weight[...], ln1.eps, add_norm)
+        t, attn = x.shape[0], self.self_attn
+        o_splits = residual_splits(add_norm, t, md, attn.o_proj.weight.shape[1])
+        o, kv = attn(h, positions, inv_freq, kv, md, attn_fn, o_splits)
+        x, h = add_norm_hidden(Pending(x, o), ln2.weight[...], ln2.eps, add_norm)
+        if isinstance(self.mlp, MLP):
+            down = residual_splits(add_norm, t, md, self.mlp.down_proj.weight.shape[1])
+            return Pending(x, self.mlp(h, down)), kv
+        return Pending(x, self.mlp(h)), kv
 
 
-LayerCall = Callable[[nnx.Module, jax.Array, jax.Array, jax.Array, KVCache, AttentionMetadata],
-                     tuple[jax.Array, KVCache]]
+LayerCall = Callable[[nnx.Module, Hidden, jax.Array, jax.Array, KVCache, AttentionMetadata],
+                     tuple[Hidden, KVCache]]
 
 
 def layer_caller(attn_fn: AttentionFn) -> LayerCall:
@@ -240,13 +273,13 @@ def layer_caller(attn_fn: AttentionFn) -> LayerCall:
     """
     jitted: dict[nnx.GraphDef, Callable[..., Any]] = {}
 
-    def call(layer: nnx.Module, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv: KVCache,
-             md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+    def call(layer: nnx.Module, x: Hidden, positions: jax.Array, inv_freq: jax.Array, kv: KVCache,
+             md: AttentionMetadata) -> tuple[Hidden, KVCache]:
         graphdef, state = nnx.split(layer)
         fn = jitted.get(graphdef)
         if fn is None:
-            def run(state: nnx.State, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv: KVCache,
-                    md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+            def run(state: nnx.State, x: Hidden, positions: jax.Array, inv_freq: jax.Array, kv: KVCache,
+                    md: AttentionMetadata) -> tuple[Hidden, KVCache]:
                 return nnx.merge(graphdef, state)(x, positions, inv_freq, kv, md, attn_fn)
 
             fn = jitted[graphdef] = jax.jit(run)
@@ -288,7 +321,8 @@ class LlamaForCausalLM(nnx.Module):
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x, kv = call(layer, x, positions, inv_freq, kv, md)
             new_caches.append(kv)
-        return self.model.norm(x), new_caches
+        norm = self.model.norm
+        return add_norm_hidden(x, norm.weight[...], norm.eps, add_norm_of(attn_fn))[1], new_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [N, D] -> float32 logits [N, V]."""
