@@ -23,12 +23,12 @@ Variants:
               TritonGemmKey textproto, fields separated by ';': "block_m:16;block_n:32;block_k:128;split_k:2;
               num_stages:3;num_warps:4;num_ctas:1"); bench/probe_gemm_configs.py finds candidates
   decode_gemm_any:CFG1/CFG2/... the same programs with XLA's autotuner choosing per GEMM among these tilings
-  res_split:S o_proj and down_proj in decode steps as S float32 split-K partials that add_rms_norm sums
-              (`residual.DECODE_RESIDUAL_SPLITS`), instead of XLA's split-K with its own reduction kernel
-  no_add_norm decode layers with XLA's residual adds and RMSNorms instead of kernels_pallas/add_rms_norm.py
+  res_split:S decode layers with their residual adds and RMSNorms by kernels_pallas/add_rms_norm.py, and
+              o_proj and down_proj as S float32 split-K partials that it sums (S = 1: the GEMMs' own
+              outputs; `residual.DECODE_RESIDUAL_SPLITS`), instead of XLA's adds, norms and split-K sums
   gate_up_major gate/up's GEMM output as [2, T, hidden] instead of [T, 2, hidden]
   qkv_split:S decode steps project q/k/v as S float32 split-K partials that rope_kv_write sums
-              (`attention.DECODE_QKV_SPLITS`), instead of XLA's split-K with its own reduction kernel
+              (`attention.DECODE_QKV_SPLITS`, 4 by default; 0: XLA's split-K with its own reduction kernel)
   A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
 Each child runs without the persistent compilation cache (`--shared-cache` to share it): XLA's per-fusion
 autotune cache lives inside it, and a child finding the base child's GEMM tilings there ignores options
@@ -94,9 +94,6 @@ for p in parts:
     if p.startswith("res_split:"):  # o_proj and down as S float32 partials, summed inside add_rms_norm
         import rtp_jax.models.residual as residual
         residual.DECODE_RESIDUAL_SPLITS = int(p.split(":")[1])
-    if p == "no_add_norm":  # decode layers with XLA's residual adds and RMSNorms (add_rms_norm declines)
-        import rtp_jax.models.residual as residual
-        residual.pallas_add_norm = lambda *args: None
     if p == "gate_up_major":  # gate/up output [2, T, hidden]: silu * up may fuse into down's operand
         import probe_patches
         probe_patches.gate_up_major()

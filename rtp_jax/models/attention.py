@@ -74,20 +74,25 @@ def fused_decoder(attn_fn: AttentionFn) -> FusedDecode | None:
     return getattr(attn_fn, "fused_decode", None)
 
 
-# Split-K factor of the q/k/v projection in decode steps whose fused decoder sums partial sums itself
-# (`takes_partials`, e.g. `rope_write_decode`): the projection becomes a batched GEMM writing this many
-# float32 partials (`QKVProj.project_partials`), and the kernel XLA runs to sum its own split-K partials
-# goes away. 0: off, XLA splits as it likes. A/B: bench/probe_decode_variants.py's `qkv_split:S`.
-DECODE_QKV_SPLITS = 0
+# Split-K factor of the q/k/v projection in decode steps of at most `PARTIALS_MAX_ROWS` rows whose fused
+# decoder sums partial sums itself (`takes_partials`, e.g. `rope_write_decode`): the projection becomes a
+# batched GEMM writing this many float32 partials (`QKVProj.project_partials`), and the kernel XLA runs to
+# sum its own split-K partials goes away: +0.6-0.7% batch-1 tokens/s on an H200 (236.8 vs 235.2, 233.1 vs
+# 231.6; bench/notes_bench.md, twelfth session). 0: off, XLA splits as it likes. A/B:
+# bench/probe_decode_variants.py's `qkv_split:S`.
+DECODE_QKV_SPLITS = 4
+# Larger decode batches keep XLA's GEMMs: float32 partials grow with the rows (at 256 rows, 25 MB per layer
+# of q/k/v against 50 MB of weights), where split-K no longer pays anyway.
+PARTIALS_MAX_ROWS = 16
 
 
 def decode_qkv_splits(fused: FusedDecode | None, num_tokens: int, md: AttentionMetadata, dim: int) -> int:
     """How many partial sums of the q/k/v projection to hand `fused`: `DECODE_QKV_SPLITS` in a decode step
-    (one row per sequence slot) when `fused` takes partials and they divide `dim`; else 0 (the unsplit
-    projection)."""
+    (one row per sequence slot) of at most `PARTIALS_MAX_ROWS` rows when `fused` takes partials and they
+    divide `dim`; else 0 (the unsplit projection)."""
     splits = DECODE_QKV_SPLITS
     if (fused is None or not getattr(fused, "takes_partials", False) or splits < 2 or dim % splits
-            or num_tokens != md.kv_lens.shape[0]):
+            or num_tokens != md.kv_lens.shape[0] or num_tokens > PARTIALS_MAX_ROWS):
         return 0
     return splits
 

@@ -16,12 +16,15 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from rtp_jax.models.attention import AttentionMetadata, rms_norm
+from rtp_jax.models.attention import PARTIALS_MAX_ROWS, AttentionMetadata, rms_norm
 
-# Split-K factor of o_proj and down_proj in decode steps whose attention function offers `add_norm`: the
-# GEMM becomes a batched one writing this many float32 partials (`Linear.partials`), summed inside the
-# add + norm kernel instead of by a reduction kernel of XLA's. 0: the GEMMs' own outputs (XLA splits as
-# it likes) are handed to `add_norm`. A/B: bench/probe_decode_variants.py's `res_split:S`.
+# Split-K factor of o_proj and down_proj in decode steps of at most `PARTIALS_MAX_ROWS` rows whose attention
+# function offers `add_norm`: the GEMM becomes a batched one writing this many float32 partials
+# (`Linear.partials`), summed inside the add + norm kernel instead of by a reduction kernel of XLA's. 0: off,
+# and `add_norm` is not used at all. Off by default: on an H200 at batch 1 the kernel took 2.1 us alone
+# (XLA's RMSNorm 1.7) and 3.1 us with 4 partials, so add_norm alone lost (229.7 vs 231.6 tok/s) and with
+# 4 or 8 splits it gained nothing (231.8, 227.7; bench/notes_bench.md, twelfth session). A/B:
+# bench/probe_decode_variants.py's `res_split:S`.
 DECODE_RESIDUAL_SPLITS = 0
 
 
@@ -46,16 +49,18 @@ class AddNorm(Protocol):
 
 
 def add_norm_of(attn_fn: Any) -> AddNorm | None:
-    """The fused add + RMSNorm that goes with `attn_fn`, if its backend offers one."""
-    return getattr(attn_fn, "add_norm", None)
+    """The fused add + RMSNorm that goes with `attn_fn`, if its backend offers one and
+    `DECODE_RESIDUAL_SPLITS` turns it on."""
+    return getattr(attn_fn, "add_norm", None) if DECODE_RESIDUAL_SPLITS else None
 
 
 def residual_splits(add_norm: AddNorm | None, num_tokens: int, md: AttentionMetadata, in_dim: int) -> int:
     """How many split-K partials a GEMM of input width `in_dim` writes for `add_norm`:
-    `DECODE_RESIDUAL_SPLITS` in a decode step (one row per sequence slot) when they divide `in_dim`; else
-    0 (the GEMM's own output)."""
+    `DECODE_RESIDUAL_SPLITS` in a decode step (one row per sequence slot) of at most `PARTIALS_MAX_ROWS`
+    rows when they divide `in_dim`; else 0 (the GEMM's own output)."""
     splits = DECODE_RESIDUAL_SPLITS
-    if add_norm is None or splits < 2 or in_dim % splits or num_tokens != md.kv_lens.shape[0]:
+    if (add_norm is None or splits < 2 or in_dim % splits or num_tokens != md.kv_lens.shape[0]
+            or num_tokens > PARTIALS_MAX_ROWS):
         return 0
     return splits
 

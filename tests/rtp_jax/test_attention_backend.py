@@ -294,7 +294,8 @@ def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool, sp
     got, (gk, gv) = layer(x, positions, inv_freq, tuple(jnp.array(c) for c in caches), md, offering)
     assert calls == ([] if qk_norm else [(splits,) * bool(splits) + (seqs, 2, 4, 32)])
     for g, w in ((got, want), (gk, wk), (gv, wv)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+        tol = 2e-3 if jax.default_backend() == "gpu" else 1e-4  # TF32: split and plain GEMMs round apart
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)
 
 
 def test_qkv_partials_go_only_to_decode_steps_of_a_decoder_that_takes_them(monkeypatch: pytest.MonkeyPatch):
@@ -310,5 +311,7 @@ def test_qkv_partials_go_only_to_decode_steps_of_a_decoder_that_takes_them(monke
     assert attention.decode_qkv_splits(takes, 3, md, 126) == 0  # 4 does not divide the width
     assert attention.decode_qkv_splits(lambda *a, **k: None, 3, md, 128) == 0  # does not take partials
     assert attention.decode_qkv_splits(None, 3, md, 128) == 0
+    big = AttentionMetadata(*(jnp.zeros(n, jnp.int32) for n in (17, 17, 17, 18)), jnp.int32(17))
+    assert attention.decode_qkv_splits(takes, 17, big, 128) == 0  # past PARTIALS_MAX_ROWS: XLA's GEMM
     monkeypatch.setattr(attention, "DECODE_QKV_SPLITS", 0)
     assert attention.decode_qkv_splits(takes, 3, md, 128) == 0
