@@ -31,11 +31,10 @@ def add_rms_norm_reference(delta: jax.Array, residual: jax.Array, weight: jax.Ar
                            eps: float) -> tuple[jax.Array, jax.Array]:
     """The contract in plain JAX: partials summed in float32 and rounded to residual's dtype (the unsplit
     GEMM's output), the residual add, and the engine's `rms_norm`."""
-    from rtp_jax.models.attention import rms_norm  # the model's own norm: the kernel must match it
+    from rtp_jax.models.attention import rms_norm  # the model's own ops: the kernel must match them
+    from rtp_jax.models.residual import Pending, resolve
 
-    if delta.ndim == 3:
-        delta = delta.astype(jnp.float32).sum(0)
-    x = residual + delta.astype(residual.dtype)
+    x = resolve(Pending(residual, delta))
     return x, rms_norm(x, weight, eps)
 
 

@@ -39,10 +39,11 @@ def rope_kv_write_reference(h: jax.Array, positions: jax.Array, inv_freq: jax.Ar
                             group_pad: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The contract in plain JAX: the partials summed (if given), the engine's RoPE, the q padding, and the
     two scatters of `paged_kv_write_reference`."""
+    from rtp_jax.models.residual import sum_partials
     from rtp_jax.models.rope import apply_rope  # the model's own RoPE: the kernel must match it
 
     if h.ndim == 5:
-        h = h.astype(jnp.float32).sum(0).astype(k_cache.dtype)
+        h = sum_partials(h, k_cache.dtype)
     t, kv, g2, hd = h.shape
     group = g2 - 2
     q = apply_rope(h[:, :, :group].reshape(t, kv * group, hd), positions, inv_freq)

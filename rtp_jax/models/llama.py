@@ -25,7 +25,15 @@ from rtp_jax.models.attention import (
     kv_writer,
     rms_norm,
 )
-from rtp_jax.models.residual import Hidden, Pending, add_norm_hidden, add_norm_of, residual_splits
+from rtp_jax.models.residual import (
+    Hidden,
+    Pending,
+    add_norm_hidden,
+    add_norm_of,
+    residual_splits,
+    split_k_partials,
+    sum_partials,
+)
 from rtp_jax.models.rope import apply_rope, rope_tables
 
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, kv_heads, head_dim]
@@ -87,10 +95,7 @@ class Linear(nnx.Module):
         slices of `in`, for a consumer that sums them itself (models/residual.py)."""
         if self.bias is not None:
             raise ValueError("Linear.partials: a layer with a bias has no split-K partials here")
-        t, i = x.shape
-        w = self.weight[...]
-        return jnp.einsum("tsi,osi->sto", x.reshape(t, splits, i // splits),
-                          w.reshape(w.shape[0], splits, i // splits), preferred_element_type=jnp.float32)
+        return split_k_partials(x, self.weight[...], splits)
 
 
 class RMSNorm(nnx.Module):
@@ -137,11 +142,7 @@ class QKVProj(nnx.Module):
         """x: [T, dim] -> float32 [S, T, kv_heads, group + 2, head_dim]: `project` (no bias) as S split-K
         partial sums, one batched GEMM over S slices of `dim`, for a consumer that sums them itself
         (`attention.decode_qkv_splits`)."""
-        t, d = x.shape
-        w = self.weight[...]
-        xs = x.reshape(t, splits, d // splits)
-        return jnp.einsum("tsd,kghsd->stkgh", xs, w.reshape(*w.shape[:3], splits, d // splits),
-                          preferred_element_type=jnp.float32)
+        return split_k_partials(x, self.weight[...], splits)
 
     @staticmethod
     def split(h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -179,7 +180,7 @@ class Attention(nnx.Module):
             o, k_cache, v_cache = done
             return self._out(o.reshape(t, cfg.num_heads * cfg.head_dim), o_splits), (k_cache, v_cache)
         if splits:  # the fused path declined these shapes: the unsplit projection's values
-            h = h.sum(0).astype(jnp.result_type(x, self.qkv_proj.weight[...]))
+            h = sum_partials(h, jnp.result_type(x, self.qkv_proj.weight[...]))
         q, k, v = self.qkv_proj.split(h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)

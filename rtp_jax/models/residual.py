@@ -65,13 +65,28 @@ def residual_splits(add_norm: AddNorm | None, num_tokens: int, md: AttentionMeta
     return splits
 
 
+def split_k_partials(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:
+    """x: [T, K], w: [..., K] (a weight in its stored layout, contraction last) -> float32 [S, T, ...]:
+    x @ w.T as S split-K partial sums, one batched GEMM over S slices of K, for a consumer that sums them
+    itself (`sum_partials`, or a kernel on the way)."""
+    t, k = x.shape
+    return jnp.einsum("tsk,...sk->st...", x.reshape(t, splits, k // splits),
+                      w.reshape(*w.shape[:-1], splits, k // splits), preferred_element_type=jnp.float32)
+
+
+def sum_partials(partials: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """float32 [S, ...] split-K partials -> [...] in `dtype`, summed and rounded as the unsplit GEMM's
+    output would be."""
+    return partials.astype(jnp.float32).sum(0).astype(dtype)
+
+
 def resolve(x: Hidden) -> jax.Array:
-    """The residual stream as one array: `residual + delta` (partials summed and rounded as the GEMM's
-    output)."""
+    """The residual stream as one array: `residual + delta` (partials summed as the GEMM's output)."""
     if not isinstance(x, Pending):
         return x
-    delta = x.delta.astype(jnp.float32).sum(0) if x.delta.ndim == 3 else x.delta
-    return x.residual + delta.astype(x.residual.dtype)
+    dtype = x.residual.dtype
+    delta = sum_partials(x.delta, dtype) if x.delta.ndim == 3 else x.delta.astype(dtype)
+    return x.residual + delta
 
 
 def add_norm_hidden(x: Hidden, weight: jax.Array, eps: float,
