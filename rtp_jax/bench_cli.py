@@ -191,6 +191,7 @@ def _direct(**kw: Any) -> dict[str, Any]:
 
 
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("slab", {"staging": "slab"}),  # the staging before the ring: pinned 384 MiB slab, 32 MiB row pieces
     ("direct", {"direct": True}),  # DMA from the pinned page cache (loader.direct), opt-in
     ("direct_tail50", {"direct": True, **_direct(share=0.5, tail=True)}),  # slab first half, direct second
     ("direct_tail35", {"direct": True, **_direct(share=0.35, tail=True)}),
@@ -202,15 +203,15 @@ PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_bus
               "mean_transferring", "first_job_start_s", "last_job_end_s", "slab_setup_s",
               "slab_first_segment_s", "staging", "direct_bytes", "direct_files", "pin_busy_s",
               "unpin_busy_s", "pin_wait_s", "copy_busy_s", "fill_wait_s", "submit_s", "pinned_peak_bytes",
-              "direct_failed")
+              "direct_failed", "ring_bytes", "ring_setup_s", "ring_copy_wait_s", "ring_fill_wait_s")
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,
                    num_workers: int = 12, max_inflight_mb: int = 384, chunk_mb: int = 64, split_mb: int = 32,
-                   assemble: str = "concat", use_mmap: bool = False, staging: str = "slab",
+                   assemble: str = "concat", use_mmap: bool = False, staging: str = "ring",
                    dma_map: bool = True, direct: bool = False, naive: bool = True,
-                   cold: bool = True, variants: bool = False, log: Callable[[str], None] = print
-                   ) -> dict[str, Any]:
+                   cold: bool = True, variants: bool = False, log: Callable[[str], None] = print,
+                   ring_config: Any = None) -> dict[str, Any]:
     """All load measurements on one checkpoint; returns the report dict (see the module docstring)."""
     import jax
 
@@ -221,10 +222,12 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
     total = sum(f.stat().st_size for f in files)
     kw = dict(num_readers=num_readers, num_workers=num_workers, max_inflight_bytes=max_inflight_mb << 20,
               chunk_bytes=chunk_mb << 20, split_bytes=split_mb << 20, assemble=assemble, use_mmap=use_mmap,
-              staging=staging, dma_map=dma_map, direct=direct)
+              staging=staging, dma_map=dma_map, direct=direct, ring_config=ring_config)
     rep: dict[str, Any] = {
         "model": str(path), "files": len(files), "file_bytes": total, "dtype": dtype,
-        "loader": {k: v for k, v in kw.items()}, "device": str(jax.devices()[0].device_kind),
+        "loader": {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+                   for k, v in kw.items()},
+        "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(),
     }
     _ = jax.device_put(np.zeros(4, np.float32)).block_until_ready()  # backend up before timing
@@ -346,6 +349,19 @@ def write_report(rep: dict[str, Any], json_path: str | Path | None, md_path: str
         Path(md_path).write_text(markdown_table(title, rep, notes))
 
 
+def parse_ring_config(text: str | None) -> Any:
+    """`RingConfig` from "THREADSxSLOTSxMIB" (e.g. "12x2x4"); None for None."""
+    from rtp_jax.loader.ring import RingConfig
+
+    if text is None:
+        return None
+    try:
+        threads, slots, mib = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--ring-config must be THREADSxSLOTSxMIB, e.g. 12x2x4, got {text!r}") from None
+    return RingConfig(threads=threads, slots=slots, chunk_bytes=mib << 20)
+
+
 # ---- an LLM on the fast loader -------------------------------------------------------------------
 def cmd_load(ns: argparse.Namespace) -> int:
     from rtp_jax.loader import resolve_model_path
@@ -358,7 +374,7 @@ def cmd_load(ns: argparse.Namespace) -> int:
                          split_mb=ns.split_mb, assemble=ns.assemble,
                          use_mmap=ns.mmap, staging=ns.staging, dma_map=not ns.no_dma_map,
                          direct=ns.direct, naive=not ns.no_naive, cold=not ns.no_cold,
-                         variants=ns.variants)
+                         variants=ns.variants, ring_config=parse_ring_config(ns.ring_config))
     rep = {**rep, **run_info()}
     notes = [f"page cache dropped with: {rep.get('cache_drop', 'not dropped (--no-cold)')}"]
     if rep.get("cache_drop") == "none":
@@ -384,9 +400,12 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--assemble", default="concat", choices=["concat", "dus"],
                    help="how pieces are joined on the device: one concatenate, or in-place updates")
     p.add_argument("--mmap", action="store_true", help="read through mmap instead of preadv")
-    p.add_argument("--staging", default="slab", choices=["slab", "slab_async", "none"],
-                   help="slab: one reused pre-faulted host buffer; slab_async: set up in the background, "
-                        "mmap meanwhile; none: a fresh buffer per tensor")
+    p.add_argument("--staging", default="ring", choices=["ring", "slab", "slab_async", "none"],
+                   help="ring: whole tensors copied through small cache-resident pinned slots (CUDA; the "
+                        "slab elsewhere); slab: one reused pre-faulted host buffer; slab_async: set up in "
+                        "the background, mmap meanwhile; none: a fresh buffer per tensor")
+    p.add_argument("--ring-config", default=None,
+                   help="the ring's THREADSxSLOTSxMIB (default 12x2x4: 12 threads, 2 pinned slots of 4 MiB)")
     p.add_argument("--no-dma-map", action="store_true", help="do not register the slab for direct DMA")
     p.add_argument("--direct", action="store_true",
                    help="copy files already in the page cache to the GPU by DMA from the pinned pages "

@@ -16,7 +16,10 @@ returned to the budget. So host memory in flight never exceeds `max_inflight_byt
 larger than the budget goes through alone), and reading, conversion and host-to-device copies of
 different tensors overlap.
 
-`iter_device` stages host bytes in one reused, pre-faulted slab (`StagingSlab`, `staging="slab"`) that is
+On a CUDA host `iter_device` copies each whole tensor straight into its device buffer, in 4 MiB chunks read
+into a ring of small pinned slots that stay in the CPU's cache (`loader.ring`, `staging="ring"`, the
+default): the DMA reads what the pread just wrote without a trip through DRAM. Elsewhere, and for shards
+that need a host-side slice, it stages host bytes in one reused, pre-faulted slab (`StagingSlab`) that is
 registered with the device runtime (`client.dma_map`), so a transfer is one DMA from it instead of a copy
 into the runtime's own pinned buffer; a range of the slab is reused once its transfer is complete.
 Tensors larger than `split_bytes` (32 MiB) are read and sent in row pieces, each its own job in the
@@ -50,17 +53,10 @@ import numpy as np
 
 from rtp_jax.loader.abstract import abstract_state
 from rtp_jax.loader.accounting import ByteBudget, LoadStats, phase_summary
-from rtp_jax.loader.direct import (
-    DirectConfig,
-    DirectCopier,
-    HostDma,
-    _byte_range,
-    choose_direct,
-    direct_job,
-    direct_result,
-    open_page_cache,
-)
+from rtp_jax.loader.copies import DeviceCopies
+from rtp_jax.loader.direct import DirectConfig, HostDma
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
+from rtp_jax.loader.ring import RingConfig
 from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
 from rtp_jax.loader.staging import _PAGE, StagingSlab, _MappedRange
 from rtp_jax.loader.transfer import (
@@ -79,6 +75,7 @@ __all__ = [
     "FastLoader",
     "LoadStats",
     "PlannedTensor",
+    "RingConfig",
     "ShardingFor",
     "StagingSlab",
     "abstract_state",
@@ -117,15 +114,19 @@ class FastLoader:
     transfers and waits in its own thread); chunk_bytes: read size of one chunk; max_inflight_bytes:
     host bytes read but not yet on the device (or, for `iter_host`, not yet consumed);
     use_mmap: view the files through mmap instead of copying them into buffers with preadv.
-    staging (`iter_device` only): "slab" reads every job (a tensor, or a row piece of one) into one reused,
-    pre-faulted host buffer of `max_inflight_bytes` (capped at the checkpoint's size) and transfers from
-    there (a job larger than the slab takes a fresh buffer); split_bytes: tensors whose local shards hold
-    more are sent in row pieces of at most this (0: never), joined on the device by `assemble`
-    ("concat": one jitted concatenate; "dus": in-place updates of a zero buffer). "slab_async" sets the
-    slab up in the background and sends jobs that start before it is ready, or are larger, from an mmap
-    of their bytes; "none" reads each
-    tensor into a fresh buffer (or views the mmap); dma_map: register the slab with the
-    device runtime so transfers DMA straight from it (where the backend supports it).
+    staging (`iter_device` only): "ring" (the default) copies each whole tensor into its device buffer in
+    chunks through a small ring of pinned host slots that stay in the CPU cache (`loader.ring`; through
+    `ring`, a `HostDma`, or with True the CUDA driver's where every local device is a CUDA GPU; 16 GB warm
+    on the H200 host: see notes_bench.md), `ring_config` (`RingConfig`) its threads, slots and chunk size;
+    tensors it cannot take (column-sliced shards; no driver, e.g. on a CPU) go through the slab. "slab"
+    reads every job (a tensor, or a row piece of one) into one reused, pre-faulted host buffer of
+    `max_inflight_bytes` (capped at the checkpoint's size) and transfers from there (a job larger than the
+    slab takes a fresh buffer); split_bytes: tensors whose local shards hold more are sent in row pieces of
+    at most this (0: never), joined on the device by `assemble` ("concat": one jitted concatenate; "dus":
+    in-place updates of a zero buffer). "slab_async" sets the slab up in the background and sends jobs
+    that start before it is ready, or are larger, from an mmap of their bytes; "none" reads each tensor
+    into a fresh buffer (or views the mmap); dma_map: register the slab with the device runtime so
+    transfers DMA straight from it (where the backend supports it).
     `skip(name)`: tensors to leave unread. release_in_background: the slab is unregistered and unmapped
     by a background thread once the pass is done, so the caller does not wait for it.
     direct (`iter_device` only, opt-in): files already in the page cache are pinned in place and copied by
@@ -136,12 +137,13 @@ class FastLoader:
 
     def __init__(self, path: str | Path, *, num_readers: int = 16, num_workers: int = 12,
                  chunk_bytes: int = 64 << 20, max_inflight_bytes: int = 384 << 20, use_mmap: bool = False,
-                 staging: str = "slab", dma_map: bool = True, split_bytes: int = 32 << 20,
+                 staging: str = "ring", dma_map: bool = True, split_bytes: int = 32 << 20,
                  assemble: str = "concat", skip: Callable[[str], bool] | None = None,
                  release_in_background: bool = True, direct: bool | HostDma = False,
-                 direct_config: DirectConfig | None = None) -> None:
-        if staging not in ("slab", "slab_async", "none"):
-            raise ValueError(f"staging must be 'slab', 'slab_async' or 'none', got {staging!r}")
+                 direct_config: DirectConfig | None = None, ring: bool | HostDma = True,
+                 ring_config: RingConfig | None = None) -> None:
+        if staging not in ("ring", "slab", "slab_async", "none"):
+            raise ValueError(f"staging must be 'ring', 'slab', 'slab_async' or 'none', got {staging!r}")
         if assemble not in ("concat", "dus"):
             raise ValueError(f"assemble must be 'concat' or 'dus', got {assemble!r}")
         self.path = Path(path)
@@ -158,6 +160,8 @@ class FastLoader:
         self.release_in_background = release_in_background
         self.direct = direct
         self.direct_config = direct_config or DirectConfig()
+        self.ring = ring
+        self.ring_config = ring_config or RingConfig()
         self.stats = LoadStats()
 
     @property
@@ -379,21 +383,12 @@ class FastLoader:
             return shardings[t.name]
 
         reads = {t.name: _shard_reads(t, sharding_of(t)) for t in self.plan}
-        source = open_page_cache(self.plan, self.direct, self.direct_config)
-        chosen = choose_direct(self.plan, source, reads, self.direct_config)
-        # Direct jobs are whole tensors: no host bytes to bound, so no pieces to join on the device.
+        copies = DeviceCopies(self.plan, reads, self.direct, self.direct_config,
+                              self.staging == "ring" and self.ring, self.ring_config)
+        # Direct and ring jobs are whole tensors: no host bytes to bound, so no pieces to join on the device.
         jobs = [job for t in self.plan
-                for job in _split_jobs(t, reads[t.name], 0 if t.name in chosen else self.split_bytes)]
-        direct = {id(job) for job in jobs if job.tensor.name in chosen}
-        for job in jobs:
-            if id(job) in direct:
-                for _, r0, r1, _ in job.ranges:
-                    source.expect(job.tensor.path, *_byte_range(job.tensor, r0, r1))
-        copier = None
-        specs = {id(job): direct_job(job, sharding_of(job.tensor)) for job in jobs if id(job) in direct}
-        if source is not None:
-            source.start()
-            copier = DirectCopier(source, list(specs.values()))
+                for job in _split_jobs(t, reads[t.name], 0 if copies.whole(t.name) else self.split_bytes)]
+        copies.start(jobs, sharding_of)
 
         def cast_whole(job: _Job, out: Any) -> Any:
             """A whole tensor cast on its devices to the wanted dtype (pieces are cast once joined)."""
@@ -406,17 +401,12 @@ class FastLoader:
         def work(ctx: _Ctx, job: _Job) -> tuple[Any, int, int]:
             t = job.tensor
             e, rb, sharding = t.entry, _row_bytes(t), sharding_of(t)
-            if id(job) in direct and t.path in source:
+            if copies.takes(job):
                 t0 = time.perf_counter()
-                try:
-                    out, nsent = direct_result(job, sharding, copier.collect(specs[id(job)]))
-                except RuntimeError:  # pinning failed: this and later jobs take the host path
-                    if source.failed is None:
-                        raise
-                else:
-                    out = cast_whole(job, out)
+                copied = copies.result(job, sharding)
+                if copied is not None:
                     self._time(t0, t0)
-                    return out, job.nbytes, nsent
+                    return cast_whole(job, copied[0]), job.nbytes, copied[1]
             slab = ctx.slab()
             slab = slab if slab is not None and 0 < job.nbytes <= slab.max_alloc else None
             lo_row = min(r0 for _, r0, _, _ in job.ranges)
@@ -466,8 +456,8 @@ class FastLoader:
             return out, job.nbytes, nsent
 
         parts: list[tuple[Any, int, dict[Any, Any]]] = []
-        slab = self.staging != "none" and len(direct) < len(jobs)
-        runner = self._run(jobs, work, lambda j: 0 if id(j) in direct else j.nbytes, release_on_consume=False,
+        slab = self.staging != "none" and not all(copies.takes(job) for job in jobs)
+        runner = self._run(jobs, work, lambda j: 0 if copies.takes(j) else j.nbytes, release_on_consume=False,
                            make_slab=self._make_slab if slab else None)
         try:
             for job, out in runner:
@@ -482,21 +472,9 @@ class FastLoader:
                 self.stats.num_tensors += 1
                 yield job.tensor.name, out
         finally:
+            copies.cancel()  # an early exit: jobs the ring has not copied return at once
             runner.close()  # the workers are done with the page cache before it is unpinned
-            if source is not None:
-                source.stop()  # an early exit leaves the copier waiting for chunks nobody will pin
-            if copier is not None:
-                copier.close()
-                self.stats.extra.update(fill_wait_s=copier.fill_wait_s, submit_s=copier.submit_s)
-            if source is not None:
-                self.stats.extra.update(source.stats())
-                if self.release_in_background:  # unpinning 16 GB takes ~0.15 s
-                    threading.Thread(target=source.close, name="rtp-unpin-all", daemon=True).start()
-                else:
-                    source.close()
-                if source.bytes:
-                    self.stats.extra["staging"] = "direct" if not slab else \
-                        f"direct+{self.stats.extra.get('staging', 'none')}"
+            copies.close(self.stats.extra, self.release_in_background, slab)
 
     def _time(self, t0: float, t1: float) -> None:
         t2 = time.perf_counter()

@@ -4,14 +4,13 @@ every copy inside one live registration, nothing left registered after a load.""
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from host_dma import HostMemoryDma
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtp_jax.loader import direct as direct_mod
@@ -20,46 +19,6 @@ from rtp_jax.loader.direct import DirectConfig, PageCacheSource, choose_direct, 
 from rtp_jax.loader.fast import FastLoader, plan_checkpoint
 from rtp_jax.loader.safetensors_io import iter_safetensors
 from rtp_jax.loader.shards import _shard_reads
-
-
-class HostMemoryDma:
-    """`HostDma` over host memory: memmove into the (CPU backend's) device buffers, with the driver's
-    rules checked. `fail_after`: registrations after this many raise (once a copy was made), as an
-    unsupported mapping would."""
-
-    def __init__(self, fail_after: int | None = None) -> None:
-        self.live: dict[int, int] = {}
-        self.lock = threading.Lock()
-        self.registrations = self.copies = 0
-        self.fail_after = fail_after
-        self.copied = threading.Event()
-
-    def register(self, address: int, nbytes: int) -> None:
-        assert address % mmap.PAGESIZE == 0 and nbytes > 0
-        if self.fail_after is not None and self.registrations >= self.fail_after:
-            self.copied.wait(10)  # fail only once some job has copied, so both paths get exercised
-            raise RuntimeError("cuMemHostRegister failed: CUDA_ERROR_NOT_SUPPORTED (801)")
-        with self.lock:
-            assert all(address + nbytes <= a or a + n <= address for a, n in self.live.items()), "overlap"
-            self.live[address] = nbytes
-            self.registrations += 1
-
-    def unregister(self, address: int) -> None:
-        with self.lock:
-            del self.live[address]
-
-    def copy_async(self, device, copies):
-        for dst, src, n in copies:
-            with self.lock:
-                assert any(a <= src and src + n <= a + m for a, m in self.live.items()), "copy from unpinned"
-                self.copies += 1
-            ctypes.memmove(dst, src, n)
-        self.copied.set()
-        return len(copies)
-
-    def wait(self, handle):
-        assert handle > 0
-
 
 # small chunks and a window, unpinned before the load returns (so a test can see that nothing is left)
 SMALL_CHUNKS = dict(direct_config=DirectConfig(chunk_bytes=2 * 4096, window_bytes=8 * 4096),
