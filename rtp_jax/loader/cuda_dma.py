@@ -9,14 +9,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-import time
 from typing import Any
 
 _READ_ONLY_REGISTER_ATTRIBUTE = 113  # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED
 _REGISTER_FLAGS = 0x08 | 0x01  # CU_MEMHOSTREGISTER_READ_ONLY | CU_MEMHOSTREGISTER_PORTABLE
 _STREAM_NON_BLOCKING = 0x1
-_EVENT_DISABLE_TIMING = 0x2
-_NOT_READY = 600  # CUDA_ERROR_NOT_READY
+_EVENT_FLAGS = 0x1 | 0x2  # CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING: a waiter sleeps, not spins
 _COPY_STREAMS = 2  # per device: one copy engine per direction; two keeps it fed between submissions
 
 
@@ -31,6 +29,7 @@ class CudaHostDma:
         lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[int, list[ctypes.c_void_p]] = {}
+        self._lanes: dict[tuple[int, int], ctypes.c_void_p] = {}
         self._turn = 0
         self._lock = threading.Lock()
         self._first = 0
@@ -70,36 +69,45 @@ class CudaHostDma:
         self._enter(self._first)
         self._check(self._lib.cuMemHostUnregister(address), "cuMemHostUnregister")
 
-    def copy_async(self, device: Any, copies: list[tuple[int, int, int]]) -> Any:
-        ordinal = _ordinal(device)
-        self._enter(ordinal)
+    def _new_stream(self) -> ctypes.c_void_p:
+        stream = ctypes.c_void_p()
+        self._check(self._lib.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING), "cuStreamCreate")
+        return stream
+
+    def _stream(self, ordinal: int, lane: int | None) -> ctypes.c_void_p:
+        """The caller's own stream for `lane` (copies of one lane run in order, beside other lanes'), or the
+        next of the device's shared streams."""
         with self._lock:
+            if lane is not None:
+                stream = self._lanes.get((ordinal, lane))
+                if stream is None:
+                    stream = self._lanes[ordinal, lane] = self._new_stream()
+                return stream
             streams = self._streams.get(ordinal)
             if streams is None:
-                streams = self._streams[ordinal] = []
-                for _ in range(_COPY_STREAMS):
-                    stream = ctypes.c_void_p()
-                    self._check(self._lib.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING),
-                                "cuStreamCreate")
-                    streams.append(stream)
+                streams = self._streams[ordinal] = [self._new_stream() for _ in range(_COPY_STREAMS)]
             self._turn = (self._turn + 1) % len(streams)
-            stream = streams[self._turn]
+            return streams[self._turn]
+
+    def copy_async(self, device: Any, copies: list[tuple[int, int, int]], lane: int | None = None) -> Any:
+        ordinal = _ordinal(device)
+        self._enter(ordinal)
+        stream = self._stream(ordinal, lane)
         for dst, src, n in copies:
             self._check(self._lib.cuMemcpyHtoDAsync_v2(dst, src, n, stream), "cuMemcpyHtoDAsync")
         event = ctypes.c_void_p()
-        self._check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_DISABLE_TIMING), "cuEventCreate")
+        self._check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_FLAGS), "cuEventCreate")
         self._check(self._lib.cuEventRecord(event, stream), "cuEventRecord")
         return ordinal, event
 
     def wait(self, handle: Any) -> None:
-        # Polled with short sleeps: cuEventSynchronize spins, and a dozen spinning waiters starve the
-        # pinning threads of CPU.
+        # Blocking-sync events: the waiter sleeps in the driver until the copy is done (ctypes releases
+        # the GIL), instead of spinning (a dozen spinning waiters starve the other threads of CPU) or
+        # polling with sleeps (~0.1 ms late per wake-up: with 2 slots per ring thread that stalls it).
         ordinal, event = handle
         self._enter(ordinal)
         try:
-            while (r := self._lib.cuEventQuery(event)) == _NOT_READY:
-                time.sleep(50e-6)
-            self._check(r, "cuEventQuery")
+            self._check(self._lib.cuEventSynchronize(event), "cuEventSynchronize")
         finally:
             self._lib.cuEventDestroy_v2(event)
 

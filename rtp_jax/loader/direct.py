@@ -69,8 +69,9 @@ class HostDma(Protocol):
 
     def unregister(self, address: int) -> None: ...
 
-    def copy_async(self, device: Any, copies: list[tuple[int, int, int]]) -> Any:
-        """Starts copying each (device address, host address, bytes) to `device`; returns a handle."""
+    def copy_async(self, device: Any, copies: list[tuple[int, int, int]], lane: int | None = None) -> Any:
+        """Starts copying each (device address, host address, bytes) to `device`, on the caller's own
+        stream for `lane` (None: a shared one); returns a handle."""
         ...
 
     def wait(self, handle: Any) -> None:
@@ -99,6 +100,18 @@ def resident(mapping: mmap.mmap, samples: int = 256, window: int = 16 * _PAGE) -
         if not all(vec[i] & 1 for i in range(-(-n // _PAGE))):
             return False
     return True
+
+
+def file_resident(path: Path) -> bool:
+    """Whether a (non-empty) file's pages sit in the page cache: `resident` over a fresh mapping of it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not os.fstat(fd).st_size:
+            return False
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            return resident(m)
+    finally:
+        os.close(fd)
 
 
 def _address(mapping: mmap.mmap) -> int:

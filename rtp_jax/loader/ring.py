@@ -9,7 +9,8 @@ buffer at the chunk's offset; the slot is reused once that copy is done, so the 
 has just written, from the cache. Measured on the H200 host (bench/probe_ring_staging.py): pread into
 reused 4 MiB buffers 80 GB/s against 41-43 GB/s into DRAM, and the whole read-and-copy of 16 GB at 49 GB/s
 against the slab pipeline's ~22 GB/s. Copying into the final buffers also removes the slab path's row
-pieces and their device-side joins.
+pieces and their device-side joins. Only files already in the page cache take the ring (`copies.
+choose_ring`): from disk, the slab's large parallel reads are faster.
 
 `RingCopier` takes the jobs as `DirectJob`s (file byte ranges and the device buffers they fill, as the direct
 path builds them): a feeder thread allocates each job's buffers (zero-filled by XLA, a few jobs ahead) and
@@ -226,7 +227,7 @@ class RingCopier:
                 try:
                     pread_into(fd, memoryview(self._arena[at:at + n]), offset)
                     src = self._base + at
-                    handles = [self.dma.copy_async(device, [(ptr, src, n)]) for device, ptr in dsts]
+                    handles = [self.dma.copy_async(device, [(ptr, src, n)], lane=t) for device, ptr in dsts]
                 except BaseException as e:  # noqa: BLE001 - e.g. a truncated file: the job fails
                     progress.fail(e)
                     progress.chunk_done()

@@ -34,7 +34,7 @@ class HostMemoryDma:
         with self.lock:
             del self.live[address]
 
-    def copy_async(self, device, copies):
+    def copy_async(self, device, copies, lane=None):
         for dst, src, n in copies:
             with self.lock:
                 assert any(a <= src and src + n <= a + m for a, m in self.live.items()), "copy from unpinned"
@@ -57,7 +57,7 @@ class DeferredDma(HostMemoryDma):
         self.queued: dict[int, list[tuple[int, int, int]]] = {}
         self.next = 0
 
-    def copy_async(self, device, copies):
+    def copy_async(self, device, copies, lane=None):
         with self.lock:
             self.next += 1
             self.queued[self.next] = list(copies)

@@ -13,6 +13,7 @@ import pytest
 from host_dma import DeferredDma, HostMemoryDma
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rtp_jax.loader import direct as direct_mod
 from rtp_jax.loader.cuda_dma import host_dma
 from rtp_jax.loader.fast import FastLoader, RingConfig, plan_checkpoint
 from rtp_jax.loader.safetensors_io import iter_safetensors
@@ -117,6 +118,24 @@ def test_a_truncated_file_raises_its_error_and_releases_the_ring(tiny_hf_model, 
     with pytest.raises(ValueError, match="truncated checkpoint"):
         dict(FastLoader(path, ring=dma, ring_config=SMALL_RING).iter_device())
     assert dma.live == {}
+
+
+@cpu_only
+def test_files_not_in_the_page_cache_take_the_slab(tiny_hf_model, monkeypatch):
+    """Residency is judged per file: a cold file's tensors are read by the slab's large parallel reads
+    (faster from disk than the ring's small chunks), the warm files' go through the ring."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    plan = plan_checkpoint(path)
+    files = sorted({t.path for t in plan})
+    assert len(files) > 1
+    monkeypatch.setattr(direct_mod, "file_resident", lambda p: p != files[0])
+    ref = dict(iter_safetensors(path))
+    loader = FastLoader(path, ring=DeferredDma(), ring_config=SMALL_RING)
+    got = dict(loader.iter_device())
+    assert all(_same(a, ref[n]) for n, a in got.items())
+    cold = sum(t.nbytes for t in plan if t.path == files[0])
+    assert loader.stats.extra["ring_bytes"] == sum(x.nbytes for x in ref.values()) - cold > 0
+    assert loader.stats.extra["staging"].startswith("ring+slab")
 
 
 @cpu_only
