@@ -1,0 +1,61 @@
+"""Warm-load sweep of the ring's shape (threads x slots x chunk MiB) in one process, rounds interleaved so
+that no configuration always runs first (run order moved earlier loader A/Bs by ~0.04 s).
+
+    python3 bench/probe_ring_configs.py --out $OUT --ckpt /var/tmp/llama3-8b \
+        --configs 8x2x8,12x2x4 --rounds 4 [--thread-variants 8x2x8]
+
+Each load is `load_model_state` end to end as `rtp-jax bench load` times it warm (`fast_load`);
+`--thread-variants` repeats those configurations with the abstract model built in a thread beside the
+pipeline (`abstract_in_thread=True`). Prints a table of medians last; details in probe_ring_configs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rtp_jax.bench_cli import fast_load, parse_ring_config  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--configs", default="8x2x8,12x2x4")
+    ap.add_argument("--thread-variants", default="", help="configs also run with abstract_in_thread")
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    import jax.numpy as jnp
+
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for cfg in filter(None, args.configs.split(",")):
+        runs.append((cfg, {"ring_config": parse_ring_config(cfg)}))
+    for cfg in filter(None, args.thread_variants.split(",")):
+        runs.append((f"{cfg}+thread", {"ring_config": parse_ring_config(cfg), "abstract_in_thread": True}))
+    runs.append(("slab", {"staging": "slab"}))
+    path = Path(args.ckpt)
+    fast_load(path, jnp.bfloat16)  # warm-up: page cache, programs compiled
+    res: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in runs}
+    for r in range(args.rounds):
+        order = runs[r % len(runs):] + runs[:r % len(runs)]
+        for name, kw in order:
+            out = fast_load(path, jnp.bfloat16, **kw)
+            res[name].append({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "probe_ring_configs.json").write_text(json.dumps(res, indent=1))
+    print("| config | warm load s (median) | all | pipeline s | copy waits s |\n|---|---|---|---|---|")
+    for name, rows in res.items():
+        secs = [x["seconds"] for x in rows]
+        print(f"| {name} | {statistics.median(secs):.3f} | {[round(s, 3) for s in secs]} | "
+              f"{statistics.median(x['pipeline_s'] for x in rows):.3f} | "
+              f"{statistics.median(x.get('ring_copy_wait_s', 0.0) for x in rows):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
