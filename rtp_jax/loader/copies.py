@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from rtp_jax.loader import direct as direct_mod
@@ -52,15 +53,30 @@ def open_ring(ring: bool | HostDma, config: RingConfig) -> RingCopier | None:
         return None
 
 
+def open_ring_in_background(ring: bool | HostDma, config: RingConfig) -> Future[RingCopier | None]:
+    """`open_ring` run by a background thread (pinning and registering the slots releases the GIL)."""
+    future: Future[RingCopier | None] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(open_ring(ring, config))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for it
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="rtp-ring-setup", daemon=True).start()
+    return future
+
+
 class DeviceCopies:
-    """Which tensors of a plan go direct or through the ring (`whole(name)`: not cut into row pieces),
-    and each such job's result (`result(job)`); `close()` ends both and records their stats."""
+    """Which tensors of a plan go direct or through `ring` (an opened `RingCopier`, or None; this object
+    closes it), each as a whole tensor (`whole(name)`: not cut into row pieces), and each such job's result
+    (`result(job)`); `close()` ends both and records their stats."""
 
     def __init__(self, plan: list[PlannedTensor], reads: dict[str, dict[Any, Any]], direct: bool | HostDma,
-                 direct_config: DirectConfig, ring: bool | HostDma, ring_config: RingConfig) -> None:
+                 direct_config: DirectConfig, ring: RingCopier | None) -> None:
         self.source = open_page_cache(plan, direct, direct_config)
         self.chosen = choose_direct(plan, self.source, reads, direct_config)
-        self.ring = open_ring(ring, ring_config)
+        self.ring = ring
         self.ringed = choose_ring(plan, reads, self.chosen) if self.ring is not None else set()
         self.copier: DirectCopier | None = None
         self._specs: dict[int, Any] = {}
@@ -124,8 +140,11 @@ class DeviceCopies:
             else:
                 self.source.close()
         if self.ring is not None:
-            self.ring.close()
-            extra.update(self.ring.stats())
+            extra.update(self.ring.stats())  # final: every job was collected, or cancelled and joined
+            if release_in_background:  # unregistering and unmapping take ~10 ms
+                threading.Thread(target=self.ring.close, name="rtp-ring-close", daemon=True).start()
+            else:
+                self.ring.close()
         routes = [name for name, obj in (("direct", self.source), ("ring", self.ring))
                   if obj is not None and obj.bytes]
         if routes:

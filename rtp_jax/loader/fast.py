@@ -53,10 +53,10 @@ import numpy as np
 
 from rtp_jax.loader.abstract import abstract_state
 from rtp_jax.loader.accounting import ByteBudget, LoadStats, phase_summary
-from rtp_jax.loader.copies import DeviceCopies
+from rtp_jax.loader.copies import DeviceCopies, open_ring, open_ring_in_background
 from rtp_jax.loader.direct import DirectConfig, HostDma
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
-from rtp_jax.loader.ring import RingConfig
+from rtp_jax.loader.ring import RingConfig, RingCopier
 from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
 from rtp_jax.loader.staging import _PAGE, StagingSlab, _MappedRange
 from rtp_jax.loader.transfer import (
@@ -162,6 +162,7 @@ class FastLoader:
         self.direct_config = direct_config or DirectConfig()
         self.ring = ring
         self.ring_config = ring_config or RingConfig()
+        self._ring_setup: Future[RingCopier | None] | None = None
         self.stats = LoadStats()
 
     @property
@@ -358,6 +359,22 @@ class FastLoader:
         device = jax.local_devices()[0]
         return None if device.platform == "cpu" else device.client
 
+    def prepare(self) -> None:
+        """Starts setting up `iter_device`'s staging ring (pinned slots faulted in and registered, ~40-80
+        ms) in the background, so that it overlaps the caller's work before the load (`load_model_state`
+        builds the abstract model meanwhile). Call `iter_device` next: it takes the ring over (and closes
+        it); without `prepare` it sets the ring up itself."""
+        if self.staging == "ring" and self.ring is not False and self._ring_setup is None:
+            self._ring_setup = open_ring_in_background(self.ring, self.ring_config)
+
+    def _take_ring(self) -> RingCopier | None:
+        """The ring `prepare` set up (or one set up now), handed to one pass; None without staging="ring"
+        or where it cannot run (no CUDA driver, registration refused)."""
+        setup, self._ring_setup = self._ring_setup, None
+        if setup is not None:
+            return setup.result()
+        return open_ring(self.ring, self.ring_config) if self.staging == "ring" else None
+
     def iter_device(self, sharding_for: ShardingFor | None = None, dtype: Any = None,
                     dtype_for: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
         """(name, jax.Array) in plan order, each placed in `sharding_for(name, shape)` (None: the default
@@ -383,8 +400,7 @@ class FastLoader:
             return shardings[t.name]
 
         reads = {t.name: _shard_reads(t, sharding_of(t)) for t in self.plan}
-        copies = DeviceCopies(self.plan, reads, self.direct, self.direct_config,
-                              self.staging == "ring" and self.ring, self.ring_config)
+        copies = DeviceCopies(self.plan, reads, self.direct, self.direct_config, self._take_ring())
         # Direct and ring jobs are whole tensors: no host bytes to bound, so no pieces to join on the device.
         jobs = [job for t in self.plan
                 for job in _split_jobs(t, reads[t.name], 0 if copies.whole(t.name) else self.split_bytes)]
@@ -523,6 +539,8 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         return fuse_on_devices(name, parts, config.head_dim, sharding)
 
     loader = FastLoader(path, skip=skip, **loader_kw)
+    if not config.is_moe:
+        loader.prepare()  # the ring's set-up overlaps the abstract model's
     if config.is_moe:
         import jax
 

@@ -3,7 +3,7 @@ default on CUDA, `staging="ring"`).
 
 The slab path stages every job in a 384 MiB pinned slab: the pread writes the slab and the DMA reads it back,
 both from DRAM (the slab is larger than the cache), so each byte crosses host memory three times. Here each
-of `threads` threads owns `slots` pinned slots of `chunk_bytes` (12 x 2 x 4 MiB = 96 MiB, well inside an
+of `threads` threads owns `slots` pinned slots of `chunk_bytes` (8 x 2 x 8 MiB = 128 MiB, well inside an
 H200 host's 300 MiB L3): it preads a chunk into a slot and queues its DMA straight into the tensor's device
 buffer at the chunk's offset; the slot is reused once that copy is done, so the DMA reads lines the pread
 has just written, from the cache. Measured on the H200 host (bench/probe_ring_staging.py): pread into
@@ -40,12 +40,15 @@ from rtp_jax.loader.staging import _populate
 @dataclass(frozen=True)
 class RingConfig:
     """`threads` copying threads, each with `slots` pinned slots of `chunk_bytes`. The defaults are the
-    H200 host's best of a sweep (bench/probe_ring_staging.py: 12 x 2 x 4 MiB 49 GB/s; 8 threads 38,
-    16 threads 22 (CPU oversubscribed with the GIL), 2 or 8 MiB chunks 27-38, 3 slots 39)."""
+    H200 host's best in the loader (bench/probe_ring_configs.py, 16 GB warm, medians of 4: 8 x 2 x 8 MiB
+    0.601 s; 10 x 2 x 8 0.645, 6 x 2 x 8 0.650, 8 x 2 x 12 0.675, 12 x 2 x 8 0.695, 12 x 2 x 4 0.931;
+    the slab 0.781). Bare copies without the loader around them peaked at 12 x 2 x 4 MiB instead
+    (bench/probe_ring_staging.py, 49 GB/s): in the loader each chunk also costs Python time under the
+    GIL, which larger chunks and fewer threads amortize."""
 
-    threads: int = 12
+    threads: int = 8
     slots: int = 2
-    chunk_bytes: int = 4 << 20
+    chunk_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         for name in ("threads", "slots", "chunk_bytes"):

@@ -151,6 +151,28 @@ def test_a_refused_registration_leaves_everything_to_the_slab(tiny_hf_model):
     assert loader.stats.extra["staging"].startswith("slab") and dma.copies == 0
 
 
+@cpu_only
+def test_load_model_state_takes_the_ring_prepared_beside_the_abstract_model(tiny_hf_model):
+    """load_model_state sets the ring up in the background (`prepare`) while it builds the abstract model;
+    the pass uses that one ring (one registration, released after) and the state equals the slab path's."""
+    from flax import nnx
+
+    from rtp_jax.loader import load_model_config
+    from rtp_jax.loader.fast import load_model_state
+
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    config = load_model_config(path)
+    dma, stats = DeferredDma(), {}
+    _, state = load_model_state(path, config, jnp.float32, stats=stats, ring=dma, ring_config=SMALL_RING,
+                                release_in_background=False)
+    _, ref = load_model_state(path, config, jnp.float32, staging="slab")
+    got, want = nnx.to_pure_dict(state), nnx.to_pure_dict(ref)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == jnp.float32 and bool(jnp.array_equal(a, b))
+    assert stats["staging"] == "ring" and dma.registrations == 1 and dma.live == {}
+
+
 def test_ring_config_names_the_bad_field():
     with pytest.raises(ValueError, match="RingConfig.chunk_bytes must be >= 1"):
         RingConfig(chunk_bytes=0)
