@@ -114,7 +114,7 @@ class FastLoader:
     transfers and waits in its own thread); chunk_bytes: read size of one chunk; max_inflight_bytes:
     host bytes read but not yet on the device (or, for `iter_host`, not yet consumed);
     use_mmap: view the files through mmap instead of copying them into buffers with preadv.
-    staging (`iter_device` only): "ring" (the default) copies each whole tensor into its device buffer in
+    staging (`iter_device` only): "ring" (default) copies each whole tensor into its device buffer in
     chunks through a small ring of pinned host slots that stay in the CPU cache (`loader.ring`; through
     `ring`, a `HostDma`, or with True the CUDA driver's where every local device is a CUDA GPU; 16 GB warm
     on the H200 host: see notes_bench.md), `ring_config` (`RingConfig`) its threads, slots and chunk size;
@@ -360,16 +360,15 @@ class FastLoader:
         return None if device.platform == "cpu" else device.client
 
     def prepare(self) -> None:
-        """Starts setting up `iter_device`'s staging ring (pinned slots faulted in and registered, ~40-80
-        ms) in the background, so that it overlaps the caller's work before the load (`load_model_state`
-        builds the abstract model meanwhile). Call `iter_device` next: it takes the ring over (and closes
-        it); without `prepare` it sets the ring up itself."""
+        """Sets `iter_device`'s staging ring up (slots faulted in and pinned, ~40-80 ms) in the background,
+        beside the caller's work (`load_model_state` builds the abstract model meanwhile); `iter_device`
+        takes it over and closes it (without `prepare` it sets the ring up itself)."""
         if self.staging == "ring" and self.ring is not False and self._ring_setup is None:
             self._ring_setup = open_ring_in_background(self.ring, self.ring_config)
 
     def _take_ring(self) -> RingCopier | None:
-        """The ring `prepare` set up (or one set up now), handed to one pass; None without staging="ring"
-        or where it cannot run (no CUDA driver, registration refused)."""
+        """The ring `prepare` set up (or one set up now) for one pass; None without staging="ring" or where
+        it cannot run (no CUDA driver, registration refused)."""
         setup, self._ring_setup = self._ring_setup, None
         if setup is not None:
             return setup.result()
@@ -400,11 +399,13 @@ class FastLoader:
             return shardings[t.name]
 
         reads = {t.name: _shard_reads(t, sharding_of(t)) for t in self.plan}
+        t_copies = time.perf_counter()
         copies = DeviceCopies(self.plan, reads, self.direct, self.direct_config, self._take_ring())
         # Direct and ring jobs are whole tensors: no host bytes to bound, so no pieces to join on the device.
         jobs = [job for t in self.plan
                 for job in _split_jobs(t, reads[t.name], 0 if copies.whole(t.name) else self.split_bytes)]
         copies.start(jobs, sharding_of)
+        copies_setup_s = time.perf_counter() - t_copies  # incl. waiting for `prepare`'s ring
 
         def cast_whole(job: _Job, out: Any) -> Any:
             """A whole tensor cast on its devices to the wanted dtype (pieces are cast once joined)."""
@@ -491,6 +492,7 @@ class FastLoader:
             copies.cancel()  # an early exit: jobs the ring has not copied return at once
             runner.close()  # the workers are done with the page cache before it is unpinned
             copies.close(self.stats.extra, self.release_in_background, slab)
+            self.stats.extra["copies_setup_s"] = copies_setup_s
 
     def _time(self, t0: float, t1: float) -> None:
         t2 = time.perf_counter()
@@ -521,6 +523,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
 
     path = Path(path)
     dtype = jnp.dtype(dtype)
+    entered = time.perf_counter()
     if is_orbax_checkpoint(path):
         t0 = time.perf_counter()
         out = restore_model_state(path, config, dtype, sharding_for=sharding_for)
@@ -539,6 +542,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         return fuse_on_devices(name, parts, config.head_dim, sharding)
 
     loader = FastLoader(path, skip=skip, **loader_kw)
+    marks = {"loader_built_s": time.perf_counter() - entered}  # where a load's time goes, from its start
     if not config.is_moe:
         loader.prepare()  # the ring's set-up overlaps the abstract model's
     if config.is_moe:
@@ -561,6 +565,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
             abstract_s = time.perf_counter() - t0  # how long the pipeline waited for it
             arrays = loader.iter_device(sharding_for=sharding_for, dtype=dtype)
             loaded: dict[str, Any] = dict(fuse_stream(arrays, combine))
+            marks["tensors_done_s"] = time.perf_counter() - entered
             graphdef, abstract = abstract_fut.result()
         expected = flat_param_shapes(abstract)
         for name, array in loaded.items():
@@ -574,6 +579,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
         nnx.replace_by_pure_dict(abstract, nest(loaded))
+        marks["state_done_s"] = time.perf_counter() - entered
         out = (graphdef, abstract)
     if stats is not None:
         s = loader.stats
@@ -582,7 +588,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
             stats["abstract_done_s"] = done_at[0] - t0 if done_at else None
         stats.update(num_tensors=s.num_tensors, bytes=s.bytes_read, bytes_to_device=s.bytes_to_device,
                      seconds=s.seconds, peak_inflight_bytes=s.peak_inflight_bytes, format="safetensors",
-                     **s.extra)
+                     **marks, **s.extra)
     return out
 
 
