@@ -49,12 +49,14 @@ def main() -> None:
             res[name].append({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_ring_configs.json").write_text(json.dumps(res, indent=1))
-    print("| config | warm load s (median) | all | pipeline s | copy waits s |\n|---|---|---|---|---|")
+    cols = ("pipeline_s", "ring_copy_wait_s", "abstract_wait_s", "ring_setup_s", "copies_setup_s")
+    print(f"| config | warm load s (median) | all | {' | '.join(cols)} (medians) |\n"
+          f"|---|---|---|{'---|' * len(cols)}")
     for name, rows in res.items():
         secs = [x["seconds"] for x in rows]
+        med = [statistics.median(x.get(c) or 0.0 for x in rows) for c in cols]
         print(f"| {name} | {statistics.median(secs):.3f} | {[round(s, 3) for s in secs]} | "
-              f"{statistics.median(x['pipeline_s'] for x in rows):.3f} | "
-              f"{statistics.median(x.get('ring_copy_wait_s', 0.0) for x in rows):.3f} |")
+              + " | ".join(f"{m:.3f}" for m in med) + " |")
 
 
 if __name__ == "__main__":
