@@ -53,18 +53,36 @@ def open_ring(ring: bool | HostDma, config: RingConfig) -> RingCopier | None:
         return None
 
 
-def open_ring_in_background(ring: bool | HostDma, config: RingConfig) -> Future[RingCopier | None]:
-    """`open_ring` run by a background thread (pinning and registering the slots releases the GIL)."""
-    future: Future[RingCopier | None] = Future()
+class RingSetup:
+    """The ring of one loader: `prepare()` sets it up in a background thread (pinning and registering
+    release the GIL), `take()` hands it to one pass (set up then, without `prepare`; None with
+    `ring=False` or where it cannot run), `close()` closes one prepared and never taken."""
 
-    def run() -> None:
-        try:
-            future.set_result(open_ring(ring, config))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for it
-            future.set_exception(e)
+    def __init__(self, ring: bool | HostDma, config: RingConfig) -> None:
+        self._ring, self._config = ring, config
+        self._future: Future[RingCopier | None] | None = None
 
-    threading.Thread(target=run, name="rtp-ring-setup", daemon=True).start()
-    return future
+    def prepare(self) -> None:
+        if self._ring is False or self._future is not None:
+            return
+        future: Future[RingCopier | None] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(open_ring(self._ring, self._config))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever takes it
+                future.set_exception(e)
+
+        self._future = future
+        threading.Thread(target=run, name="rtp-ring-setup", daemon=True).start()
+
+    def take(self) -> RingCopier | None:
+        future, self._future = self._future, None
+        return future.result() if future is not None else open_ring(self._ring, self._config)
+
+    def close(self) -> None:
+        if self._future is not None and (ring := self.take()) is not None:
+            ring.close()
 
 
 class DeviceCopies:

@@ -40,6 +40,7 @@ shapes). Their public names are re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -53,10 +54,10 @@ import numpy as np
 
 from rtp_jax.loader.abstract import abstract_state
 from rtp_jax.loader.accounting import ByteBudget, LoadStats, phase_summary
-from rtp_jax.loader.copies import DeviceCopies, open_ring, open_ring_in_background
+from rtp_jax.loader.copies import DeviceCopies, RingSetup
 from rtp_jax.loader.direct import DirectConfig, HostDma
 from rtp_jax.loader.reading import PlannedTensor, _Files, plan_checkpoint, pread_into
-from rtp_jax.loader.ring import RingConfig, RingCopier
+from rtp_jax.loader.ring import RingConfig
 from rtp_jax.loader.shards import _is_full, _Job, _row_bytes, _shard_reads, _split_jobs
 from rtp_jax.loader.staging import _PAGE, StagingSlab, _MappedRange
 from rtp_jax.loader.transfer import (
@@ -160,9 +161,7 @@ class FastLoader:
         self.release_in_background = release_in_background
         self.direct = direct
         self.direct_config = direct_config or DirectConfig()
-        self.ring = ring
-        self.ring_config = ring_config or RingConfig()
-        self._ring_setup: Future[RingCopier | None] | None = None
+        self._ring = RingSetup(ring if staging == "ring" else False, ring_config or RingConfig())
         self.stats = LoadStats()
 
     @property
@@ -363,30 +362,22 @@ class FastLoader:
         """Sets `iter_device`'s staging ring up (slots faulted in and pinned, ~40-80 ms) in the background,
         beside the caller's work (`load_model_state` builds the abstract model meanwhile); `iter_device`
         takes it over and closes it (without `prepare` it sets the ring up itself)."""
-        if self.staging == "ring" and self.ring is not False and self._ring_setup is None:
-            self._ring_setup = open_ring_in_background(self.ring, self.ring_config)
+        self._ring.prepare()
 
-    def _take_ring(self) -> RingCopier | None:
-        """The ring `prepare` set up (or one set up now) for one pass; None without staging="ring" or where
-        it cannot run (no CUDA driver, registration refused)."""
-        setup, self._ring_setup = self._ring_setup, None
-        if setup is not None:
-            return setup.result()
-        return open_ring(self.ring, self.ring_config) if self.staging == "ring" else None
+    def close(self) -> None:
+        """Closes a ring `prepare` set up that no `iter_device` pass took (the caller failed before it)."""
+        self._ring.close()
 
     def iter_device(self, sharding_for: ShardingFor | None = None, dtype: Any = None,
                     dtype_for: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
         """(name, jax.Array) in plan order, each placed in `sharding_for(name, shape)` (None: the default
         device) and cast on the device to `dtype_for(name)` or `dtype` (None: keep the stored dtype).
 
-        A tensor whose local shards hold more than `split_bytes` is cut into row pieces of about that
-        size (`_split_jobs`); each piece goes through the slab and onto the device(s) on its own, and
-        the pieces are joined on the device (`_join`: one concatenate, or updates of a zero buffer) and
-        cast there. With `staging="slab"` a job's host bytes live in the slab from the read until its
-        transfer is complete (then the range is reused); a job larger than the slab takes a fresh
-        buffer. With "slab_async", while the slab is still being set up in the background, and for jobs
-        larger than it, a job is transferred from an mmap of its bytes instead (faulted in by parallel
-        MADV_POPULATE_READ)."""
+        Ring and direct tensors are copied whole into their device buffers (`loader.copies`). The others
+        go through the slab: one whose local shards hold more than `split_bytes` is cut into row pieces
+        (`_split_jobs`), each staged and sent on its own and joined on the device (`_join`); a job's host
+        bytes live in the slab until its transfer is complete (a job larger than the slab takes a fresh
+        buffer; with "slab_async", before the slab is ready or for larger jobs, an mmap of its bytes)."""
 
         def target_dtype(name: str) -> Any:
             return dtype_for(name) if dtype_for is not None else dtype
@@ -398,13 +389,19 @@ class FastLoader:
                 shardings[t.name] = sharding_for(t.name, t.entry.shape) if sharding_for is not None else None
             return shardings[t.name]
 
-        reads = {t.name: _shard_reads(t, sharding_of(t)) for t in self.plan}
         t_copies = time.perf_counter()
-        copies = DeviceCopies(self.plan, reads, self.direct, self.direct_config, self._take_ring())
-        # Direct and ring jobs are whole tensors: no host bytes to bound, so no pieces to join on the device.
-        jobs = [job for t in self.plan
-                for job in _split_jobs(t, reads[t.name], 0 if copies.whole(t.name) else self.split_bytes)]
-        copies.start(jobs, sharding_of)
+        ring = self._ring.take()
+        try:
+            reads = {t.name: _shard_reads(t, sharding_of(t)) for t in self.plan}
+            copies = DeviceCopies(self.plan, reads, self.direct, self.direct_config, ring)
+            # Direct and ring jobs are whole tensors: no host bytes to bound, no pieces to join on the device.
+            jobs = [job for t in self.plan
+                    for job in _split_jobs(t, reads[t.name], 0 if copies.whole(t.name) else self.split_bytes)]
+            copies.start(jobs, sharding_of)
+        except BaseException:
+            if ring is not None:  # e.g. `sharding_for` raised: the pinned slots go back now
+                ring.close()
+            raise
         copies_setup_s = time.perf_counter() - t_copies  # incl. waiting for `prepare`'s ring
 
         def cast_whole(job: _Job, out: Any) -> Any:
@@ -555,7 +552,7 @@ def load_model_state(path: str | Path, config: Any, dtype: Any, *, sharding_for:
         out = load_state(config, dtype, loader.iter_host(), place)
     else:
         # Building the abstract model is pure Python (~0.05 s), before the reads by default.
-        with ThreadPoolExecutor(1) as ex:
+        with ThreadPoolExecutor(1) as ex, contextlib.closing(loader):
             t0 = time.perf_counter()
             abstract_fut = ex.submit(abstract_state, config, dtype)
             done_at: list[float] = []

@@ -173,6 +173,28 @@ def test_load_model_state_takes_the_ring_prepared_beside_the_abstract_model(tiny
     assert stats["staging"] == "ring" and dma.registrations == 1 and dma.live == {}
 
 
+@cpu_only
+def test_a_prepared_ring_is_released_when_no_pass_takes_it(tiny_hf_model):
+    """A ring set up ahead (`prepare`) goes back when the caller fails before loading (`close`), and when
+    the pass itself fails before its jobs start (here `sharding_for` raises): nothing stays pinned."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    dma = DeferredDma()
+    loader = FastLoader(path, ring=dma, ring_config=SMALL_RING)
+    loader.prepare()
+    loader.close()
+    assert dma.registrations == 1 and dma.live == {}
+
+    def bad_sharding(name, shape):
+        raise ValueError(f"no sharding for {name}")
+
+    loader = FastLoader(path, ring=dma, ring_config=SMALL_RING)
+    loader.prepare()
+    with pytest.raises(ValueError, match="no sharding for"):
+        next(loader.iter_device(sharding_for=bad_sharding))
+    loader.close()  # nothing left to close: the pass took the ring
+    assert dma.registrations == 2 and dma.live == {}
+
+
 def test_ring_config_names_the_bad_field():
     with pytest.raises(ValueError, match="RingConfig.chunk_bytes must be >= 1"):
         RingConfig(chunk_bytes=0)
