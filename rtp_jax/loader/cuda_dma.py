@@ -30,6 +30,7 @@ class CudaHostDma:
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[int, list[ctypes.c_void_p]] = {}
         self._lanes: dict[tuple[int, int], ctypes.c_void_p] = {}
+        self._events: dict[int, list[ctypes.c_void_p]] = {}  # per device: completed events, for reuse
         self._turn = 0
         self._lock = threading.Lock()
         self._first = 0
@@ -95,8 +96,12 @@ class CudaHostDma:
         stream = self._stream(ordinal, lane)
         for dst, src, n in copies:
             self._check(self._lib.cuMemcpyHtoDAsync_v2(dst, src, n, stream), "cuMemcpyHtoDAsync")
-        event = ctypes.c_void_p()
-        self._check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_FLAGS), "cuEventCreate")
+        with self._lock:
+            free = self._events.get(ordinal)
+            event = free.pop() if free else None
+        if event is None:  # the ring copies ~2000 chunks per 16 GB load: events are reused, not remade
+            event = ctypes.c_void_p()
+            self._check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_FLAGS), "cuEventCreate")
         self._check(self._lib.cuEventRecord(event, stream), "cuEventRecord")
         return ordinal, event
 
@@ -108,8 +113,11 @@ class CudaHostDma:
         self._enter(ordinal)
         try:
             self._check(self._lib.cuEventSynchronize(event), "cuEventSynchronize")
-        finally:
+        except BaseException:
             self._lib.cuEventDestroy_v2(event)
+            raise
+        with self._lock:
+            self._events.setdefault(ordinal, []).append(event)
 
 
 def _ordinal(device: Any) -> int:
