@@ -34,7 +34,7 @@ import numpy as np
 
 from rtp_jax.loader.direct import DirectJob, HostDma, _zeros_fn, default_device
 from rtp_jax.loader.reading import pread_into
-from rtp_jax.loader.staging import _MADV_POPULATE_WRITE, _madvise_fn
+from rtp_jax.loader.staging import _MADV_POPULATE_WRITE, _madvise_fn, anonymous_map
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,7 @@ class RingCopier:
         self._t0 = time.perf_counter()
         size = config.threads * config.slots * config.chunk_bytes
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-        self._map = mmap.mmap(-1, size)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self._map.madvise(mmap.MADV_HUGEPAGE)
-            except (OSError, ValueError):
-                pass
+        self._map = anonymous_map(size)
         self._arena = np.frombuffer(self._map, np.uint8)
         self._base = int(self._arena.ctypes.data)
         # Faulted in for writing before the read-only registration (which would otherwise pin the shared

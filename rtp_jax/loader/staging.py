@@ -38,12 +38,7 @@ class StagingSlab:
         self.size = max(_PAGE, -(-int(size) // _PAGE) * _PAGE)
         seg = -(-int(segment_bytes) // _PAGE) * _PAGE
         self.segment_bytes = seg if 0 < seg < self.size else self.size
-        self._map = mmap.mmap(-1, self.size)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self._map.madvise(mmap.MADV_HUGEPAGE)
-            except (OSError, ValueError):
-                pass
+        self._map = anonymous_map(self.size)
         self.array = np.frombuffer(self._map, np.uint8)
         self.address = int(self.array.ctypes.data)
         self.populate_threads = populate_threads
@@ -158,6 +153,18 @@ class StagingSlab:
             self._map.close()
         except BufferError:  # a caller still holds a view; the mapping goes with it
             pass
+
+
+def anonymous_map(size: int) -> mmap.mmap:
+    """An anonymous private mapping of `size` bytes, backed by huge pages where the kernel allows (fewer
+    page faults to fill it and fewer pages to pin)."""
+    m = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except (OSError, ValueError):
+            pass
+    return m
 
 
 def _populate(buf: np.ndarray, threads: int) -> None:

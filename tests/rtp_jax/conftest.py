@@ -22,3 +22,23 @@ def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def rows_and_columns_sharding() -> Callable[[str, tuple[int, ...]], object]:
+    """`sharding_for(name, shape)` on a 2 x 2 mesh ("a", "b"): q_proj split by rows on "a", o_proj by
+    columns on "b", everything else replicated (skips with fewer than 4 devices)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices")
+    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
+    specs = {"q_proj": PartitionSpec("a", None), "o_proj": PartitionSpec(None, "b")}
+
+    def sharding_for(name: str, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(mesh, next((v for k, v in specs.items() if k in name), PartitionSpec()))
+
+    return sharding_for

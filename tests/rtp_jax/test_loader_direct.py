@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from host_dma import HostMemoryDma
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtp_jax.loader import direct as direct_mod
 from rtp_jax.loader.cuda_dma import host_dma
@@ -59,18 +58,10 @@ def test_direct_loads_every_tensor_bit_for_bit_and_unpins_everything(tiny_hf_mod
 
 
 @cpu_only
-def test_row_shards_go_direct_and_column_slices_through_the_slab(tiny_hf_model):
+def test_row_shards_go_direct_and_column_slices_through_the_slab(tiny_hf_model, rows_and_columns_sharding):
     """Row-split and replicated tensors are copied from the page cache to each device that holds them;
     a column split needs a host slice, so it takes the slab; all land in their shardings."""
-    devices = np.array(jax.devices()[:4])
-    if devices.size < 4:
-        pytest.skip("needs 4 devices")
-    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
-    specs = {"q_proj": PartitionSpec("a", None), "o_proj": PartitionSpec(None, "b")}
-
-    def sharding_for(name, shape):
-        return NamedSharding(mesh, next((v for k, v in specs.items() if k in name), PartitionSpec()))
-
+    sharding_for = rows_and_columns_sharding
     path = tiny_hf_model("llama", sharded=True, dtype="float32")
     ref = dict(iter_safetensors(path))
     dma = HostMemoryDma()

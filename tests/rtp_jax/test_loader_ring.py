@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from host_dma import DeferredDma, HostMemoryDma
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtp_jax.loader import direct as direct_mod
 from rtp_jax.loader.cuda_dma import host_dma
@@ -62,18 +61,11 @@ def test_ring_casts_on_the_device(tiny_hf_model):
 
 
 @cpu_only
-def test_row_shards_go_through_the_ring_and_column_slices_through_the_slab(tiny_hf_model):
+def test_row_shards_go_through_the_ring_and_column_slices_through_the_slab(tiny_hf_model,
+                                                                          rows_and_columns_sharding):
     """Row-split and replicated tensors are copied to each device that holds them; a column split needs a
     host-side slice, so it takes the slab; all land in their shardings."""
-    devices = np.array(jax.devices()[:4])
-    if devices.size < 4:
-        pytest.skip("needs 4 devices")
-    mesh = Mesh(devices.reshape(2, 2), ("a", "b"))
-    specs = {"q_proj": PartitionSpec("a", None), "o_proj": PartitionSpec(None, "b")}
-
-    def sharding_for(name, shape):
-        return NamedSharding(mesh, next((v for k, v in specs.items() if k in name), PartitionSpec()))
-
+    sharding_for = rows_and_columns_sharding
     path = tiny_hf_model("llama", sharded=True, dtype="float32")
     ref = dict(iter_safetensors(path))
     dma = DeferredDma()
@@ -84,7 +76,7 @@ def test_row_shards_go_through_the_ring_and_column_slices_through_the_slab(tiny_
     extra = loader.stats.extra
     assert extra["staging"].startswith("ring+slab"), extra["staging"]
     columns = sum(x.nbytes for n, x in ref.items() if "o_proj" in n)
-    replicated = sum(x.nbytes for n, x in ref.items() if not any(k in n for k in specs))
+    replicated = sum(x.nbytes for n, x in ref.items() if "q_proj" not in n and "o_proj" not in n)
     rows = sum(x.nbytes for n, x in ref.items() if "q_proj" in n)
     # Replicated tensors go to all 4 devices, a row shard's halves to 2 devices each.
     assert extra["ring_bytes"] == 4 * replicated + 2 * rows
