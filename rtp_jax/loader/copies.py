@@ -138,10 +138,11 @@ class DeviceCopies:
             return None
 
     def cancel(self) -> None:
-        """Ends the ring early: what it has not copied is cancelled (its waiters raise), so the loader's
-        workers return at once; a no-op once every job was collected."""
+        """Stops the ring: what it has not copied is cancelled (its waiters raise), so the loader's workers
+        return at once after an early exit; once every job was collected it only joins its idle threads.
+        Its slots are released by `close`."""
         if self.ring is not None:
-            self.ring.close()
+            self.ring.cancel()
 
     def close(self, extra: dict[str, Any], release_in_background: bool, slab: bool) -> None:
         """Ends both once the loader's workers are done and records their stats in `extra` (whose

@@ -85,9 +85,10 @@ class RingCopier:
     """Registers the ring's pinned slots; `start(jobs)` then copies the jobs (in order) from the files to
     their device buffers through them (see the module docstring). `collect(job)` blocks until the job's
     copies are done and returns its buffers (ranges x devices, in `DirectJob` order), or raises what
-    failed it (e.g. a truncated file's ValueError). `close()` stops early (jobs not yet done raise
-    `Cancelled`), waits for every queued copy, and unregisters the slots; call it once the consumer is
-    done. Raises at construction if the slots cannot be registered (the caller then stages another way)."""
+    failed it (e.g. a truncated file's ValueError). `cancel()` stops early (jobs not yet done raise
+    `Cancelled`) once the copies in flight are done; `close()` cancels and unregisters the slots; call it
+    once the consumer is done. Raises at construction if the slots cannot be registered (the caller then
+    stages another way)."""
 
     def __init__(self, dma: HostDma, config: RingConfig | None = None, alloc_ahead: int = 8) -> None:
         self.config = config = config or RingConfig()
@@ -255,10 +256,9 @@ class RingCopier:
         return {"ring_bytes": self.bytes, "ring_setup_s": self.setup_s, "ring_copy_wait_s": self.wait_s,
                 "ring_fill_wait_s": self.fill_wait_s}
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def cancel(self) -> None:
+        """Stops copying: waits for the copies in flight (their buffers must outlive them), then fails every
+        job not done yet with `Cancelled`, so whoever waits for one returns. The slots stay registered."""
         self._stop.set()
         if self._feeder is not None:
             self._feeder.join()
@@ -268,6 +268,13 @@ class RingCopier:
             if not progress.done.is_set():
                 progress.fail(Cancelled("the load stopped before this tensor was copied"))
                 progress.done.set()
+
+    def close(self) -> None:
+        """`cancel`, then unregisters and frees the slots (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel()
         try:
             self.dma.unregister(self._base)
         finally:

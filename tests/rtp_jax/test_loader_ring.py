@@ -5,6 +5,7 @@ reused too early hands over the wrong bytes), registrations checked, nothing lef
 from __future__ import annotations
 
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +51,20 @@ def test_ring_loads_every_tensor_bit_for_bit_and_unregisters(tiny_hf_model, conf
 
 
 @cpu_only
-def test_ring_casts_on_the_device(tiny_hf_model):
-    """A dtype asked for is applied on the device after the ring's copy, as on the slab path."""
+def test_ring_casts_on_the_device_and_goes_back_in_the_background(tiny_hf_model):
+    """A dtype asked for is applied on the device after the ring's copy, as on the slab path; by default
+    the slots are unregistered by a background thread once the pass is over."""
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     ref = dict(iter_safetensors(path))
-    got = dict(FastLoader(path, ring=DeferredDma(), ring_config=SMALL_RING).iter_device(dtype=jnp.float32))
+    dma = DeferredDma()
+    got = dict(FastLoader(path, ring=dma, ring_config=SMALL_RING).iter_device(dtype=jnp.float32))
     for name, a in got.items():
         assert a.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(a), ref[name].astype(np.float32))
+    deadline = time.monotonic() + 10
+    while dma.live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dma.registrations == 1 and dma.live == {}
 
 
 @cpu_only
@@ -69,7 +76,8 @@ def test_row_shards_go_through_the_ring_and_column_slices_through_the_slab(tiny_
     path = tiny_hf_model("llama", sharded=True, dtype="float32")
     ref = dict(iter_safetensors(path))
     dma = DeferredDma()
-    loader = FastLoader(path, split_bytes=1 << 14, ring=dma, ring_config=SMALL_RING)
+    loader = FastLoader(path, split_bytes=1 << 14, ring=dma, ring_config=SMALL_RING,
+                        release_in_background=False)
     for name, a in loader.iter_device(sharding_for=sharding_for):
         np.testing.assert_array_equal(np.asarray(a), ref[name])
         assert a.sharding == sharding_for(name, a.shape), name
@@ -90,7 +98,7 @@ def test_an_early_exit_cancels_the_rest_and_unregisters(tiny_hf_model):
     every queued copy is waited for before the slots are unregistered, and the budget is back to zero."""
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     dma = DeferredDma()
-    loader = FastLoader(path, num_workers=4, ring=dma, ring_config=SMALL_RING)
+    loader = FastLoader(path, num_workers=4, ring=dma, ring_config=SMALL_RING, release_in_background=False)
     it = loader.iter_device()
     next(it)
     it.close()
@@ -108,7 +116,7 @@ def test_a_truncated_file_raises_its_error_and_releases_the_ring(tiny_hf_model, 
     last.write_bytes(last.read_bytes()[:-5000])
     dma = HostMemoryDma()
     with pytest.raises(ValueError, match="truncated checkpoint"):
-        dict(FastLoader(path, ring=dma, ring_config=SMALL_RING).iter_device())
+        dict(FastLoader(path, ring=dma, ring_config=SMALL_RING, release_in_background=False).iter_device())
     assert dma.live == {}
 
 
