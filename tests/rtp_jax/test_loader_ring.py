@@ -196,6 +196,14 @@ def test_a_prepared_ring_is_released_when_no_pass_takes_it(tiny_hf_model):
 
 
 def test_ring_config_names_the_bad_field():
+    """Bad ring shapes and staging names are refused with the field and what was expected."""
+    from rtp_jax.bench_cli import parse_ring_config
+
+    assert parse_ring_config("12x2x4") == RingConfig(threads=12, slots=2, chunk_bytes=4 << 20)
+    with pytest.raises(ValueError, match="--ring-config must be THREADSxSLOTSxMIB"):
+        parse_ring_config("12x2")
+    with pytest.raises(ValueError, match="RingConfig.slots must be >= 1"):
+        parse_ring_config("12x0x4")
     with pytest.raises(ValueError, match="RingConfig.chunk_bytes must be >= 1"):
         RingConfig(chunk_bytes=0)
     with pytest.raises(ValueError, match="staging must be 'ring', 'slab'"):
