@@ -406,7 +406,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
                         "slab elsewhere); slab: one reused pre-faulted host buffer; slab_async: set up in "
                         "the background, mmap meanwhile; none: a fresh buffer per tensor")
     p.add_argument("--ring-config", default=None,
-                   help="the ring's THREADSxSLOTSxMIB (default 8x2x8: 8 threads, 2 pinned slots of 8 MiB each)")
+                   help="the ring's THREADSxSLOTSxMIB (default 8x2x8: 8 threads, 2 pinned 8 MiB slots each)")
     p.add_argument("--no-dma-map", action="store_true", help="do not register the slab for direct DMA")
     p.add_argument("--direct", action="store_true",
                    help="copy files already in the page cache to the GPU by DMA from the pinned pages "

@@ -19,14 +19,22 @@ _COPY_STREAMS = 2  # per device: one copy engine per direction; two keeps it fed
 
 
 class CudaHostDma:
-    """`HostDma` through the CUDA driver (ctypes), in each device's primary context, which XLA uses too."""
+    """`HostDma` through the CUDA driver (ctypes), in each device's primary context, which XLA uses too.
 
-    def __init__(self, lib: Any) -> None:
+    `lib` makes the calls that can block (pinning, unpinning, waiting for a copy) and releases the GIL
+    around them, as `ctypes.CDLL` does. `quick` makes the calls that return within microseconds (setting
+    the context, queueing a copy from pinned memory, recording an event) and keeps the GIL, as
+    `ctypes.PyDLL` does: a released GIL is re-taken only after the thread holding it lets go, up to the
+    interpreter's 5 ms switch interval when that thread runs Python (the abstract model's build, the
+    loader's consumer), and the ring made five such calls per 8 MiB chunk. Defaults to `lib`."""
+
+    def __init__(self, lib: Any, quick: Any = None) -> None:
         self._lib = lib
+        self._quick = quick = lib if quick is None else quick
         c = ctypes
-        lib.cuMemcpyHtoDAsync_v2.argtypes = [c.c_uint64, c.c_void_p, c.c_size_t, c.c_void_p]
-        lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-        lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+        quick.cuMemcpyHtoDAsync_v2.argtypes = [c.c_uint64, c.c_void_p, c.c_size_t, c.c_void_p]
+        lib.cuMemHostRegister_v2.argtypes = [c.c_void_p, c.c_size_t, c.c_uint]
+        lib.cuMemHostUnregister.argtypes = [c.c_void_p]
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[int, list[ctypes.c_void_p]] = {}
         self._lanes: dict[tuple[int, int], ctypes.c_void_p] = {}
@@ -38,17 +46,17 @@ class CudaHostDma:
     def _check(self, result: int, what: str) -> None:
         if result:
             name = ctypes.c_char_p()
-            self._lib.cuGetErrorName(result, ctypes.byref(name))
+            self._quick.cuGetErrorName(result, ctypes.byref(name))
             raise RuntimeError(f"{what} failed: {(name.value or b'?').decode()} ({result})")
 
     def _device(self, ordinal: int) -> ctypes.c_int:
         dev = ctypes.c_int()
-        self._check(self._lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
+        self._check(self._quick.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
         return dev
 
     def supports(self, ordinal: int) -> bool:
         value = ctypes.c_int()
-        self._check(self._lib.cuDeviceGetAttribute(ctypes.byref(value), _READ_ONLY_REGISTER_ATTRIBUTE,
+        self._check(self._quick.cuDeviceGetAttribute(ctypes.byref(value), _READ_ONLY_REGISTER_ATTRIBUTE,
                                                    self._device(ordinal)), "cuDeviceGetAttribute")
         return bool(value.value)
 
@@ -60,7 +68,7 @@ class CudaHostDma:
                 self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self._device(ordinal)),
                             "cuDevicePrimaryCtxRetain")
                 self._contexts[ordinal] = ctx
-        self._check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        self._check(self._quick.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
     def register(self, address: int, nbytes: int) -> None:
         self._enter(self._first)  # portable: one registration serves every device
@@ -72,7 +80,7 @@ class CudaHostDma:
 
     def _new_stream(self) -> ctypes.c_void_p:
         stream = ctypes.c_void_p()
-        self._check(self._lib.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING), "cuStreamCreate")
+        self._check(self._quick.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING), "cuStreamCreate")
         return stream
 
     def _stream(self, ordinal: int, lane: int | None) -> ctypes.c_void_p:
@@ -95,14 +103,14 @@ class CudaHostDma:
         self._enter(ordinal)
         stream = self._stream(ordinal, lane)
         for dst, src, n in copies:
-            self._check(self._lib.cuMemcpyHtoDAsync_v2(dst, src, n, stream), "cuMemcpyHtoDAsync")
+            self._check(self._quick.cuMemcpyHtoDAsync_v2(dst, src, n, stream), "cuMemcpyHtoDAsync")
         with self._lock:
             free = self._events.get(ordinal)
             event = free.pop() if free else None
         if event is None:  # the ring copies ~2000 chunks per 16 GB load: events are reused, not remade
             event = ctypes.c_void_p()
-            self._check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_FLAGS), "cuEventCreate")
-        self._check(self._lib.cuEventRecord(event, stream), "cuEventRecord")
+            self._check(self._quick.cuEventCreate(ctypes.byref(event), _EVENT_FLAGS), "cuEventCreate")
+        self._check(self._quick.cuEventRecord(event, stream), "cuEventRecord")
         return ordinal, event
 
     def wait(self, handle: Any) -> None:
@@ -114,7 +122,7 @@ class CudaHostDma:
         try:
             self._check(self._lib.cuEventSynchronize(event), "cuEventSynchronize")
         except BaseException:
-            self._lib.cuEventDestroy_v2(event)
+            self._quick.cuEventDestroy_v2(event)
             raise
         with self._lock:
             self._events.setdefault(ordinal, []).append(event)
@@ -140,7 +148,7 @@ def host_dma() -> CudaHostDma | None:
         lib = ctypes.CDLL("libcuda.so.1")
         if lib.cuInit(0):
             return None
-        dma = CudaHostDma(lib)
+        dma = CudaHostDma(lib, ctypes.PyDLL("libcuda.so.1"))
         if not all(dma.supports(_ordinal(d)) for d in devices):
             return None
         dma._first = _ordinal(devices[0])

@@ -85,8 +85,8 @@ def resident(mapping: mmap.mmap, samples: int = 256, window: int = 16 * _PAGE) -
     size = len(mapping)
     if size == 0:
         return False
-    try:
-        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    try:  # PyDLL keeps the GIL: each call takes microseconds, and re-taking a released GIL can wait for
+        mincore = ctypes.PyDLL(None, use_errno=True).mincore  # the abstract model's build (ms each)
     except (OSError, AttributeError):
         return False
     mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
