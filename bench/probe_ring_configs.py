@@ -2,11 +2,13 @@
 that no configuration always runs first (run order moved earlier loader A/Bs by ~0.04 s).
 
     python3 bench/probe_ring_configs.py --out $OUT --ckpt /var/tmp/llama3-8b \
-        --configs 8x2x8,12x2x4 --rounds 4 [--thread-variants 8x2x8]
+        --configs 8x2x8,12x2x4 --rounds 4 [--thread-variants 8x2x8] [--gil-variants 8x2x8]
 
 Each load is `load_model_state` end to end as `rtp-jax bench load` times it warm (`fast_load`);
 `--thread-variants` repeats those configurations with the abstract model built in a thread beside the
-pipeline (`abstract_in_thread=True`). Prints a table of medians last; details in probe_ring_configs.json.
+pipeline (`abstract_in_thread=True`); `--gil-variants` repeats them with every CUDA driver call releasing
+the GIL (`CudaHostDma` over `ctypes.CDLL` alone, as before 1a6c6f9). Prints a table of medians last;
+details in probe_ring_configs.json.
 """
 
 from __future__ import annotations
@@ -23,12 +25,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rtp_jax.bench_cli import fast_load, parse_ring_config  # noqa: E402
 
 
+def releasing_dma() -> Any:
+    """The driver's `HostDma` with every call through `ctypes.CDLL` (each one releases the GIL)."""
+    import ctypes
+
+    from rtp_jax.loader.cuda_dma import CudaHostDma, host_dma
+
+    default = host_dma()
+    if default is None:
+        raise SystemExit("--gil-variants needs the CUDA driver's host DMA")
+    dma = CudaHostDma(ctypes.CDLL("libcuda.so.1"))
+    dma._first = default._first
+    return dma
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--configs", default="8x2x8,12x2x4")
     ap.add_argument("--thread-variants", default="", help="configs also run with abstract_in_thread")
+    ap.add_argument("--gil-variants", default="", help="configs also run with GIL-releasing quick calls")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     import jax.numpy as jnp
@@ -38,6 +55,8 @@ def main() -> None:
         runs.append((cfg, {"ring_config": parse_ring_config(cfg)}))
     for cfg in filter(None, args.thread_variants.split(",")):
         runs.append((f"{cfg}+thread", {"ring_config": parse_ring_config(cfg), "abstract_in_thread": True}))
+    for cfg in filter(None, args.gil_variants.split(",")):
+        runs.append((f"{cfg}+cdll", {"ring_config": parse_ring_config(cfg), "ring": releasing_dma()}))
     runs.append(("slab", {"staging": "slab"}))
     path = Path(args.ckpt)
     fast_load(path, jnp.bfloat16)  # warm-up: page cache, programs compiled
@@ -49,7 +68,8 @@ def main() -> None:
             res[name].append({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_ring_configs.json").write_text(json.dumps(res, indent=1))
-    cols = ("pipeline_s", "ring_copy_wait_s", "abstract_wait_s", "ring_setup_s", "copies_setup_s")
+    cols = ("pipeline_s", "ring_copy_wait_s", "abstract_wait_s", "ring_setup_s", "ring_populate_s",
+            "ring_register_s", "copies_setup_s")
     print(f"| config | warm load s (median) | all | {' | '.join(cols)} (medians) |\n"
           f"|---|---|---|{'---|' * len(cols)}")
     for name, rows in res.items():

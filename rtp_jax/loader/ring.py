@@ -113,8 +113,10 @@ class RingCopier:
         # set-up waits for the build (H200: 0.07 s for this ring with a fault-in by a pool of 8 threads,
         # against 0.05 s for the build).
         madvise = _madvise_fn()
+        t_map = time.perf_counter()
         if madvise is None or madvise(self._base, size, _MADV_POPULATE_WRITE) != 0:
             self._arena[::mmap.PAGESIZE] = 0
+        t_populated = time.perf_counter()
         self._fds: dict[Path, int] = {}
         try:
             dma.register(self._base, size)
@@ -122,6 +124,7 @@ class RingCopier:
             self._release_memory()
             raise
         self.setup_s = time.perf_counter() - self._t0
+        self.populate_s, self.register_s = t_populated - t_map, self._t0 + self.setup_s - t_populated
         self._feeder: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -253,7 +256,8 @@ class RingCopier:
         return progress.arrays
 
     def stats(self) -> dict[str, Any]:
-        return {"ring_bytes": self.bytes, "ring_setup_s": self.setup_s, "ring_copy_wait_s": self.wait_s,
+        return {"ring_bytes": self.bytes, "ring_setup_s": self.setup_s, "ring_populate_s": self.populate_s,
+                "ring_register_s": self.register_s, "ring_copy_wait_s": self.wait_s,
                 "ring_fill_wait_s": self.fill_wait_s}
 
     def cancel(self) -> None:
