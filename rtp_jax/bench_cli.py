@@ -261,6 +261,7 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
         with RssSampler() as rss:
             r = fast_load(path, dtype, **kw)
         warm.append(r["seconds"])
+        rep.setdefault("warm_pipeline_all_s", []).append(r.get("pipeline_s"))
         rep.setdefault("staging", r.get("staging"))
         rep["warm_setup_s"] = r.get("setup_s")
         rep["warm_pipeline_s"] = r.get("pipeline_s")
