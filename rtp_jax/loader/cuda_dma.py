@@ -15,6 +15,7 @@ _READ_ONLY_REGISTER_ATTRIBUTE = 113  # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGIST
 _REGISTER_FLAGS = 0x08 | 0x01  # CU_MEMHOSTREGISTER_READ_ONLY | CU_MEMHOSTREGISTER_PORTABLE
 _STREAM_NON_BLOCKING = 0x1
 _EVENT_FLAGS = 0x1 | 0x2  # CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING: a waiter sleeps, not spins
+_NOT_READY = 600  # CUDA_ERROR_NOT_READY: cuEventQuery of an event whose work is still running
 _COPY_STREAMS = 2  # per device: one copy engine per direction; two keeps it fed between submissions
 
 
@@ -114,13 +115,18 @@ class CudaHostDma:
         return ordinal, event
 
     def wait(self, handle: Any) -> None:
-        # Blocking-sync events: the waiter sleeps in the driver until the copy is done (ctypes releases
-        # the GIL), instead of spinning (a dozen spinning waiters starve the other threads of CPU) or
-        # polling with sleeps (~0.1 ms late per wake-up: with 2 slots per ring thread that stalls it).
+        # A copy is usually done by the time its slot comes round again: asked first without releasing
+        # the GIL. Otherwise blocking-sync events: the waiter sleeps in the driver until the copy is done
+        # (ctypes releases the GIL), instead of spinning (a dozen spinning waiters starve the other
+        # threads of CPU) or polling with sleeps (~0.1 ms late per wake-up: with 2 slots per ring thread
+        # that stalls it).
         ordinal, event = handle
         self._enter(ordinal)
         try:
-            self._check(self._lib.cuEventSynchronize(event), "cuEventSynchronize")
+            status = self._quick.cuEventQuery(event)
+            if status == _NOT_READY:
+                status = self._lib.cuEventSynchronize(event)
+            self._check(status, "cuEventSynchronize")
         except BaseException:
             self._quick.cuEventDestroy_v2(event)
             raise

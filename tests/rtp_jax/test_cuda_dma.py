@@ -37,6 +37,11 @@ class RecordingDriver:
         setattr(self, name, call)
         return call
 
+    def answer(self, name: str, result: int) -> None:
+        """From now on `name` returns `result`."""
+        self._fail[name] = result
+        getattr(self, name)._result = result
+
 
 def _dma() -> tuple[CudaHostDma, RecordingDriver, RecordingDriver]:
     lib, quick = RecordingDriver(), RecordingDriver()
@@ -53,12 +58,21 @@ def test_only_calls_that_can_block_release_the_gil():
     dma.wait(dma.copy_async(device, [(1 << 30, 4096, 8192)], lane=0))
     lib.calls.clear()
     quick.calls.clear()
+    quick.answer("cuEventQuery", 600)  # CUDA_ERROR_NOT_READY: the copy is still running
     dma.wait(dma.copy_async(device, [(1 << 30, 4096, 8192), (2 << 30, 12288, 8192)], lane=0))
     assert lib.calls == ["cuEventSynchronize"]
     assert quick.calls.count("cuMemcpyHtoDAsync_v2") == 2 and "cuEventRecord" in quick.calls
     assert not BLOCKING & set(quick.calls)
     dma.unregister(4096)
     assert lib.calls[-1] == "cuMemHostUnregister"
+
+
+def test_a_finished_copy_is_waited_for_without_releasing_the_gil():
+    """When the event says the copy is done, the wait makes no blocking call at all."""
+    dma, lib, quick = _dma()
+    device = SimpleNamespace(id=0)
+    dma.wait(dma.copy_async(device, [(1 << 30, 4096, 64)], lane=0))
+    assert "cuEventQuery" in quick.calls and "cuEventSynchronize" not in lib.calls
 
 
 def test_completed_events_are_reused():
