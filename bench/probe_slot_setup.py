@@ -1,5 +1,6 @@
 """What a ring's pinned slots cost to set up on this host: the fault-in of an anonymous mapping
-(`MADV_POPULATE_WRITE`, with and without `MADV_HUGEPAGE`, in one call or split over threads) and its
+(`MADV_POPULATE_WRITE` of a private mapping with and without `MADV_HUGEPAGE`, or of a shared one, in one
+call or split over threads) and its
 registration with the CUDA driver; and the host's memory settings that decide it (kernel, transparent huge
 pages, LRU). Medians of `--repeats`.
 
@@ -23,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rtp_jax.loader.staging import _MADV_POPULATE_WRITE, _madvise_fn  # noqa: E402
+from rtp_jax.loader.staging import _MADV_POPULATE_WRITE, _madvise_fn, anonymous_map  # noqa: E402
 
 SETTINGS = ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys/kernel/mm/transparent_hugepage/defrag",
             "/sys/kernel/mm/lru_gen/enabled", "/proc/sys/vm/compaction_proactiveness")
@@ -41,11 +42,19 @@ def host_settings() -> dict[str, Any]:
     return out
 
 
-def one_setup(nbytes: int, huge: bool, threads: int, dma: Any) -> dict[str, float]:
+def _mapping(kind: str, nbytes: int) -> mmap.mmap:
+    """"shared": `mmap.mmap(-1, n)` (MAP_SHARED, shmem); "private": MAP_PRIVATE; "huge": the loader's
+    `anonymous_map` (private, MADV_HUGEPAGE)."""
+    if kind == "huge":
+        return anonymous_map(nbytes)
+    if kind == "private":
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, nbytes)
+
+
+def one_setup(nbytes: int, kind: str, threads: int, dma: Any) -> dict[str, float]:
     t0 = time.perf_counter()
-    m = mmap.mmap(-1, nbytes)
-    if huge:
-        m.madvise(mmap.MADV_HUGEPAGE)
+    m = _mapping(kind, nbytes)
     arena = np.frombuffer(m, np.uint8)
     base = int(arena.ctypes.data)
     madvise = _madvise_fn()
@@ -78,11 +87,10 @@ def main() -> None:
 
     dma = host_dma()
     res: dict[str, Any] = {"host": host_settings(), "mib": args.mib, "cuda": dma is not None, "rows": {}}
-    for huge in (True, False):
+    for kind in ("huge", "private", "shared"):
         for threads in (1, 8):
-            name = f"{'huge' if huge else 'plain'} x{threads}"
-            rows = [one_setup(args.mib << 20, huge, threads, dma) for _ in range(args.repeats)]
-            res["rows"][name] = rows
+            rows = [one_setup(args.mib << 20, kind, threads, dma) for _ in range(args.repeats)]
+            res["rows"][f"{kind} x{threads}"] = rows
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_slot_setup.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res["host"], indent=1))
