@@ -7,8 +7,9 @@ that no configuration always runs first (run order moved earlier loader A/Bs by 
 Each load is `load_model_state` end to end as `rtp-jax bench load` times it warm (`fast_load`);
 `--thread-variants` repeats those configurations with the abstract model built in a thread beside the
 pipeline (`abstract_in_thread=True`); `--gil-variants` repeats them with every CUDA driver call releasing
-the GIL (`CudaHostDma` over `ctypes.CDLL` alone, as before 1a6c6f9). Prints a table of medians last;
-details in probe_ring_configs.json.
+the GIL (`CudaHostDma` over `ctypes.CDLL` alone, as before 1a6c6f9); `--switch-variants` with the
+abstract model in a thread and the interpreter's GIL switch interval at 0.2 ms (5 ms by default).
+Prints a table of medians last; details in probe_ring_configs.json.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--configs", default="8x2x8,12x2x4")
     ap.add_argument("--thread-variants", default="", help="configs also run with abstract_in_thread")
     ap.add_argument("--gil-variants", default="", help="configs also run with GIL-releasing quick calls")
+    ap.add_argument("--switch-variants", default="",
+                    help="configs also run with abstract_in_thread under a 0.2 ms GIL switch interval")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     import jax.numpy as jnp
@@ -57,6 +60,9 @@ def main() -> None:
         runs.append((f"{cfg}+thread", {"ring_config": parse_ring_config(cfg), "abstract_in_thread": True}))
     for cfg in filter(None, args.gil_variants.split(",")):
         runs.append((f"{cfg}+cdll", {"ring_config": parse_ring_config(cfg), "ring": releasing_dma()}))
+    for cfg in filter(None, args.switch_variants.split(",")):
+        runs.append((f"{cfg}+thread+si200", {"ring_config": parse_ring_config(cfg),
+                                             "abstract_in_thread": True, "switch_s": 2e-4}))
     runs.append(("slab", {"staging": "slab"}))
     path = Path(args.ckpt)
     fast_load(path, jnp.bfloat16)  # warm-up: page cache, programs compiled
@@ -64,7 +70,14 @@ def main() -> None:
     for r in range(args.rounds):
         order = runs[r % len(runs):] + runs[:r % len(runs)]
         for name, kw in order:
-            out = fast_load(path, jnp.bfloat16, **kw)
+            kw = dict(kw)
+            switch, default = kw.pop("switch_s", None), sys.getswitchinterval()
+            if switch is not None:
+                sys.setswitchinterval(switch)
+            try:
+                out = fast_load(path, jnp.bfloat16, **kw)
+            finally:
+                sys.setswitchinterval(default)
             res[name].append({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_ring_configs.json").write_text(json.dumps(res, indent=1))
