@@ -81,8 +81,8 @@ def main() -> None:
             res[name].append({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_ring_configs.json").write_text(json.dumps(res, indent=1))
-    cols = ("pipeline_s", "ring_copy_wait_s", "abstract_wait_s", "ring_setup_s", "ring_populate_s",
-            "ring_register_s", "copies_setup_s")
+    cols = ("pipeline_s", "ring_read_s", "ring_read_cpu_s", "ring_copy_wait_s", "abstract_wait_s",
+            "ring_setup_s", "copies_setup_s")
     print(f"| config | warm load s (median) | all | {' | '.join(cols)} (medians) |\n"
           f"|---|---|---|{'---|' * len(cols)}")
     for name, rows in res.items():

@@ -204,8 +204,8 @@ PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_bus
               "slab_first_segment_s", "staging", "direct_bytes", "direct_files", "pin_busy_s",
               "unpin_busy_s", "pin_wait_s", "copy_busy_s", "fill_wait_s", "submit_s", "pinned_peak_bytes",
               "direct_failed", "ring_bytes", "ring_setup_s", "ring_populate_s", "ring_register_s",
-              "ring_copy_wait_s", "ring_fill_wait_s", "copies_setup_s", "loader_built_s", "tensors_done_s",
-              "state_done_s")
+              "ring_copy_wait_s", "ring_read_s", "ring_read_cpu_s", "ring_fill_wait_s", "copies_setup_s",
+              "loader_built_s", "tensors_done_s", "state_done_s")
 
 
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 3, num_readers: int = 16,
@@ -408,7 +408,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
                         "slab elsewhere); slab: one reused pre-faulted host buffer; slab_async: set up in "
                         "the background, mmap meanwhile; none: a fresh buffer per tensor")
     p.add_argument("--ring-config", default=None,
-                   help="the ring's THREADSxSLOTSxMIB (default 8x2x8: 8 threads, 2 pinned 8 MiB slots each)")
+                   help="the ring's THREADSxSLOTSxMIB (default 10x2x8: 10 threads, 2 pinned slots of 8 MiB)")
     p.add_argument("--no-dma-map", action="store_true", help="do not register the slab for direct DMA")
     p.add_argument("--direct", action="store_true",
                    help="copy files already in the page cache to the GPU by DMA from the pinned pages "

@@ -3,7 +3,7 @@ default on CUDA, `staging="ring"`).
 
 The slab path stages every job in a 384 MiB pinned slab: the pread writes the slab and the DMA reads it back,
 both from DRAM (the slab is larger than the cache), so each byte crosses host memory three times. Here each
-of `threads` threads owns `slots` pinned slots of `chunk_bytes` (8 x 2 x 8 MiB = 128 MiB, well inside an
+of `threads` threads owns `slots` pinned slots of `chunk_bytes` (10 x 2 x 8 MiB = 160 MiB, well inside an
 H200 host's 300 MiB L3): it preads a chunk into a slot and queues its DMA straight into the tensor's device
 buffer at the chunk's offset; the slot is reused once that copy is done, so the DMA reads lines the pread
 has just written, from the cache. Measured on the H200 host (bench/probe_ring_staging.py): pread into
@@ -40,13 +40,14 @@ from rtp_jax.loader.staging import _MADV_POPULATE_WRITE, _madvise_fn, anonymous_
 @dataclass(frozen=True)
 class RingConfig:
     """`threads` copying threads, each with `slots` pinned slots of `chunk_bytes`. The defaults are the
-    H200 host's best in the loader (bench/probe_ring_configs.py, 16 GB warm, medians of 4: 8 x 2 x 8 MiB
-    0.601 s; 10 x 2 x 8 0.645, 6 x 2 x 8 0.650, 8 x 2 x 12 0.675, 12 x 2 x 8 0.695, 12 x 2 x 4 0.931;
-    the slab 0.781). Bare copies without the loader around them peaked at 12 x 2 x 4 MiB instead
+    H200 host's best in the loader (bench/probe_ring_configs.py, 16 GB warm, medians of 5-6 in three
+    calls once a chunk released the GIL only for its pread (1a6c6f9 on): 10 x 2 x 8 MiB 0.463, 0.539,
+    0.562 s against 8 x 2 x 8 0.497, 0.560, 0.594; 12 x 2 x 8 0.566, 0.551; 16 x 2 x 8 0.691; 8 x 2 x 4
+    0.579; the slab 0.707-0.756). Bare copies without the loader around them peaked at 12 x 2 x 4 MiB
     (bench/probe_ring_staging.py, 49 GB/s): in the loader each chunk also costs Python time under the
-    GIL, which larger chunks and fewer threads amortize."""
+    GIL, which larger chunks amortize."""
 
-    threads: int = 8
+    threads: int = 10
     slots: int = 2
     chunk_bytes: int = 8 << 20
 
@@ -99,7 +100,7 @@ class RingCopier:
         self._stop = threading.Event()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.bytes = 0
-        self.wait_s = self.fill_wait_s = 0.0
+        self.wait_s = self.fill_wait_s = self.read_s = self.read_cpu_s = 0.0
         self._lock = threading.Lock()
         self._t0 = time.perf_counter()
         size = config.threads * config.slots * config.chunk_bytes
@@ -215,6 +216,7 @@ class RingCopier:
         first = t * cfg.slots * cfg.chunk_bytes
         pending: list[Any] = [None] * cfg.slots
         turn = 0
+        read_s = read_cpu_s = 0.0  # a pread's wall time less its CPU time: waiting (GIL, scheduler, I/O)
         try:
             while not self._stop.is_set():
                 try:
@@ -234,7 +236,10 @@ class RingCopier:
                     continue
                 at = first + s * cfg.chunk_bytes
                 try:
+                    w0, c0 = time.perf_counter(), time.thread_time()
                     pread_into(fd, memoryview(self._arena[at:at + n]), offset)
+                    read_s += time.perf_counter() - w0
+                    read_cpu_s += time.thread_time() - c0
                     src = self._base + at
                     handles = [self.dma.copy_async(device, [(ptr, src, n)], lane=t) for device, ptr in dsts]
                 except BaseException as e:  # noqa: BLE001 - e.g. a truncated file: the job fails
@@ -245,6 +250,9 @@ class RingCopier:
         finally:
             for s in range(cfg.slots):
                 self._settle(pending, s)
+            with self._lock:
+                self.read_s += read_s
+                self.read_cpu_s += read_cpu_s
 
     # ---- the consumer's side -------------------------------------------------------------------
     def collect(self, job: DirectJob) -> list[Any]:
@@ -258,6 +266,7 @@ class RingCopier:
     def stats(self) -> dict[str, Any]:
         return {"ring_bytes": self.bytes, "ring_setup_s": self.setup_s, "ring_populate_s": self.populate_s,
                 "ring_register_s": self.register_s, "ring_copy_wait_s": self.wait_s,
+                "ring_read_s": self.read_s, "ring_read_cpu_s": self.read_cpu_s,
                 "ring_fill_wait_s": self.fill_wait_s}
 
     def cancel(self) -> None:
