@@ -465,7 +465,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--decode-repeats", type=int, default=2)
     p.add_argument("--ttft-repeats", type=int, default=5)
-    p.add_argument("--load-repeats", type=int, default=3)
+    p.add_argument("--load-repeats", type=int, default=5)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--skip", default="", help="comma list of: startup,load,engine")
@@ -520,8 +520,8 @@ def main() -> None:
             "offline_output_run", "offline_first_output_tok_s_incl_compile", "offline_compile_s",
             "startup_cold_cache_s",
             "startup_warm_cache_s", "attention_backend")
-    lkeys = ("bytes", "disk_read_GBps", "load_s", "warm_load_s", "naive_load_s", "peak_host_rss_GB",
-             "cache_drop", "variants")
+    lkeys = ("bytes", "disk_read_GBps", "load_s", "warm_load_s", "warm_first_load_s", "warm_steady_load_s",
+             "naive_load_s", "peak_host_rss_GB", "cache_drop", "variants")
     print("\n| metric | value |\n|---|---|")
     for k in keys:
         if k in dec:
