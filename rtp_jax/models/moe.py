@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rtp_jax.config import ModelConfig
-from rtp_jax.models.llama import init_weight
+from rtp_jax.models.llama import Module, init_weight
 from sharding import compat
 
 
@@ -74,7 +74,7 @@ def _sharded_experts(mesh: object, x: jax.Array, ids: jax.Array, weights: jax.Ar
     return f(x, ids, weights, gate, up, down)
 
 
-class Experts(nnx.Module):
+class Experts(Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         e, i, d = cfg.num_experts, cfg.expert_intermediate_size, cfg.hidden_size
         self.gate_proj = nnx.Param(init_weight(rngs, (e, i, d), dtype))
@@ -82,7 +82,7 @@ class Experts(nnx.Module):
         self.down_proj = nnx.Param(init_weight(rngs, (e, d, i), dtype))
 
 
-class Router(nnx.Module):
+class Router(Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         self.weight = nnx.Param(init_weight(rngs, (cfg.num_experts, cfg.hidden_size), dtype))
 
@@ -90,7 +90,7 @@ class Router(nnx.Module):
         return jnp.einsum("td,ed->te", x, self.weight[...])
 
 
-class SparseMoeBlock(nnx.Module):
+class SparseMoeBlock(Module):
     """x [T, D] -> [T, D]: route each token to top-k experts and sum their weighted outputs."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
