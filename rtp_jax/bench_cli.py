@@ -214,6 +214,11 @@ PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_bus
               "loader_built_s", "tensors_done_s", "state_done_s")
 
 
+# Per warm run (the full phases are kept for the last one): where run-to-run differences come from.
+RUN_KEYS = ("seconds", "pipeline_s", "abstract_wait_s", "abstract_done_s", "ring_setup_s", "copies_setup_s",
+            "ring_read_s", "ring_read_cpu_s", "state_done_s")
+
+
 def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 5, num_readers: int = 16,
                    num_workers: int = 12, max_inflight_mb: int = 384, chunk_mb: int = 64, split_mb: int = 32,
                    assemble: str = "concat", use_mmap: bool = False, staging: str = "ring",
@@ -268,6 +273,7 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
             r = fast_load(path, dtype, **kw)
         warm.append(r["seconds"])
         rep.setdefault("warm_pipeline_all_s", []).append(r.get("pipeline_s"))
+        rep.setdefault("warm_runs", []).append({k: r[k] for k in RUN_KEYS if k in r})
         rep.setdefault("staging", r.get("staging"))
         rep["warm_setup_s"] = r.get("setup_s")
         rep["warm_pipeline_s"] = r.get("pipeline_s")

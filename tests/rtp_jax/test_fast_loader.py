@@ -374,6 +374,7 @@ def test_bench_load_cli(tmp_path, tiny_hf_model, capsys):
     # The first warm load after the cold one is reported alone too, and the steady median without it.
     first, *rest = rep["warm_load_all_s"]
     assert rep["warm_first_load_s"] == first and rep["warm_steady_load_s"] == statistics.median(rest)
+    assert [run["seconds"] for run in rep["warm_runs"]] == rep["warm_load_all_s"]
     assert rep["bytes"] == sum(t.nbytes for t in plan_checkpoint(Path(path)))
     assert "warm_load_s" in out_md.read_text()
     assert '"load_s"' in capsys.readouterr().out
