@@ -34,7 +34,7 @@ import numpy as np
 
 from rtp_jax.loader.direct import DirectJob, HostDma, _zeros_fn, default_device
 from rtp_jax.loader.reading import pread_into
-from rtp_jax.loader.staging import _MADV_POPULATE_WRITE, _madvise_fn, anonymous_map
+from rtp_jax.loader.staging import _madvise_fn, anonymous_map, populate_write
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,14 @@ class RingCopier:
         self._arena = np.frombuffer(self._map, np.uint8)
         self._base = int(self._arena.ctypes.data)
         # Faulted in for writing before the read-only registration (which would otherwise pin the shared
-        # zero page that untouched memory maps to for reads), in one call without the GIL: set up beside
-        # the abstract model's pure-Python build (`FastLoader.prepare`), every GIL hand-off of a multi-step
-        # set-up waits for the build (H200: a fault-in by a pool of 8 threads made the set-up 0.07 s, longer
-        # than the build; one call into huge pages now takes 0.03 s of its 0.04-0.05 s).
+        # zero page that untouched memory maps to for reads), from this one thread without the GIL: set up
+        # beside the abstract model's pure-Python build (`FastLoader.prepare`), every GIL hand-off of a
+        # multi-step set-up waits for the build (H200: a fault-in by a pool of 8 threads made the set-up
+        # 0.07 s, longer than the build; into huge pages it takes ~0.03 s of its 0.04-0.05 s). In pieces,
+        # so that the build's own mmaps are not held up by the mmap lock (`populate_write`).
         madvise = _madvise_fn()
         t_map = time.perf_counter()
-        if madvise is None or madvise(self._base, size, _MADV_POPULATE_WRITE) != 0:
+        if madvise is None or not populate_write(self._base, size, madvise):
             self._arena[::mmap.PAGESIZE] = 0
         t_populated = time.perf_counter()
         self._fds: dict[Path, int] = {}

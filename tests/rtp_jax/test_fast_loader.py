@@ -413,3 +413,24 @@ def test_staging_memory_is_a_private_mapping():
             pytest.fail("the mapping is not in /proc/self/maps")
     finally:
         m.close()
+
+
+def test_staging_memory_is_faulted_in_a_few_mib_at_a_time():
+    """The ring's and the slab's fault-in is a series of MADV_POPULATE_WRITE calls of at most
+    `POPULATE_PIECE` bytes covering the range once, in order: the kernel holds the mmap lock through each
+    call, so one call over the whole ring stalled every other thread's mmap (the abstract model's build
+    beside it ran 3x slower on the H200 host). A failed call reports False (the caller then writes)."""
+    from rtp_jax.loader.staging import _MADV_POPULATE_WRITE, POPULATE_PIECE, populate_write
+
+    calls: list[tuple[int, int, int]] = []
+
+    def madvise(address: int, nbytes: int, advice: int) -> int:
+        calls.append((address, nbytes, advice))
+        return 0
+
+    size = 3 * POPULATE_PIECE + 8192
+    assert populate_write(1 << 30, size, madvise)
+    assert all(n <= POPULATE_PIECE and a == _MADV_POPULATE_WRITE for _, n, a in calls)
+    assert [c[0] for c in calls] == [(1 << 30) + i * POPULATE_PIECE for i in range(4)]
+    assert sum(n for _, n, _ in calls) == size
+    assert not populate_write(0, size, lambda *_: -1)
