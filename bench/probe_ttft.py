@@ -1,0 +1,139 @@
+"""Where the host's share of the 2k-token TTFT goes: TTFT as run_all measures it, in variants that take
+turns in one process, with the engine's phases timed per request.
+
+    python3 bench/probe_ttft.py --out $OUT --ckpt /var/tmp/llama3-8b [--rounds 8] [--variants base,nogc]
+
+The engine is run_all's (`LLM(ckpt, max_model_len=4096)`, written checkpoint). A 2k trace (2026-12-02,
+bench/notes_bench.md) showed ~41 ms of device compute inside ~49 ms of TTFT: ~4.9 ms of host work before
+the first kernel and ~2.4 ms between the last kernel and the host seeing the token (1.8 ms of it after the
+token's copy had landed). Variants (diagnostics, not engine options):
+  base       the engine as it is
+  nogc       Python's cyclic GC disabled during the request (does a collection land in the wait?)
+  freeze     every object alive before the request moved out of the GC's reach (`gc.freeze()`), as
+             vLLM does after start-up
+  early_d2h  the sampled tokens' device-to-host copy queued right after the launch
+             (`copy_to_host_async`), not when the host asks for them
+  nohash     the prefix cache's block hashing of the prompt skipped (its cost alone; not a fix)
+  A+B        both
+Prints a table of medians last; details in probe_ttft.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("schedule", "dispatch", "collect", "process")
+
+
+def instrument(llm: Any, marks: dict[str, float]) -> None:
+    """Adds each phase's seconds of the engine's steps to `marks`."""
+    core = llm.engine.core
+    for obj, attr, key in ((core.scheduler, "schedule", "schedule"), (core.runner, "dispatch", "dispatch"),
+                           (core.runner, "collect", "collect"), (core, "_process", "process")):
+        fn = getattr(obj, attr)
+
+        def timed(*a: Any, _fn: Any = fn, _key: str = key, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                marks[_key] = marks.get(_key, 0.0) + time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+
+def toggles(llm: Any) -> dict[str, tuple[Any, Any]]:
+    """variant part -> (switch on, switch off)."""
+    runner = llm.engine.core.runner
+    kv = llm.engine.core.kv
+    dispatch = runner.dispatch
+    cache_full = kv._cache_full_blocks
+
+    def early(*a: Any, **k: Any) -> Any:
+        f = dispatch(*a, **k)
+        f.tokens.copy_to_host_async()
+        return f
+
+    def set_dispatch(fn: Any) -> Any:
+        return lambda: setattr(runner, "dispatch", fn)
+
+    return {
+        "base": (lambda: None, lambda: None),
+        "nogc": (gc.disable, gc.enable),
+        "freeze": (lambda: (gc.collect(), gc.freeze()), gc.unfreeze),
+        "early_d2h": (set_dispatch(early), set_dispatch(dispatch)),
+        "nohash": (lambda: setattr(kv, "_cache_full_blocks", lambda *a, **k: None),
+                   lambda: setattr(kv, "_cache_full_blocks", cache_full)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--variants", default="base,nogc,freeze,early_d2h,nohash,nogc+early_d2h")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    args = ap.parse_args()
+    from rtp_jax import LLM, SamplingParams
+
+    llm = LLM(args.ckpt, max_model_len=args.max_model_len)
+    hi = min(128000, llm.engine.core.config.model.vocab_size)
+    rng = np.random.default_rng(1)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+
+    def ttft() -> float:
+        ids = rng.integers(100, hi, 2048).tolist()
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        return time.perf_counter() - t0
+
+    for _ in range(3):  # compiles the programs
+        ttft()
+    # The phases are wrapped once, before the variants capture (and wrap) the runner's methods.
+    marks: dict[str, float] = {}
+    instrument(llm, marks)
+    switches = toggles(llm)
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        for part in v.split("+"):
+            if part not in switches:
+                raise SystemExit(f"unknown variant part {part!r}; known: {sorted(switches)}")
+    res: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            parts = v.split("+")
+            for p in parts:
+                switches[p][0]()
+            marks.clear()
+            try:
+                s = ttft()
+            finally:
+                for p in reversed(parts):
+                    switches[p][1]()
+            res[v].append({"ttft_s": s, **{k: marks.get(k, 0.0) for k in PHASES}})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "probe_ttft.json").write_text(json.dumps(res, indent=1))
+    print(f"| variant | TTFT ms (median) | all | {' | '.join(PHASES)} (ms, medians) |\n|---|---|---|"
+          + "---|" * len(PHASES))
+    for v, rows in res.items():
+        ts = [1e3 * x["ttft_s"] for x in rows]
+        ph = [1e3 * statistics.median(x[k] for x in rows) for k in PHASES]
+        print(f"| {v} | {statistics.median(ts):.2f} | {[round(t, 1) for t in ts]} | "
+              + " | ".join(f"{p:.2f}" for p in ph) + " |")
+
+
+if __name__ == "__main__":
+    main()
