@@ -13,6 +13,8 @@ token's copy had landed). Variants (diagnostics, not engine options):
              vLLM does after start-up
   early_d2h  the sampled tokens' device-to-host copy queued right after the launch
              (`copy_to_host_async`), not when the host asks for them
+  collect    a full collection (`gc.collect()`) just before the request, nothing frozen
+  freeze_only `gc.freeze()` without the collection first
   nohash     the prefix cache's block hashing of the prompt skipped (its cost alone; not a fix)
   A+B        both
 Prints a table of medians last; details in probe_ttft.json under --out.
@@ -34,7 +36,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PHASES = ("schedule", "dispatch", "collect", "process")
+PHASES = ("schedule", "dispatch", "collect", "process", "gc")
+
+
+def time_gc(marks: dict[str, float], counts: list[int]) -> None:
+    """Adds the seconds of every cyclic-GC pass to marks["gc"] and counts passes per generation."""
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            marks["gc"] = marks.get("gc", 0.0) + time.perf_counter() - started.pop()
+            counts[info["generation"]] += 1
+
+    gc.callbacks.append(callback)
 
 
 def instrument(llm: Any, marks: dict[str, float]) -> None:
@@ -73,6 +89,8 @@ def toggles(llm: Any) -> dict[str, tuple[Any, Any]]:
         "base": (lambda: None, lambda: None),
         "nogc": (gc.disable, gc.enable),
         "freeze": (lambda: (gc.collect(), gc.freeze()), gc.unfreeze),
+        "collect": (gc.collect, lambda: None),
+        "freeze_only": (gc.freeze, gc.unfreeze),
         "early_d2h": (set_dispatch(early), set_dispatch(dispatch)),
         "nohash": (lambda: setattr(kv, "_cache_full_blocks", lambda *a, **k: None),
                    lambda: setattr(kv, "_cache_full_blocks", cache_full)),
@@ -83,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--variants", default="base,nogc,freeze,early_d2h,nohash,nogc+early_d2h")
+    ap.add_argument("--variants", default="base,nogc,freeze,collect,freeze_only,nohash")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=4096)
     args = ap.parse_args()
@@ -105,6 +123,8 @@ def main() -> None:
     # The phases are wrapped once, before the variants capture (and wrap) the runner's methods.
     marks: dict[str, float] = {}
     instrument(llm, marks)
+    counts = [0, 0, 0]
+    time_gc(marks, counts)
     switches = toggles(llm)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -118,21 +138,23 @@ def main() -> None:
             for p in parts:
                 switches[p][0]()
             marks.clear()
+            counts[:] = [0, 0, 0]
             try:
                 s = ttft()
             finally:
                 for p in reversed(parts):
                     switches[p][1]()
-            res[v].append({"ttft_s": s, **{k: marks.get(k, 0.0) for k in PHASES}})
+            res[v].append({"ttft_s": s, **{k: marks.get(k, 0.0) for k in PHASES},
+                           "gc_passes": list(counts), "gc_objects": len(gc.get_objects())})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_ttft.json").write_text(json.dumps(res, indent=1))
-    print(f"| variant | TTFT ms (median) | all | {' | '.join(PHASES)} (ms, medians) |\n|---|---|---|"
-          + "---|" * len(PHASES))
+    print(f"| variant | TTFT ms (median) | all | {' | '.join(PHASES)} (ms, medians) | GC passes per "
+          "generation |\n|---|---|---|" + "---|" * (len(PHASES) + 1))
     for v, rows in res.items():
         ts = [1e3 * x["ttft_s"] for x in rows]
         ph = [1e3 * statistics.median(x[k] for x in rows) for k in PHASES]
         print(f"| {v} | {statistics.median(ts):.2f} | {[round(t, 1) for t in ts]} | "
-              + " | ".join(f"{p:.2f}" for p in ph) + " |")
+              + " | ".join(f"{p:.2f}" for p in ph) + f" | {[x['gc_passes'] for x in rows][:3]} |")
 
 
 if __name__ == "__main__":
