@@ -8,8 +8,7 @@ Each load is `load_model_state` end to end as `rtp-jax bench load` times it warm
 `--thread-variants` repeats those configurations with the abstract model built in a thread beside the
 pipeline (`abstract_in_thread=True`); `--gil-variants` repeats them with every CUDA driver call releasing
 the GIL (`CudaHostDma` over `ctypes.CDLL` alone, as before 1a6c6f9); `--switch-variants` with the
-abstract model in a thread and the interpreter's GIL switch interval at 0.2 ms (5 ms by default);
-`--onecall-variants` with the ring's slots faulted in by one madvise call instead of 4 MiB pieces.
+abstract model in a thread and the interpreter's GIL switch interval at 0.2 ms (5 ms by default).
 Prints a table of medians last; details in probe_ring_configs.json.
 """
 
@@ -25,7 +24,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rtp_jax.bench_cli import fast_load, parse_ring_config  # noqa: E402
-from rtp_jax.loader import staging  # noqa: E402
 
 
 def releasing_dma() -> Any:
@@ -51,8 +49,6 @@ def main() -> None:
     ap.add_argument("--gil-variants", default="", help="configs also run with GIL-releasing quick calls")
     ap.add_argument("--switch-variants", default="",
                     help="configs also run with abstract_in_thread under a 0.2 ms GIL switch interval")
-    ap.add_argument("--onecall-variants", default="",
-                    help="configs also run with the ring faulted in by one madvise call (the earlier way)")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     import jax.numpy as jnp
@@ -67,8 +63,6 @@ def main() -> None:
     for cfg in filter(None, args.switch_variants.split(",")):
         runs.append((f"{cfg}+thread+si200", {"ring_config": parse_ring_config(cfg),
                                              "abstract_in_thread": True, "switch_s": 2e-4}))
-    for cfg in filter(None, args.onecall_variants.split(",")):
-        runs.append((f"{cfg}+onecall", {"ring_config": parse_ring_config(cfg), "populate_piece": 1 << 40}))
     runs.append(("slab", {"staging": "slab"}))
     path = Path(args.ckpt)
     fast_load(path, jnp.bfloat16)  # warm-up: page cache, programs compiled
@@ -78,15 +72,12 @@ def main() -> None:
         for name, kw in order:
             kw = dict(kw)
             switch, default = kw.pop("switch_s", None), sys.getswitchinterval()
-            piece, default_piece = kw.pop("populate_piece", None), staging.POPULATE_PIECE
             if switch is not None:
                 sys.setswitchinterval(switch)
-            staging.POPULATE_PIECE = piece or default_piece
             try:
                 out = fast_load(path, jnp.bfloat16, **kw)
             finally:
                 sys.setswitchinterval(default)
-                staging.POPULATE_PIECE = default_piece
             res[name].append({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_ring_configs.json").write_text(json.dumps(res, indent=1))

@@ -210,6 +210,7 @@ PHASE_KEYS = ("abstract_wait_s", "abstract_done_s", "read_busy_s", "transfer_bus
               "slab_first_segment_s", "staging", "direct_bytes", "direct_files", "pin_busy_s",
               "unpin_busy_s", "pin_wait_s", "copy_busy_s", "fill_wait_s", "submit_s", "pinned_peak_bytes",
               "direct_failed", "ring_bytes", "ring_setup_s", "ring_populate_s", "ring_register_s",
+              "ring_register_failures",
               "ring_copy_wait_s", "ring_read_s", "ring_read_cpu_s", "ring_fill_wait_s", "copies_setup_s",
               "loader_built_s", "tensors_done_s", "state_done_s")
 

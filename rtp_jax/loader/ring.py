@@ -34,7 +34,7 @@ import numpy as np
 
 from rtp_jax.loader.direct import DirectJob, HostDma, _zeros_fn, default_device
 from rtp_jax.loader.reading import pread_into
-from rtp_jax.loader.staging import _madvise_fn, anonymous_map, populate_write
+from rtp_jax.loader.staging import _MADV_POPULATE_WRITE, _madvise_fn, anonymous_map
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,14 @@ class Cancelled(RuntimeError):
 
 
 class RingCopier:
-    """Registers the ring's pinned slots; `start(jobs)` then copies the jobs (in order) from the files to
-    their device buffers through them (see the module docstring). `collect(job)` blocks until the job's
-    copies are done and returns its buffers (ranges x devices, in `DirectJob` order), or raises what
-    failed it (e.g. a truncated file's ValueError). `cancel()` stops early (jobs not yet done raise
-    `Cancelled`) once the copies in flight are done; `close()` cancels and unregisters the slots; call it
-    once the consumer is done. Raises at construction if the slots cannot be registered (the caller then
-    stages another way)."""
+    """Maps the ring's slots and pins thread 0's; `start(jobs)` then copies the jobs (in order) from the
+    files to their device buffers through them (see the module docstring), each other ring thread first
+    pinning its own slots. `collect(job)` blocks until the job's copies are done and returns its buffers
+    (ranges x devices, in `DirectJob` order), or raises what failed it (e.g. a truncated file's
+    ValueError). `cancel()` stops early (jobs not yet done raise `Cancelled`) once the copies in flight are
+    done; `close()` cancels and unregisters the slots; call it once the consumer is done. Raises at
+    construction if thread 0's slots cannot be registered (the caller then stages another way); a later
+    thread whose slots cannot be registered leaves its share of the chunks to the others."""
 
     def __init__(self, dma: HostDma, config: RingConfig | None = None, alloc_ahead: int = 8) -> None:
         self.config = config = config or RingConfig()
@@ -99,37 +100,49 @@ class RingCopier:
         self._progress: dict[Any, _Progress] = {}
         self._stop = threading.Event()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.bytes = 0
+        self.bytes = self.register_failures = 0
         self.wait_s = self.fill_wait_s = self.read_s = self.read_cpu_s = 0.0
+        self.populate_s = self.register_s = 0.0  # summed over the threads that pinned their slots
         self._lock = threading.Lock()
         self._t0 = time.perf_counter()
-        size = config.threads * config.slots * config.chunk_bytes
-        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-        self._map = anonymous_map(size)
+        # Each thread's slots are one page-aligned region: faulted in and registered by that thread, so the
+        # 10 regions of the default ring are pinned in parallel as the copies start. Pinned all at once
+        # beside the abstract model's build (before 2026-12-02), the 160 MiB fault-in and registration took
+        # 0.05-0.07 s on the H200 host: longer than the build (0.02 s alone), and its fault-in held the
+        # process's mmap lock, so the build's own mmaps waited for it (0.04-0.06 s).
+        self._region = -(-config.slots * config.chunk_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._map = anonymous_map(config.threads * self._region)
         self._arena = np.frombuffer(self._map, np.uint8)
         self._base = int(self._arena.ctypes.data)
-        # Faulted in for writing before the read-only registration (which would otherwise pin the shared
-        # zero page that untouched memory maps to for reads), from this one thread without the GIL: set up
-        # beside the abstract model's pure-Python build (`FastLoader.prepare`), every GIL hand-off of a
-        # multi-step set-up waits for the build (H200: a fault-in by a pool of 8 threads made the set-up
-        # 0.07 s, longer than the build; into huge pages it takes ~0.03 s of its 0.04-0.05 s). In pieces,
-        # so that the build's own mmaps are not held up by the mmap lock (`populate_write`).
-        madvise = _madvise_fn()
-        t_map = time.perf_counter()
-        if madvise is None or not populate_write(self._base, size, madvise):
-            self._arena[::mmap.PAGESIZE] = 0
-        t_populated = time.perf_counter()
+        self._madvise = _madvise_fn()
+        self._registered: list[int] = []
         self._fds: dict[Path, int] = {}
         try:
-            dma.register(self._base, size)
+            self._pin(0)
         except BaseException:
             self._release_memory()
             raise
         self.setup_s = time.perf_counter() - self._t0
-        self.populate_s, self.register_s = t_populated - t_map, self._t0 + self.setup_s - t_populated
         self._feeder: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
+
+    def _pin(self, t: int) -> None:
+        """Faults thread `t`'s slots in for writing (one madvise call, without the GIL), then registers
+        them. Faulted in first: a read-only registration of untouched memory would pin the shared zero
+        page that it maps to for reads."""
+        at = t * self._region
+        address = self._base + at
+        t0 = time.perf_counter()
+        if self._madvise is None or self._madvise(address, self._region, _MADV_POPULATE_WRITE) != 0:
+            self._arena[at:at + self._region:mmap.PAGESIZE] = 0
+        t1 = time.perf_counter()
+        self.dma.register(address, self._region)
+        t2 = time.perf_counter()
+        with self._lock:
+            self._registered.append(address)
+            self.populate_s += t1 - t0
+            self.register_s += t2 - t1
 
     def start(self, jobs: list[DirectJob]) -> None:
         """Starts copying `jobs`, in order (once per copier)."""
@@ -214,7 +227,14 @@ class RingCopier:
 
     def _copy_loop(self, t: int) -> None:
         cfg = self.config
-        first = t * cfg.slots * cfg.chunk_bytes
+        if t:
+            try:
+                self._pin(t)
+            except BaseException:  # noqa: BLE001 - the other threads take this one's chunks
+                with self._lock:
+                    self.register_failures += 1
+                return
+        first = t * self._region
         pending: list[Any] = [None] * cfg.slots
         turn = 0
         read_s = read_cpu_s = 0.0  # a pread's wall time less its CPU time: waiting (GIL, scheduler, I/O)
@@ -266,7 +286,8 @@ class RingCopier:
 
     def stats(self) -> dict[str, Any]:
         return {"ring_bytes": self.bytes, "ring_setup_s": self.setup_s, "ring_populate_s": self.populate_s,
-                "ring_register_s": self.register_s, "ring_copy_wait_s": self.wait_s,
+                "ring_register_s": self.register_s, "ring_register_failures": self.register_failures,
+                "ring_copy_wait_s": self.wait_s,
                 "ring_read_s": self.read_s, "ring_read_cpu_s": self.read_cpu_s,
                 "ring_fill_wait_s": self.fill_wait_s}
 
@@ -290,7 +311,8 @@ class RingCopier:
         self._closed = True
         self.cancel()
         try:
-            self.dma.unregister(self._base)
+            for address in self._registered:
+                self.dma.unregister(address)
         finally:
             for fd in self._fds.values():
                 os.close(fd)

@@ -34,8 +34,8 @@ def _same(a, b) -> bool:
                                     RingConfig(threads=4, slots=3, chunk_bytes=1 << 20)])
 def test_ring_loads_every_tensor_bit_for_bit_and_unregisters(tiny_hf_model, config):
     """Every tensor arrives bit-identical through the ring, whole (no row pieces), all bytes by the ring,
-    from one registration of threads x slots x chunk bytes that is gone after the load; with the copies
-    landing only when waited for, so a slot refilled before its copy completed would corrupt a tensor."""
+    from one registration per ring thread (its slots), all gone after the load; with the copies landing
+    only when waited for, so a slot refilled before its copy completed would corrupt a tensor."""
     path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
     ref = dict(iter_safetensors(path))
     dma = DeferredDma()
@@ -46,7 +46,8 @@ def test_ring_loads_every_tensor_bit_for_bit_and_unregisters(tiny_hf_model, conf
         assert isinstance(a, jax.Array) and _same(a, ref[name]), name
     extra = loader.stats.extra
     assert extra["staging"] == "ring" and extra["ring_bytes"] == sum(x.nbytes for x in ref.values())
-    assert dma.live == {} and dma.registrations == 1 and not dma.queued
+    assert dma.live == {} and dma.registrations == config.threads and not dma.queued
+    assert extra["ring_register_failures"] == 0
     assert loader.budget.peak == 0  # no host bytes were staged in the slab
 
 
@@ -64,7 +65,7 @@ def test_ring_casts_on_the_device_and_goes_back_in_the_background(tiny_hf_model)
     deadline = time.monotonic() + 10
     while dma.live and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert dma.registrations == 1 and dma.live == {}
+    assert dma.registrations == SMALL_RING.threads and dma.live == {}
 
 
 @cpu_only
@@ -154,7 +155,8 @@ def test_a_refused_registration_leaves_everything_to_the_slab(tiny_hf_model):
 @cpu_only
 def test_load_model_state_takes_the_ring_prepared_beside_the_abstract_model(tiny_hf_model):
     """load_model_state sets the ring up in the background (`prepare`) while it builds the abstract model;
-    the pass uses that one ring (one registration, released after) and the state equals the slab path's."""
+    the pass uses that one ring (one registration per thread, released after) and the state equals the slab
+    path's."""
     from flax import nnx
 
     from rtp_jax.loader import load_model_config
@@ -170,7 +172,7 @@ def test_load_model_state_takes_the_ring_prepared_beside_the_abstract_model(tiny
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert a.dtype == jnp.float32 and bool(jnp.array_equal(a, b))
-    assert stats["staging"] == "ring" and dma.registrations == 1 and dma.live == {}
+    assert stats["staging"] == "ring" and dma.registrations == SMALL_RING.threads and dma.live == {}
 
 
 @cpu_only
@@ -182,7 +184,7 @@ def test_a_prepared_ring_is_released_when_no_pass_takes_it(tiny_hf_model):
     loader = FastLoader(path, ring=dma, ring_config=SMALL_RING)
     loader.prepare()
     loader.close()
-    assert dma.registrations == 1 and dma.live == {}
+    assert dma.registrations == 1 and dma.live == {}  # thread 0's slots: the others pin when copying
 
     def bad_sharding(name, shape):
         raise ValueError(f"no sharding for {name}")
@@ -193,6 +195,22 @@ def test_a_prepared_ring_is_released_when_no_pass_takes_it(tiny_hf_model):
         next(loader.iter_device(sharding_for=bad_sharding))
     loader.close()  # nothing left to close: the pass took the ring
     assert dma.registrations == 2 and dma.live == {}
+
+
+@cpu_only
+def test_a_thread_whose_slots_cannot_be_pinned_leaves_its_chunks_to_the_others(tiny_hf_model):
+    """Thread 0's slots are registered up front (a refusal there sends the load to the slab); each other
+    thread registers its own when it starts. When those later registrations are refused, the threads that
+    could pin copy every chunk: all tensors arrive, the failures are counted, nothing stays pinned."""
+    path = tiny_hf_model("llama", sharded=True, dtype="bfloat16")
+    ref = dict(iter_safetensors(path))
+    dma = HostMemoryDma(fail_after=1)
+    loader = FastLoader(path, ring=dma, ring_config=SMALL_RING, release_in_background=False)
+    got = dict(loader.iter_device())
+    assert list(got) == list(ref) and all(_same(a, ref[n]) for n, a in got.items())
+    extra = loader.stats.extra
+    assert extra["staging"] == "ring" and extra["ring_bytes"] == sum(x.nbytes for x in ref.values())
+    assert extra["ring_register_failures"] == SMALL_RING.threads - 1 and dma.live == {}
 
 
 def test_ring_config_names_the_bad_field():
