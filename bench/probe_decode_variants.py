@@ -29,6 +29,8 @@ Variants:
   gate_up_major gate/up's GEMM output as [2, T, hidden] instead of [T, 2, hidden]
   qkv_split:S decode steps project q/k/v as S float32 split-K partials that rope_kv_write sums
               (`attention.DECODE_QKV_SPLITS`, 4 by default; 0: XLA's split-K with its own reduction kernel)
+  no_norms    every RMSNorm replaced by the identity: a timing bound on folding the norms into their
+              neighbours (the first tokens differ from base by construction)
   A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
 Each child runs without the persistent compilation cache (`--shared-cache` to share it): XLA's per-fusion
 autotune cache lives inside it, and a child finding the base child's GEMM tilings there ignores options
@@ -97,6 +99,9 @@ for p in parts:
     if p == "gate_up_major":  # gate/up output [2, T, hidden]: silu * up may fuse into down's operand
         import probe_patches
         probe_patches.gate_up_major()
+    if p == "no_norms":  # a timing bound: every RMSNorm the identity (tokens differ)
+        import probe_patches
+        probe_patches.no_layer_norms()
     if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
         import probe_patches
         probe_patches.decode_attention_splits(int(p.split(":")[1]))

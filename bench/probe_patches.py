@@ -89,3 +89,18 @@ def gate_up_major() -> None:
         return h[0], h[1]
 
     llama.GateUpProj.__call__ = call  # type: ignore[method-assign]
+
+
+def no_layer_norms() -> None:
+    """Every RMSNorm of the model replaced by the identity: a timing bound, not a model (its tokens differ).
+    It bounds what folding the norms into their neighbours could buy at batch 1 (the weight folded into the
+    next GEMM, the row scale applied by the kernel that consumes the GEMM: rope_kv_write, silu * up): the
+    two RMSNorm kernels per layer (~1.7 us each in the 415b25b trace) gone, nothing added elsewhere."""
+    import jax
+
+    import rtp_jax.models.llama as llama
+
+    def identity(self: llama.RMSNorm, x: jax.Array) -> jax.Array:
+        return x
+
+    llama.RMSNorm.__call__ = identity  # type: ignore[method-assign]
