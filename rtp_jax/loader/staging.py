@@ -196,7 +196,7 @@ POPULATE_PIECE = 4 << 20
 
 
 def populate_write(address: int, nbytes: int, madvise: Callable[[int, int, int], int],
-                   piece: int | None = None) -> bool:
+                   piece: int = POPULATE_PIECE) -> bool:
     """Faults in [address, address + nbytes) for writing by `MADV_POPULATE_WRITE` calls of at most `piece`
     bytes; False if one fails (the caller then writes to each page). The kernel holds the process's mmap
     lock through each call, and any other thread's mmap or munmap (Python's allocator growing, a thread's
@@ -204,7 +204,6 @@ def populate_write(address: int, nbytes: int, madvise: Callable[[int, int, int],
     (14 of 17 ms on a CPU box), and the ring's 160 MiB fault-in in one call made the abstract model's build
     beside it take 0.055-0.064 s on the H200 host against 0.020 s alone (the ring now pins per thread,
     `loader.ring`); pieces of a few MiB keep each wait short."""
-    piece = piece or POPULATE_PIECE
     for offset in range(0, nbytes, piece):
         if madvise(address + offset, min(piece, nbytes - offset), _MADV_POPULATE_WRITE) != 0:
             return False
