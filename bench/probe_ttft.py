@@ -17,6 +17,7 @@ token's copy had landed). Variants (diagnostics, not engine options):
   freeze_only `gc.freeze()` without the collection first
   nohash     the prefix cache's block hashing of the prompt skipped (its cost alone; not a fix)
   A+B        both
+With --name-garbage, what each `collect` run's collection frees is recorded (types, jax.Array shapes).
 Prints a table of medians last; details in probe_ttft.json under --out.
 """
 
@@ -97,6 +98,31 @@ def toggles(llm: Any) -> dict[str, tuple[Any, Any]]:
     }
 
 
+def name_garbage() -> dict[str, Any]:
+    """What a full collection would free now: object counts by type (top 20) and the shapes of the jax.Arrays
+    among them; the objects themselves are released again."""
+    import collections
+
+    import jax
+
+    flags = gc.get_debug()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = list(gc.garbage)
+    finally:
+        gc.set_debug(flags)
+        gc.garbage.clear()
+    kinds = collections.Counter(type(o).__name__ for o in found)
+    arrays = [o for o in found if isinstance(o, jax.Array)]
+    out = {"objects": len(found), "types": kinds.most_common(20), "arrays": len(arrays),
+           "array_bytes": sum(a.nbytes for a in arrays),
+           "array_shapes": [f"{a.shape} {a.dtype}" for a in arrays[:20]]}
+    del found, arrays
+    gc.collect()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -104,6 +130,8 @@ def main() -> None:
     ap.add_argument("--variants", default="base,nogc,freeze,collect,freeze_only,nohash")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--name-garbage", action="store_true",
+                    help="record what each `collect` run's collection frees (types, jax.Array shapes)")
     args = ap.parse_args()
     from rtp_jax import LLM, SamplingParams
 
@@ -132,9 +160,12 @@ def main() -> None:
             if part not in switches:
                 raise SystemExit(f"unknown variant part {part!r}; known: {sorted(switches)}")
     res: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    garbage: list[dict[str, Any]] = []
     for r in range(args.rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             parts = v.split("+")
+            if args.name_garbage and "collect" in parts:
+                garbage.append(name_garbage())
             for p in parts:
                 switches[p][0]()
             marks.clear()
@@ -147,7 +178,7 @@ def main() -> None:
             res[v].append({"ttft_s": s, **{k: marks.get(k, 0.0) for k in PHASES},
                            "gc_passes": list(counts), "gc_objects": len(gc.get_objects())})
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "probe_ttft.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / "probe_ttft.json").write_text(json.dumps({**res, "garbage": garbage}, indent=1))
     print(f"| variant | TTFT ms (median) | all | {' | '.join(PHASES)} (ms, medians) | GC passes per "
           "generation |\n|---|---|---|" + "---|" * (len(PHASES) + 1))
     for v, rows in res.items():
