@@ -31,6 +31,8 @@ Variants:
               (`attention.DECODE_QKV_SPLITS`, 4 by default; 0: XLA's split-K with its own reduction kernel)
   no_norms    every RMSNorm replaced by the identity: a timing bound on folding the norms into their
               neighbours (the first tokens differ from base by construction)
+  no_attn_kernel decode layers skip the Mosaic attention kernel and its split merge (q roped, K/V written,
+              roped q handed to o_proj): a timing bound on a cheaper decode attention (tokens differ)
   A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
 Each child runs without the persistent compilation cache (`--shared-cache` to share it): XLA's per-fusion
 autotune cache lives inside it, and a child finding the base child's GEMM tilings there ignores options
@@ -102,6 +104,9 @@ for p in parts:
     if p == "no_norms":  # a timing bound: every RMSNorm the identity (tokens differ)
         import probe_patches
         probe_patches.no_layer_norms()
+    if p == "no_attn_kernel":  # a timing bound: no attention kernel or merge (tokens differ)
+        import probe_patches
+        probe_patches.no_attention_kernel()
     if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
         import probe_patches
         probe_patches.decode_attention_splits(int(p.split(":")[1]))

@@ -104,3 +104,29 @@ def no_layer_norms() -> None:
         return x
 
     llama.RMSNorm.__call__ = identity  # type: ignore[method-assign]
+
+
+def no_attention_kernel() -> None:
+    """Decode layers that rope q and k and write K/V (kernels_pallas/rope_kv_write.py) but skip the Mosaic
+    attention kernel and its split merge, handing o_proj the roped q instead: a timing bound, not a model (its
+    tokens differ). It bounds what any cheaper decode attention could buy at batch 1 (the kernel is ~5 us
+    per layer for a 128-384 token context whose K/V take well under 1 us to read)."""
+    import jax
+
+    import rtp_jax.models.attention as attention
+    from kernels_pallas import rope_kv_write as rkw
+    from kernels_pallas.paged_decode_mgpu import group_pad
+
+    def fused(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
+              v_cache: jax.Array, md: attention.AttentionMetadata, *, num_q_heads: int, **_: object,
+              ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        t, kv, _, head_dim = h.shape[-4:]
+        if t != md.kv_lens.shape[0] or not rkw.supports(h, k_cache):
+            return None
+        group = num_q_heads // kv
+        q4, k_cache, v_cache = rkw.rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
+                                                 group_pad=group_pad(group))
+        return q4[:, :, :group].reshape(t, num_q_heads, head_dim), k_cache, v_cache
+
+    fused.takes_partials = True  # type: ignore[attr-defined]
+    attention.rope_write_decode = fused
