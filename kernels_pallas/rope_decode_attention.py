@@ -123,11 +123,13 @@ def _rope_decode_attention(h: jax.Array, positions: jax.Array, inv_freq: jax.Arr
     num_blocks, block_size = k_cache.shape[:2]
     slots, width = num_blocks * block_size, kv * hd
     tile = pages_per_tile * block_size
+    table_width = block_tables.shape[1]
 
     def kernel(pos_ref: Any, slot_ref: Any, len_ref: Any, bt_ref: Any, h_ref: Any, inv_ref: Any,
                kin_ref: Any, vin_ref: Any, o_ref: Any, kc_ref: Any, vc_ref: Any) -> None:
         r = pl.program_id(2)
         slot, kv_len = slot_ref[0], len_ref[0]
+        table_row = pl.program_id(0) * table_width  # token t's row of the flattened block table
         col = pl.multiple_of(pl.program_id(1) * hd, hd)
 
         def load(rows: Any, lo: int, n: int) -> jax.Array:
@@ -174,8 +176,10 @@ def _rope_decode_attention(h: jax.Array, positions: jax.Array, inv_freq: jax.Arr
             offsets = jnp.arange(tile, dtype=jnp.int32)
 
             def step(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
-                pages = bt_ref[0, pl.ds(j * pages_per_tile, pages_per_tile)]
-                rows = pages[offsets // block_size] * block_size + offsets % block_size  # [tile]
+                # Each position's page id straight from the table (a pointer gather; Triton has no
+                # gather of a register array), then its cache row.
+                pages = bt_ref[table_row + j * pages_per_tile + offsets // block_size]
+                rows = pages * block_size + offsets % block_size  # [tile]
                 k1, k2 = kin_ref[rows, pl.ds(col, half)], kin_ref[rows, pl.ds(col + half, half)]
                 s = tl_dot(q1, k1, trans_b=True) + tl_dot(q2, k2, trans_b=True)  # [ROWS, tile]
                 kv_pos = j * tile + offsets
@@ -211,7 +215,7 @@ def _rope_decode_attention(h: jax.Array, positions: jax.Array, inv_freq: jax.Arr
     out, kc, vc = pl.pallas_call(
         kernel,
         grid=(t, kv, 3),
-        in_specs=[tok, tok, tok, pl.BlockSpec((1, block_tables.shape[1]), lambda i, j, r: (i, 0)), h_spec,
+        in_specs=[tok, tok, tok, pl.BlockSpec((t * table_width,), lambda i, j, r: (0,)), h_spec,
                   pl.BlockSpec((half,), lambda i, j, r: (0,)), whole, whole],
         out_specs=[pl.BlockSpec((1, 1, group, hd), lambda i, j, r: (i, j, 0, 0)), whole, whole],
         out_shape=[jax.ShapeDtypeStruct((t, kv, group, hd), dtype),
@@ -221,5 +225,5 @@ def _rope_decode_attention(h: jax.Array, positions: jax.Array, inv_freq: jax.Arr
         interpret=interpret,
         name="rope_decode_attention",
         **({} if interpret else gpu_lowering("triton", num_warps=num_warps, num_stages=num_stages)),
-    )(positions, slot_mapping, kv_lens, block_tables, h, inv_freq, kc2, vc2)
+    )(positions, slot_mapping, kv_lens, block_tables.reshape(-1), h, inv_freq, kc2, vc2)
     return out.reshape(t, kv * group, hd), kc.reshape(k_cache.shape), vc.reshape(v_cache.shape)
