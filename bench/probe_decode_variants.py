@@ -33,8 +33,6 @@ Variants:
               neighbours (the first tokens differ from base by construction)
   no_attn_kernel decode layers skip the Mosaic attention kernel and its split merge (q roped, K/V written,
               roped q handed to o_proj): a timing bound on a cheaper decode attention (tokens differ)
-  fused_attn:P:W:S decode layers with RoPE, K/V write and attention in one Triton kernel
-              (kernels_pallas/rope_decode_attention.py; P pages per tile, W warps, S pipeline stages)
   A+B         both (e.g. "unfused_rope+xla:--xla_gpu_enable_pdl_launch=true")
 Each child runs without the persistent compilation cache (`--shared-cache` to share it): XLA's per-fusion
 autotune cache lives inside it, and a child finding the base child's GEMM tilings there ignores options
@@ -109,9 +107,6 @@ for p in parts:
     if p == "no_attn_kernel":  # a timing bound: no attention kernel or merge (tokens differ)
         import probe_patches
         probe_patches.no_attention_kernel()
-    if p.startswith("fused_attn:"):  # RoPE + K/V write + attention in one kernel (no split, no merge)
-        import probe_patches
-        probe_patches.rope_attention_decode(*(int(x) for x in p.split(":")[1:]))
     if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
         import probe_patches
         probe_patches.decode_attention_splits(int(p.split(":")[1]))

@@ -130,33 +130,3 @@ def no_attention_kernel() -> None:
 
     fused.takes_partials = True  # type: ignore[attr-defined]
     attention.rope_write_decode = fused
-
-
-def rope_attention_decode(pages_per_tile: int = 4, num_warps: int = 4, num_stages: int = 2) -> None:
-    """Decode layers with RoPE, the K/V write and attention in one Triton kernel
-    (kernels_pallas/rope_decode_attention.py: one program walks a KV head's whole context, no split, no
-    merge) instead of rope_kv_write + the Mosaic decode kernel + its split merge, at every context length
-    (the engine would bound it to short contexts)."""
-    import jax
-
-    import rtp_jax.models.attention as attention
-    from kernels_pallas import rope_decode_attention as rda
-
-    default = attention.rope_write_decode
-
-    def fused(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
-              v_cache: jax.Array, md: attention.AttentionMetadata, *, num_q_heads: int, sm_scale: float,
-              sliding_window: int | None, soft_cap: float | None,
-              ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-        t = h.shape[-4]
-        if t != md.kv_lens.shape[0] or not rda.supports(h, k_cache, md.block_tables, num_q_heads=num_q_heads,
-                                                         pages_per_tile=pages_per_tile):
-            return default(h, positions, inv_freq, k_cache, v_cache, md, num_q_heads=num_q_heads,
-                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-        return rda.rope_decode_attention(
-            h, positions, inv_freq, k_cache, v_cache, md.slot_mapping, md.kv_lens, md.block_tables,
-            num_q_heads=num_q_heads, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            pages_per_tile=pages_per_tile, num_warps=num_warps, num_stages=num_stages)
-
-    fused.takes_partials = True  # type: ignore[attr-defined]
-    attention.rope_write_decode = fused
