@@ -265,6 +265,8 @@ def run_load_bench(path: str | Path, *, dtype: str = "bfloat16", repeats: int = 
         rep["peak_inflight_bytes"] = r["peak_inflight_bytes"]
         rep["staging"] = r.get("staging")
         rep["setup_s"] = r.get("setup_s")
+        # Where a cold load's time went beyond the disk's own read (first job's start, busy readers, tail).
+        rep["cold_phases"] = {k: r[k] for k in RUN_KEYS + PHASE_KEYS if k in r}
         log(f"fast load, cold: {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.2f} s "
             f"= {rep['load_GBps']:.2f} GB/s; "
             f"peak RSS {rss.peak / 1e9:.2f} GB (before {rss.start / 1e9:.2f} GB)")

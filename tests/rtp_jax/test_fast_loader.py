@@ -375,6 +375,8 @@ def test_bench_load_cli(tmp_path, tiny_hf_model, capsys):
     first, *rest = rep["warm_load_all_s"]
     assert rep["warm_first_load_s"] == first and rep["warm_steady_load_s"] == statistics.median(rest)
     assert [run["seconds"] for run in rep["warm_runs"]] == rep["warm_load_all_s"]
+    # The cold load says where its time went, as the warm runs do.
+    assert rep["cold_phases"]["seconds"] == rep["load_s"] and "first_job_start_s" in rep["cold_phases"]
     assert rep["bytes"] == sum(t.nbytes for t in plan_checkpoint(Path(path)))
     assert "warm_load_s" in out_md.read_text()
     assert '"load_s"' in capsys.readouterr().out
