@@ -19,6 +19,8 @@ Variants:
   unfused_rope decode layers without the fused RoPE + K/V write kernel (kernels_pallas/rope_kv_write.py,
               the engine's default with the Mosaic decode kernel): XLA's fusions and the Pallas K/V write
   attn_splits:N the Mosaic decode attention kernel with N K splits (default: from max_model_len; 9 at bs1)
+  attn_tuning:K=V;K=V the same kernel with tuning keys fixed (pages_per_tile, num_stages, num_splits,
+              heads_inner; e.g. "attn_tuning:pages_per_tile=4;num_stages=1;num_splits=4")
   decode_gemm:CFG programs of <= 16 tokens with every Triton GEMM forced to the tiling CFG (a
               TritonGemmKey textproto, fields separated by ';': "block_m:16;block_n:32;block_k:128;split_k:2;
               num_stages:3;num_warps:4;num_ctas:1"); bench/probe_gemm_configs.py finds candidates
@@ -107,6 +109,11 @@ for p in parts:
     if p == "no_attn_kernel":  # a timing bound: no attention kernel or merge (tokens differ)
         import probe_patches
         probe_patches.no_attention_kernel()
+    if p.startswith("attn_tuning:"):  # the decode attention kernel with fixed tuning keys
+        import probe_patches
+        kv = dict(x.split("=") for x in p.split(":", 1)[1].split(";"))
+        probe_patches.decode_attention_tuning(**{k: v == "True" if k == "heads_inner" else int(v)
+                                                 for k, v in kv.items()})
     if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
         import probe_patches
         probe_patches.decode_attention_splits(int(p.split(":")[1]))

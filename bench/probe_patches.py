@@ -11,19 +11,28 @@ def lower_kernel_per_program() -> None:
     mgpu._lowered_once = lambda signature, static, platform: mgpu.InlineKernel(static)
 
 
-def decode_attention_splits(num_splits: int) -> None:
-    """The Mosaic decode attention kernel with `num_splits` K splits in every program. The default tuning
-    sees the block table's width (max_model_len), not the contexts: at batch 1 with a 4096-token
-    max_model_len it picks 9 splits, of which a 128-384 token context fills 1-3, and the split merge
-    runs as its own kernel; with 1 split the merge goes away and one block walks the 1-3 tiles."""
+def decode_attention_tuning(**overrides: int | bool) -> None:
+    """The Mosaic decode attention kernel with some of its tuning fixed in every program (`pages_per_tile`,
+    `num_stages`, `num_splits`, `heads_inner`). The default tuning sees the block table's width
+    (max_model_len), not the contexts: at batch 1 with a 4096-token max_model_len it picks 9 splits, of
+    which a 128-384 token context fills 1-3, and the split merge runs as its own kernel; with 1 split the
+    merge goes away and one block walks the 1-3 tiles."""
     import kernels_pallas.paged_decode_mgpu as mgpu
 
     default = mgpu.default_decode_tuning
+    unknown = set(overrides) - {"pages_per_tile", "num_stages", "num_splits", "heads_inner"}
+    if unknown:
+        raise ValueError(f"unknown decode tuning keys {sorted(unknown)}")
 
     def tuning(num_seqs: int, num_kv_heads: int, block_size: int, max_context: int) -> dict:
-        return {**default(num_seqs, num_kv_heads, block_size, max_context), "num_splits": num_splits}
+        return {**default(num_seqs, num_kv_heads, block_size, max_context), **overrides}
 
     mgpu.default_decode_tuning = tuning
+
+
+def decode_attention_splits(num_splits: int) -> None:
+    """`decode_attention_tuning(num_splits=num_splits)`."""
+    decode_attention_tuning(num_splits=num_splits)
 
 
 def unfused_decode() -> None:
