@@ -116,7 +116,7 @@ for p in parts:
                                                  for k, v in kv.items()})
     if p.startswith("attn_splits:"):  # the decode attention kernel with a fixed number of K splits
         import probe_patches
-        probe_patches.decode_attention_splits(int(p.split(":")[1]))
+        probe_patches.decode_attention_tuning(num_splits=int(p.split(":")[1]))
 from probe_programs import model_dir
 from run_all import run_steps
 from rtp_jax import LLM

@@ -30,11 +30,6 @@ def decode_attention_tuning(**overrides: int | bool) -> None:
     mgpu.default_decode_tuning = tuning
 
 
-def decode_attention_splits(num_splits: int) -> None:
-    """`decode_attention_tuning(num_splits=num_splits)`."""
-    decode_attention_tuning(num_splits=num_splits)
-
-
 def unfused_decode() -> None:
     """Decode layers without the fused RoPE + K/V write path (`rtp_jax.models.attention.rope_write_decode`,
     on by default with the Mosaic decode kernel since 2026-12-01): XLA's q RoPE + pad and K/V stack
