@@ -12,7 +12,10 @@ Contract with the scheduler, for one request:
 Blocks whose tokens all lie within `num_computed + num_new` are registered in the prefix cache at the
 `allocate_slots` call that covers them, before the step writes their K/V. A later request in the same batch
 may hit them; this is sound because the jitted step writes every sequence's new K/V for a layer before that
-layer's attention reads the cache.
+layer's attention reads the cache. With `defer_hashing` the hashing waits for the next lookup
+(`get_computed_blocks`) or for `register_full_blocks()`, which the engine calls right after launching the
+step: a 2k-token prompt's 128 block hashes then run while the device computes instead of before it, and a
+lookup still sees every block allocated before it.
 
 Invariants (see tests/rtp_jax/test_block_manager.py): a request never holds a block twice; a block is held
 by several requests only when it is a cached full block of an identical token prefix; ref counts equal
@@ -44,11 +47,15 @@ class _RequestBlocks:
 class KVCacheManager:
     """Allocates KV-cache blocks to requests and reuses cached prefixes across them."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 defer_hashing: bool = False) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.defer_hashing = defer_hashing
         self.block_pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self._requests: dict[str, _RequestBlocks] = {}
+        # request id -> (its tokens, full blocks to hash): registrations `defer_hashing` left for later.
+        self._unhashed: dict[str, tuple[Sequence[int], int]] = {}
         # Token counts for metrics: hit rate = prefix_cache_hits / prefix_cache_queries.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -97,6 +104,7 @@ class KVCacheManager:
         self._requests[request_id] = state
         if not self.enable_prefix_caching:
             return 0
+        self.register_full_blocks()  # the lookup sees every block allocated before it
         # (len - 1) // block_size full blocks at most: the last token must be computed for its logits.
         max_hit_blocks = max(len(token_ids) - 1, 0) // self.block_size
         hits, hashes = self._longest_cached_prefix(token_ids, max_hit_blocks, state.extra)
@@ -143,8 +151,21 @@ class KVCacheManager:
             state = self._requests[request_id] = _RequestBlocks()
         state.blocks.extend(self.block_pool.get_new_blocks(missing))
         if self.enable_prefix_caching:
-            self._cache_full_blocks(state, token_ids, max(known, 0) // self.block_size)
+            num_full = max(known, 0) // self.block_size
+            if not self.defer_hashing:
+                self._cache_full_blocks(state, token_ids, num_full)
+            elif num_full > len(state.block_hashes):
+                self._unhashed[request_id] = (token_ids, num_full)
         return True
+
+    def register_full_blocks(self) -> None:
+        """Hash and offer to the prefix cache the full blocks `allocate_slots` left unhashed
+        (`defer_hashing`); a no-op otherwise. Their tokens must still be what they were at allocation."""
+        pending, self._unhashed = self._unhashed, {}
+        for request_id, (token_ids, num_full) in pending.items():
+            state = self._requests.get(request_id)
+            if state is not None:
+                self._cache_full_blocks(state, token_ids, num_full)
 
     def free(self, request_id: str) -> None:
         """Release every block of `request_id` (finish, abort, preempt). Unknown ids are a no-op.
@@ -152,12 +173,16 @@ class KVCacheManager:
         Blocks go back tail-first so that, of a freed sequence, the end is evicted before its prefix:
         a prefix is what other requests are most likely to share.
         """
+        # A freed request's unhashed blocks are never registered: a preempted one never wrote their K/V,
+        # and a request re-admitted under the same id must not inherit them.
+        self._unhashed.pop(request_id, None)
         state = self._requests.pop(request_id, None)
         if state is not None:
             self.block_pool.free_blocks(reversed(state.blocks))
 
     def reset_prefix_cache(self) -> bool:
         """Drop all cached hashes (e.g. after a weight update). Held blocks stay allocated. Returns True."""
+        self.register_full_blocks()  # then unhashed with the rest, as without `defer_hashing`
         self.block_pool.reset_prefix_cache()
         return True
 

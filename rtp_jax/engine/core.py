@@ -162,7 +162,7 @@ class EngineCore:
                             "bytes_limit": stats.get("bytes_limit")}
         self.num_blocks = plan_num_blocks(config, plan_device, weight_bytes)
         self.kv = KVCacheManager(self.num_blocks, cc.block_size,
-                                 enable_prefix_caching=cc.enable_prefix_caching)
+                                 enable_prefix_caching=cc.enable_prefix_caching, defer_hashing=True)
         self.scheduler = Scheduler(sc, self.kv)
         backend = select_attention_backend(config.attention_backend)
         self.attention_backend = backend.name
@@ -270,6 +270,7 @@ class EngineCore:
             tables = [self.kv.block_table(s.request.request_id) for s in seqs]
             samples = tuple(s.samples for s in seqs)
             handle = self.runner.dispatch(seqs, tables, [s.request.seed for s in seqs], num_decode_steps=k)
+            self.kv.register_full_blocks()  # the prompt's block hashes while the device computes
             self.scheduler.advance(sched, k)
             self.num_steps += k
             self.num_device_calls += 1

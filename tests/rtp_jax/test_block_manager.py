@@ -230,6 +230,53 @@ def test_extra_keys_separate_caches() -> None:
     assert mgr.get_computed_blocks("c", prompt, extra=("lora-1",)) == 8
 
 
+def test_deferred_hashing_registers_the_same_blocks_after_the_launch() -> None:
+    """With defer_hashing, allocate_slots registers nothing; register_full_blocks (the engine calls it after
+    launching the step) then leaves the pool exactly as registering at allocation does."""
+    eager, deferred = _manager(), KVCacheManager(num_blocks=9, block_size=BS, defer_hashing=True)
+    prompt = list(range(13))
+    for mgr in (eager, deferred):
+        _prefill(mgr, "a", prompt)
+    assert len(eager.block_pool.cached) == 3 and not deferred.block_pool.cached
+    deferred.register_full_blocks()
+    assert _pool_snapshot(deferred) == _pool_snapshot(eager)
+    # A decode step filling the fourth block: registered at the next call, chained on the first three.
+    for mgr in (eager, deferred):
+        assert mgr.allocate_slots("a", prompt + [7, 8, 9], 13, 3)
+    deferred.register_full_blocks()
+    assert _pool_snapshot(deferred) == _pool_snapshot(eager) and len(eager.block_pool.cached) == 4
+
+
+def test_deferred_hashing_lookup_sees_blocks_allocated_before_it() -> None:
+    """A lookup registers what is pending first, so a request admitted later in the same schedule still hits
+    the blocks an earlier one allocated (same-step sharing, as without deferral)."""
+    mgr = KVCacheManager(num_blocks=9, block_size=BS, defer_hashing=True)
+    prompt = list(range(13))
+    _prefill(mgr, "a", prompt)
+    assert mgr.get_computed_blocks("b", prompt) == 12
+    assert mgr.block_table("b") == mgr.block_table("a")[:3]
+
+
+def test_deferred_hashing_never_registers_a_freed_requests_blocks() -> None:
+    """A request freed before its blocks were registered (preempted before its step ran) leaves nothing in
+    the cache: their K/V were never written."""
+    mgr = KVCacheManager(num_blocks=9, block_size=BS, defer_hashing=True)
+    prompt = list(range(13))
+    _prefill(mgr, "a", prompt)
+    mgr.free("a")
+    mgr.register_full_blocks()
+    assert not mgr.block_pool.cached
+    assert mgr.get_computed_blocks("b", prompt) == 0
+    # Re-admitted under the same id before any registration (preempted, then back in the same schedule):
+    # only the new allocation's blocks are registered, under the new tokens.
+    _prefill(mgr, "c", prompt)
+    mgr.free("c")
+    other = [t + 100 for t in prompt]
+    _prefill(mgr, "c", other)
+    mgr.register_full_blocks()
+    assert sorted(mgr.block_pool.cached) == sorted(hash_request_blocks(other, BS))
+
+
 def test_lookup_for_request_holding_blocks_raises() -> None:
     """get_computed_blocks is for requests holding nothing; a second lookup must follow a free."""
     mgr = _manager()
@@ -264,10 +311,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     NUM_BLOCKS = 14
     PREFIX_CACHING = True
+    DEFER = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.mgr = KVCacheManager(self.NUM_BLOCKS, BS, enable_prefix_caching=self.PREFIX_CACHING)
+        self.mgr = KVCacheManager(self.NUM_BLOCKS, BS, enable_prefix_caching=self.PREFIX_CACHING,
+                                  defer_hashing=self.DEFER)
         self.running: dict[str, dict] = {}  # rid -> {"tokens": list[int], "computed": int}
         self.preempted: dict[str, list[int]] = {}
         self.next_id = 0
@@ -428,6 +477,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert all(b.ref_cnt == 0 for b in self.mgr.block_pool.blocks)
 
 
+class BlockManagerDeferredMachine(BlockManagerMachine):
+    """The same model with hashing deferred (`defer_hashing`, as the engine runs it): registrations happen
+    at lookups and whenever the engine would have launched a step; every invariant still holds."""
+
+    DEFER = True
+
+    @rule()
+    def launched(self) -> None:
+        self.mgr.register_full_blocks()
+
+
 class BlockManagerNoPrefixMachine(BlockManagerMachine):
     """The same model with prefix caching off: nothing is ever shared or hashed."""
 
@@ -444,3 +504,5 @@ TestBlockManagerStateful = BlockManagerMachine.TestCase
 TestBlockManagerStateful.settings = _SETTINGS
 TestBlockManagerNoPrefixStateful = BlockManagerNoPrefixMachine.TestCase
 TestBlockManagerNoPrefixStateful.settings = _SETTINGS
+TestBlockManagerDeferredStateful = BlockManagerDeferredMachine.TestCase
+TestBlockManagerDeferredStateful.settings = _SETTINGS
