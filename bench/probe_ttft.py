@@ -16,6 +16,8 @@ token's copy had landed). Variants (diagnostics, not engine options):
   collect    a full collection (`gc.collect()`) just before the request, nothing frozen
   freeze_only `gc.freeze()` without the collection first
   nohash     the prefix cache's block hashing of the prompt skipped (its cost alone; not a fix)
+  eager_hash the prompt's blocks hashed inside schedule(), before the launch (as before 8c66816), instead of
+             right after it (`KVCacheManager.defer_hashing`, the engine's default)
   A+B        both
 With --name-garbage, what each `collect` run's collection frees is recorded (types, jax.Array shapes).
 Prints a table of medians last; details in probe_ttft.json under --out.
@@ -95,6 +97,8 @@ def toggles(llm: Any) -> dict[str, tuple[Any, Any]]:
         "early_d2h": (set_dispatch(early), set_dispatch(dispatch)),
         "nohash": (lambda: setattr(kv, "_cache_full_blocks", lambda *a, **k: None),
                    lambda: setattr(kv, "_cache_full_blocks", cache_full)),
+        "eager_hash": (lambda: setattr(kv, "defer_hashing", False),
+                       lambda: setattr(kv, "defer_hashing", True)),
     }
 
 
