@@ -61,6 +61,22 @@ def test_prefix_cache_hit_gives_same_output(llama_path: Path) -> None:
     assert first == second
 
 
+def test_prefix_shared_within_one_step(llama_path: Path) -> None:
+    """Two identical prompts admitted in the same step: the second hits the blocks the first allocated in
+    that step (the engine hashes them after the launch, but a lookup registers what is pending first), and
+    both produce the tokens the prompt gives alone."""
+    llm = LLM(str(llama_path), dtype="float32", max_model_len=128)
+    prompt = {"prompt_token_ids": _prompts(1, seed=9)[0]["prompt_token_ids"][:3] + list(range(200, 260))}
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    kv = llm.engine.core.kv
+    assert kv.defer_hashing
+    both = [o.outputs[0].token_ids for o in llm.generate([prompt, prompt], params, use_tqdm=False)]
+    assert kv.prefix_cache_hits >= 48, "the second prompt must hit in the same step"
+    alone = LLM(str(llama_path), dtype="float32", max_model_len=128, enable_prefix_caching=False)
+    want = alone.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert both == [want, want]
+
+
 def test_n_sequences_and_seeds(llama_path: Path) -> None:
     """n=3 returns three sequences; a seeded request repeats exactly; different seeds differ."""
     llm = LLM(str(llama_path), dtype="float32", max_model_len=128)
