@@ -466,6 +466,8 @@ def main() -> None:
     p.add_argument("--decode-repeats", type=int, default=2)
     p.add_argument("--ttft-repeats", type=int, default=5)
     p.add_argument("--load-repeats", type=int, default=5)
+    p.add_argument("--cold-repeats", type=int, default=2,
+                   help="alternating (disk read, cold load) pairs in the load bench; medians compared")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--skip", default="", help="comma list of: startup,load,engine")
@@ -504,7 +506,8 @@ def main() -> None:
     if "load" not in skip:
         from rtp_jax.bench_cli import run_load_bench
 
-        load.update(run_load_bench(ns.ckpt, repeats=ns.load_repeats, log=log, variants=True))
+        load.update(run_load_bench(ns.ckpt, repeats=ns.load_repeats, log=log, variants=True,
+                                   cold_repeats=ns.cold_repeats))
         save()
     if "engine" not in skip:
         try:
