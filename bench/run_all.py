@@ -523,8 +523,9 @@ def main() -> None:
             "offline_output_run", "offline_first_output_tok_s_incl_compile", "offline_compile_s",
             "startup_cold_cache_s",
             "startup_warm_cache_s", "attention_backend")
-    lkeys = ("bytes", "disk_read_GBps", "load_s", "warm_load_s", "warm_first_load_s", "warm_steady_load_s",
-             "naive_load_s", "peak_host_rss_GB", "cache_drop", "variants")
+    lkeys = ("bytes", "disk_read_GBps", "disk_read_s", "load_s", "cold_vs_disk", "warm_load_s",
+             "warm_first_load_s", "warm_steady_load_s", "naive_load_s", "peak_host_rss_GB", "cache_drop",
+             "variants")
     print("\n| metric | value |\n|---|---|")
     for k in keys:
         if k in dec:
