@@ -161,6 +161,8 @@ class KVCacheManager:
     def register_full_blocks(self) -> None:
         """Hash and offer to the prefix cache the full blocks `allocate_slots` left unhashed
         (`defer_hashing`); a no-op otherwise. Their tokens must still be what they were at allocation."""
+        if not self._unhashed:  # the common case, once per step
+            return
         pending, self._unhashed = self._unhashed, {}
         for request_id, (token_ids, num_full) in pending.items():
             state = self._requests.get(request_id)
