@@ -144,3 +144,58 @@ def test_mosaic_decode_offers_add_norm_and_the_others_do_not(monkeypatch: pytest
     monkeypatch.setattr(residual, "DECODE_RESIDUAL_SPLITS", 4)
     assert add_norm_of(mosaic) is residual.pallas_add_norm
     assert add_norm_of(select_attention_backend("reference").decode) is None
+
+
+def _random_norm_weights(model: nnx.Module) -> None:
+    """Every RMSNorm weight drawn from [0.5, 1.5] (they start at 1, where a missing weight would not show)."""
+    rng = np.random.default_rng(5)
+    for layer in model.model.layers:
+        for ln in (layer.input_layernorm, layer.post_attention_layernorm):
+            ln.weight[...] = jnp.asarray(rng.uniform(0.5, 1.5, ln.weight.shape), jnp.float32)
+
+
+@pytest.mark.parametrize("declines", [False, True])
+def test_norm_inside_the_activation_gives_the_same_forward(declines: bool) -> None:
+    """A decode step through a model whose attention function offers `norm_silu_mul` hands it each layer's
+    gate/up output (from x * norm weight) with x, and gives the hidden states and caches of XLA's RMSNorm
+    then silu * up (random norm weights, so the weight's place matters). Where it declines, the layer
+    applies the same factor itself."""
+    from kernels_pallas.norm_silu_mul import norm_silu_mul
+
+    cfg = _llama()
+    model, (ids, positions, kv, md) = _decode_step(cfg)
+    _random_norm_weights(model)
+    plain = _from_contract(ragged_paged_attention_reference)
+    offering = _from_contract(ragged_paged_attention_reference)
+    calls: list[tuple[int, ...]] = []
+
+    def act(gate_up, x, eps):
+        calls.append(tuple(gate_up.shape))
+        return None if declines else norm_silu_mul(gate_up, x, eps, interpret=True)
+
+    offering.norm_silu_mul = act
+    want, want_kv = model(ids, positions, [tuple(jnp.array(c) for c in p) for p in kv], md, plain)
+    got, got_kv = model(ids, positions, [tuple(jnp.array(c) for c in p) for p in kv], md, offering)
+    assert calls and set(calls) == {(SEQS, 2, 256)}  # traced once per layer structure (`layer_caller`)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=TOL, atol=TOL)
+    for (gk, gv), (wk, wv) in zip(got_kv, want_kv, strict=True):
+        np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(np.asarray(gv), np.asarray(wv), rtol=TOL, atol=TOL)
+
+
+def test_norm_activation_only_in_small_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`norm_activation_of`: the offered activation in a decode step (one row per sequence slot) of at most
+    `PARTIALS_MAX_ROWS` rows while `NORM_IN_ACTIVATION`; None for mixed steps, big batches, functions that
+    offer none, or the option off. The Mosaic decode function offers the Pallas one."""
+    fn = _from_contract(ragged_paged_attention_reference)
+    fn.norm_silu_mul = residual.pallas_norm_silu_mul
+    md = AttentionMetadata(*(jnp.zeros(n, jnp.int32) for n in (3, 3, 3, 4)), jnp.int32(3))
+    assert residual.norm_activation_of(fn, 3, md) is residual.pallas_norm_silu_mul
+    assert residual.norm_activation_of(fn, 8, md) is None  # a mixed step
+    assert residual.norm_activation_of(_from_contract(ragged_paged_attention_reference), 3, md) is None
+    big = AttentionMetadata(*(jnp.zeros(n, jnp.int32) for n in (17, 17, 17, 18)), jnp.int32(17))
+    assert residual.norm_activation_of(fn, 17, big) is None
+    monkeypatch.setattr(residual, "NORM_IN_ACTIVATION", False)
+    assert residual.norm_activation_of(fn, 3, md) is None
+    mosaic = _mosaic_decode(_from_contract(ragged_paged_attention_reference))
+    assert mosaic.norm_silu_mul is residual.pallas_norm_silu_mul
