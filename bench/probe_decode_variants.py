@@ -34,8 +34,6 @@ Variants:
   no_norm_in_decoder the layers' input RMSNorm by XLA before the q/k/v GEMM (`attention.NORM_IN_DECODER`
               False), instead of its weight fused into the GEMM's operand and its row factor applied
               in rope_kv_write
-  no_norm_in_activation the MLP's RMSNorm by XLA before the gate/up GEMM and XLA's silu * up
-              (`residual.NORM_IN_ACTIVATION` False), instead of kernels_pallas/norm_silu_mul.py
   no_norms    every RMSNorm replaced by the identity: a timing bound on folding the norms into their
               neighbours (the first tokens differ from base by construction)
   no_attn_kernel decode layers skip the Mosaic attention kernel and its split merge (q roped, K/V written,
@@ -111,9 +109,6 @@ for p in parts:
     if p == "no_norm_in_decoder":  # the input norm by XLA first, as before NORM_IN_DECODER
         import rtp_jax.models.attention as attention
         attention.NORM_IN_DECODER = False
-    if p == "no_norm_in_activation":  # the MLP's norm by XLA first, as before NORM_IN_ACTIVATION
-        import rtp_jax.models.residual as residual
-        residual.NORM_IN_ACTIVATION = False
     if p == "no_norms":  # a timing bound: every RMSNorm the identity (tokens differ)
         import probe_patches
         probe_patches.no_layer_norms()

@@ -104,7 +104,6 @@ def no_layer_norms() -> None:
 
     import rtp_jax.models.attention as attention
     import rtp_jax.models.llama as llama
-    import rtp_jax.models.residual as residual
 
     def identity(self: llama.RMSNorm, x: jax.Array) -> jax.Array:
         return x
@@ -112,7 +111,6 @@ def no_layer_norms() -> None:
     llama.RMSNorm.__call__ = identity  # type: ignore[method-assign]
     llama.rms_norm = lambda x, weight, eps: x  # the layers' input norm (handed to Attention as `norm=`)
     attention.NORM_IN_DECODER = False
-    residual.NORM_IN_ACTIVATION = False
 
 
 def no_attention_kernel() -> None:

@@ -219,11 +219,10 @@ def _mosaic_decode(fallback: AttentionFn) -> AttentionFn:
         return paged_decode_attention(q, k_cache, v_cache, md.kv_lens, md.block_tables, sm_scale=sm_scale,
                                       sliding_window=sliding_window, soft_cap=soft_cap)
 
-    from rtp_jax.models.residual import pallas_add_norm, pallas_norm_silu_mul
+    from rtp_jax.models.residual import pallas_add_norm
 
     attn.fused_decode = rope_write_decode  # type: ignore[attr-defined]
     attn.add_norm = pallas_add_norm  # type: ignore[attr-defined]
-    attn.norm_silu_mul = pallas_norm_silu_mul  # type: ignore[attr-defined]
     return attn
 
 

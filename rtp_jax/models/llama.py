@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.norm_silu_mul import norm_silu_mul_reference
 from rtp_jax.config import ModelConfig
 from rtp_jax.models.attention import (
     AttentionFn,
@@ -30,11 +29,9 @@ from rtp_jax.models.attention import (
 )
 from rtp_jax.models.residual import (
     Hidden,
-    NormSiluMul,
     Pending,
     add_norm_hidden,
     add_norm_of,
-    norm_activation_of,
     residual_splits,
     split_k_partials,
     sum_partials,
@@ -232,13 +229,9 @@ class GateUpProj(Module):
         self.weight = nnx.Param(join_weights([init_weight(rngs, (hidden, dim), dtype) for _ in range(2)], 0,
                                              stack=True))
 
-    def project(self, x: jax.Array) -> jax.Array:
-        """x: [T, dim] -> [T, 2, hidden] (gate, then up)."""
-        return jnp.einsum("td,gid->tgi", x, self.weight[...])
-
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [T, dim] -> (gate, up), each [T, hidden]."""
-        h = self.project(x)
+        h = jnp.einsum("td,gid->tgi", x, self.weight[...])
         return h[:, 0], h[:, 1]
 
 
@@ -247,19 +240,11 @@ class MLP(Module):
         self.gate_up_proj = GateUpProj(dim, hidden, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(hidden, dim, bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, down_splits: int = 0, norm: tuple[jax.Array, float] | None = None,
-                 act: NormSiluMul | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, down_splits: int = 0) -> jax.Array:
         """x: [T, dim] -> [T, dim]; with `down_splits`, down_proj's float32 split-K partials
-        [down_splits, T, dim] instead. With `norm` (weight [dim], eps) the MLP reads rms_norm(x): by `act`
-        (the norm's row factor inside the activation, the weight in the GEMM's operand) where given."""
-        if norm is not None and act is not None:
-            gate_up = self.gate_up_proj.project(x * norm[0].astype(x.dtype))
-            a = act(gate_up, x, norm[1])
-            if a is None:  # declined (static shapes): the same math in XLA
-                a = norm_silu_mul_reference(gate_up, x, norm[1])
-        else:
-            gate, up = self.gate_up_proj(x if norm is None else rms_norm(x, *norm))
-            a = jax.nn.silu(gate) * up
+        [down_splits, T, dim] instead."""
+        gate, up = self.gate_up_proj(x)
+        a = jax.nn.silu(gate) * up
         return self.down_proj.partials(a, down_splits) if down_splits else self.down_proj(a)
 
 
@@ -285,14 +270,11 @@ class DecoderLayer(Module):
         updated (k_cache, v_cache)). With an attention function offering `add_norm`, each residual add is
         done together with the norm that follows it, and the layer's output is left `Pending`."""
         add_norm = add_norm_of(attn_fn)
-        if add_norm is None and not isinstance(x, Pending):  # XLA's adds; norms by XLA or inside kernels
-            ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if add_norm is None and not isinstance(x, Pending):  # XLA's adds and norms
+            ln1 = self.input_layernorm
             h, kv = self.self_attn(x, positions, inv_freq, kv, md, attn_fn, norm=(ln1.weight[...], ln1.eps))
             x = x + h
-            if isinstance(self.mlp, MLP):
-                act = norm_activation_of(attn_fn, x.shape[0], md)
-                return x + self.mlp(x, norm=(ln2.weight[...], ln2.eps), act=act), kv
-            return x + self.mlp(ln2(x)), kv
+            return x + self.mlp(self.post_attention_layernorm(x)), kv
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         x, h = add_norm_hidden(x, ln1.weight[...], ln1.eps, add_norm)
         t, attn = x.shape[0], self.self_attn

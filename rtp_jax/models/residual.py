@@ -65,40 +65,6 @@ def residual_splits(add_norm: AddNorm | None, num_tokens: int, md: AttentionMeta
     return splits
 
 
-# The MLP's input RMSNorm done inside its activation in decode steps of at most `PARTIALS_MAX_ROWS` rows whose
-# attention function offers `norm_silu_mul` (kernels_pallas/norm_silu_mul.py): the gate/up GEMM reads
-# `x * norm_weight` (a multiply XLA fuses into the GEMM's operand) and the activation kernel scales gate and
-# up by each row's rsqrt(mean(x ** 2) + eps), so the norm's own kernel goes away. False: XLA's RMSNorm and
-# silu * up, as before. A/B: bench/probe_decode_variants.py's `no_norm_in_activation`.
-NORM_IN_ACTIVATION = True
-
-
-class NormSiluMul(Protocol):
-    """(gate_up [T, 2, I] of x * norm weight, x [T, D], eps) -> silu(r * gate) * (r * up) [T, I] with
-    r = rsqrt(mean(x ** 2) + eps); None where it does not apply (static shapes)."""
-
-    def __call__(self, gate_up: jax.Array, x: jax.Array, eps: float) -> jax.Array | None: ...
-
-
-def norm_activation_of(attn_fn: Any, num_tokens: int, md: AttentionMetadata) -> NormSiluMul | None:
-    """The normed SwiGLU activation that goes with `attn_fn` for this step: its `norm_silu_mul` in a decode
-    step (one row per sequence slot) of at most `PARTIALS_MAX_ROWS` rows while `NORM_IN_ACTIVATION`."""
-    act = getattr(attn_fn, "norm_silu_mul", None)
-    if (not NORM_IN_ACTIVATION or act is None or num_tokens != md.kv_lens.shape[0]
-            or num_tokens > PARTIALS_MAX_ROWS):
-        return None
-    return act
-
-
-def pallas_norm_silu_mul(gate_up: jax.Array, x: jax.Array, eps: float) -> jax.Array | None:
-    """`NormSiluMul` by kernels_pallas/norm_silu_mul.py where the shapes allow; None elsewhere."""
-    from kernels_pallas.norm_silu_mul import norm_silu_mul, supports
-
-    if not supports(gate_up, x):
-        return None
-    return norm_silu_mul(gate_up, x, eps)
-
-
 def split_k_partials(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:
     """x: [T, K], w: [..., K] (a weight in its stored layout, contraction last) -> float32 [S, T, ...]:
     x @ w.T as S split-K partial sums, one batched GEMM over S slices of K, for a consumer that sums them
