@@ -31,9 +31,6 @@ Variants:
   gate_up_major gate/up's GEMM output as [2, T, hidden] instead of [T, 2, hidden]
   qkv_split:S decode steps project q/k/v as S float32 split-K partials that rope_kv_write sums
               (`attention.DECODE_QKV_SPLITS`, 4 by default; 0: XLA's split-K with its own reduction kernel)
-  no_norm_in_decoder the layers' input RMSNorm by XLA before the q/k/v GEMM (`attention.NORM_IN_DECODER`
-              False), instead of its weight fused into the GEMM's operand and its row factor applied
-              in rope_kv_write
   no_norms    every RMSNorm replaced by the identity: a timing bound on folding the norms into their
               neighbours (the first tokens differ from base by construction)
   no_attn_kernel decode layers skip the Mosaic attention kernel and its split merge (q roped, K/V written,
@@ -106,9 +103,6 @@ for p in parts:
     if p == "gate_up_major":  # gate/up output [2, T, hidden]: silu * up may fuse into down's operand
         import probe_patches
         probe_patches.gate_up_major()
-    if p == "no_norm_in_decoder":  # the input norm by XLA first, as before NORM_IN_DECODER
-        import rtp_jax.models.attention as attention
-        attention.NORM_IN_DECODER = False
     if p == "no_norms":  # a timing bound: every RMSNorm the identity (tokens differ)
         import probe_patches
         probe_patches.no_layer_norms()

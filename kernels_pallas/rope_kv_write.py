@@ -15,10 +15,6 @@ nothing where the slot is out of range).
     inv_freq:     float32[head_dim // 2]
     k/v_cache:    [num_blocks, block_size, kv_heads, head_dim]
     slot_mapping: int32[T], block * block_size + offset; out of range -> dropped
-    norm_x:       optional [T, D]: h was projected from `norm_x * norm_weight` instead of from
-                  `rms_norm(norm_x, norm_weight)`, so each token's row of h is scaled here by
-                  rsqrt(mean(norm_x ** 2) + norm_eps) (before the rounding to the caches' dtype): the layer's
-                  input RMSNorm without a kernel of its own (the weight multiply fuses into XLA's GEMM)
     returns       (q: [T, kv_heads, group_pad, head_dim] in h's dtype (partials: the caches'), k_cache,
                   v_cache)
 
@@ -39,22 +35,15 @@ from kernels_pallas.kv_write import paged_kv_write_reference
 
 
 def rope_kv_write_reference(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
-                            v_cache: jax.Array, slot_mapping: jax.Array, *, group_pad: int,
-                            norm_x: jax.Array | None = None,
-                            norm_eps: float = 1e-6) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The contract in plain JAX: the partials summed (if given) and scaled by `norm_x`'s RMS factor (if
-    given), the engine's RoPE, the q padding, and the two scatters of `paged_kv_write_reference`."""
-    from rtp_jax.models.attention import rms_scale
+                            v_cache: jax.Array, slot_mapping: jax.Array, *,
+                            group_pad: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The contract in plain JAX: the partials summed (if given), the engine's RoPE, the q padding, and the
+    two scatters of `paged_kv_write_reference`."""
     from rtp_jax.models.residual import sum_partials
     from rtp_jax.models.rope import apply_rope  # the model's own RoPE: the kernel must match it
 
-    dtype = k_cache.dtype if h.ndim == 5 else h.dtype
-    if norm_x is not None:
-        scale = rms_scale(norm_x, norm_eps)[:, None, None, None]
-        h = (h.astype(jnp.float32).sum(0) if h.ndim == 5 else h.astype(jnp.float32)) * scale
-        h = h.astype(dtype)
-    elif h.ndim == 5:
-        h = sum_partials(h, dtype)
+    if h.ndim == 5:
+        h = sum_partials(h, k_cache.dtype)
     t, kv, g2, hd = h.shape
     group = g2 - 2
     q = apply_rope(h[:, :, :group].reshape(t, kv * group, hd), positions, inv_freq)
@@ -79,16 +68,8 @@ def supports(h: jax.Array, k_cache: jax.Array) -> bool:
             and tuple(h.shape[1:2]) + tuple(h.shape[3:]) == tuple(k_cache.shape[2:]))
 
 
-def supports_norm(norm_x: jax.Array, h: jax.Array) -> bool:
-    """Whether the kernel takes this `norm_x`: one row per token of h, its width a power of two (one
-    Triton load per row)."""
-    d = norm_x.shape[-1]
-    return norm_x.ndim == 2 and norm_x.shape[0] == h.shape[-4] and d > 0 and d & (d - 1) == 0
-
-
 def rope_kv_write(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
                   v_cache: jax.Array, slot_mapping: jax.Array, *, group_pad: int,
-                  norm_x: jax.Array | None = None, norm_eps: float = 1e-6,
                   interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`rope_kv_write_reference` as one kernel (see the module docstring)."""
     t, kv, g2, hd = h.shape[-4:]
@@ -107,19 +88,15 @@ def rope_kv_write(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cac
                          "rope_kv_write_reference")
     if group_pad < g2 - 2:
         raise ValueError(f"group_pad={group_pad} is below the group of {g2 - 2} q heads")
-    if norm_x is not None and not supports_norm(norm_x, h):
-        raise ValueError(f"norm_x must be [T, D] = [{t}, D] with D a power of two, got {norm_x.shape}")
     return _rope_kv_write(h, positions.astype(jnp.int32), inv_freq.astype(jnp.float32), k_cache, v_cache,
-                          slot_mapping.astype(jnp.int32), norm_x, group_pad=group_pad,
-                          norm_eps=float(norm_eps), interpret=interpret)
+                          slot_mapping.astype(jnp.int32), group_pad=group_pad, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("group_pad", "norm_eps", "interpret"), donate_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnames=("group_pad", "interpret"), donate_argnums=(3, 4))
 def _rope_kv_write(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
-                   v_cache: jax.Array, slot_mapping: jax.Array, norm_x: jax.Array | None, *, group_pad: int,
-                   norm_eps: float, interpret: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   v_cache: jax.Array, slot_mapping: jax.Array, *, group_pad: int,
+                   interpret: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     partials = h.ndim == 5
-    normed = norm_x is not None
     t, kv, g2, hd = h.shape[-4:]
     group, half = g2 - 2, hd // 2
     dtype = k_cache.dtype if partials else h.dtype  # of q, and of h's values before RoPE
@@ -129,38 +106,23 @@ def _rope_kv_write(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_ca
     # One program per (token, KV head, output row): rows < group are q heads, then the zero padding rows,
     # then k (row group_pad) and v (row group_pad + 1). A program per (token, KV head) doing all rows in
     # sequence took 3.4 us at batch 1 on an H200 (bench/notes_bench.md, tenth session).
-    def kernel(pos_ref: Any, slot_ref: Any, h_ref: Any, inv_ref: Any, *refs: Any) -> None:
-        x_ref, (_kc, _vc, q_ref, kc_ref, vc_ref) = (refs[0], refs[1:]) if normed else (None, refs)
+    def kernel(pos_ref: Any, slot_ref: Any, h_ref: Any, inv_ref: Any, _kc: Any, _vc: Any, q_ref: Any,
+               kc_ref: Any, vc_ref: Any) -> None:
         r = pl.program_id(2)
         slot = slot_ref[0]
         col = pl.multiple_of(pl.program_id(1) * hd, hd)
         in_range = (slot >= 0) & (slot < slots)
 
-        def row_scale() -> jax.Array | None:
-            """The token's RMS factor from its norm_x row (None without norm_x)."""
-            if not normed:
-                return None
-            x = x_ref[0, :].astype(jnp.float32)
-            return jax.lax.rsqrt(jnp.mean(x * x) + norm_eps)
-
-        def load(row: Any, lo: int, n: int, scale: jax.Array | None) -> jax.Array:
-            """h[row, lo:lo + n] as float32, partials summed (and scaled by the row's RMS factor) and
-            rounded as the projection's output."""
-            if partials:
-                value = jnp.sum(h_ref[:, 0, 0, row, pl.ds(lo, n)], axis=0)
-            else:
-                value = h_ref[0, 0, row, pl.ds(lo, n)].astype(jnp.float32)
-            if scale is None and not partials:
-                return value
-            if scale is not None:
-                value = value * scale
-            return value.astype(dtype).astype(jnp.float32)
+        def load(row: Any, lo: int, n: int) -> jax.Array:
+            """h[row, lo:lo + n] as float32, partials summed and rounded as the projection's output."""
+            if not partials:
+                return h_ref[0, 0, row, pl.ds(lo, n)].astype(jnp.float32)
+            return jnp.sum(h_ref[:, 0, 0, row, pl.ds(lo, n)], axis=0).astype(dtype).astype(jnp.float32)
 
         def rope(row: Any) -> tuple[jax.Array, jax.Array]:
             freqs = pos_ref[0].astype(jnp.float32) * inv_ref[...]  # [half]
             cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-            scale = row_scale()
-            x1, x2 = load(row, 0, half, scale), load(row, half, half, scale)
+            x1, x2 = load(row, 0, half), load(row, half, half)
             return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
         @pl.when(r < group)
@@ -182,29 +144,25 @@ def _rope_kv_write(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_ca
 
         @pl.when((r == group_pad + 1) & in_range)
         def _v() -> None:
-            v = load(group + 1, 0, hd, row_scale())
-            vc_ref[pl.ds(slot, 1), pl.ds(col, hd)] = v.astype(vc_ref.dtype)[None]
+            vc_ref[pl.ds(slot, 1), pl.ds(col, hd)] = load(group + 1, 0, hd).astype(vc_ref.dtype)[None]
 
     whole = pl.BlockSpec((slots, width), lambda i, j, r: (0, 0))
     h_spec = (pl.BlockSpec((h.shape[0], 1, 1, g2, hd), lambda i, j, r: (0, i, j, 0, 0)) if partials
               else pl.BlockSpec((1, 1, g2, hd), lambda i, j, r: (i, j, 0, 0)))
     q_row = lambda i, j, r: (i, j, jnp.minimum(r, group_pad - 1), 0)  # noqa: E731 - k/v programs: unused
-    x_specs = [pl.BlockSpec((1, norm_x.shape[1]), lambda i, j, r: (i, 0))] if normed else []
-    x_args = [norm_x] if normed else []
     q, kc, vc = pl.pallas_call(
         kernel,
         grid=(t, kv, group_pad + 2),
         in_specs=[pl.BlockSpec((1,), lambda i, j, r: (i,)), pl.BlockSpec((1,), lambda i, j, r: (i,)),
                   h_spec,
-                  pl.BlockSpec((half,), lambda i, j, r: (0,)), *x_specs, whole, whole],
+                  pl.BlockSpec((half,), lambda i, j, r: (0,)), whole, whole],
         out_specs=[pl.BlockSpec((1, 1, 1, hd), q_row), whole, whole],
         out_shape=[jax.ShapeDtypeStruct((t, kv, group_pad, hd), dtype),
                    jax.ShapeDtypeStruct((slots, width), k_cache.dtype),
                    jax.ShapeDtypeStruct((slots, width), k_cache.dtype)],
-        input_output_aliases={4 + normed: 1, 5 + normed: 2},
+        input_output_aliases={4: 1, 5: 2},
         interpret=interpret,
         name="rope_kv_write",
         **({} if interpret else gpu_lowering("triton", num_warps=1, num_stages=1)),
-    )(positions, slot_mapping, h, inv_freq, *x_args, k_cache.reshape(slots, width),
-      v_cache.reshape(slots, width))
+    )(positions, slot_mapping, h, inv_freq, k_cache.reshape(slots, width), v_cache.reshape(slots, width))
     return q, kc.reshape(shape), vc.reshape(shape)

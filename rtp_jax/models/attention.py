@@ -61,13 +61,11 @@ class FusedDecode(Protocol):
     for one whose `takes_partials` attribute is true, float32 [S, T, ...] split-K partial sums of it
     (`QKVProj.project_partials`); positions int32[T], inv_freq float32[head_dim // 2] -> (attention output
     [T, heads, head_dim], updated k_cache, v_cache), or None where it does not apply (the layer then ropes,
-    writes and attends itself). One whose `takes_norm` attribute is true also takes `norm_x` [T, D] and
-    `norm_eps`: h was then projected from `norm_x * norm_weight`, and each token's row of h is to be scaled
-    by RMSNorm's factor rsqrt(mean(norm_x ** 2) + norm_eps) (`norm_in_decoder`)."""
+    writes and attends itself)."""
 
     def __call__(self, h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
                  v_cache: jax.Array, md: AttentionMetadata, *, num_q_heads: int, sm_scale: float,
-                 sliding_window: int | None, soft_cap: float | None, **norm: Any,
+                 sliding_window: int | None, soft_cap: float | None,
                  ) -> tuple[jax.Array, jax.Array, jax.Array] | None: ...
 
 
@@ -97,19 +95,6 @@ def decode_qkv_splits(fused: FusedDecode | None, num_tokens: int, md: AttentionM
             or num_tokens != md.kv_lens.shape[0] or num_tokens > PARTIALS_MAX_ROWS):
         return 0
     return splits
-
-
-# The layer's input RMSNorm done inside the fused decoder (`takes_norm`) in the decode steps that hand it
-# q/k/v partials: the projection reads `x * norm_weight` (a multiply XLA fuses into the GEMM's operand) and
-# rope_kv_write scales each token's summed row by rsqrt(mean(x ** 2) + eps), so the norm's own kernel goes
-# away. False: XLA's RMSNorm first, as before. A/B: bench/probe_decode_variants.py's `no_norm_in_decoder`.
-NORM_IN_DECODER = True
-
-
-def norm_in_decoder(fused: FusedDecode | None, splits: int) -> bool:
-    """Whether a layer hands `fused` its raw input and norm weight (`NORM_IN_DECODER`, a decode step with
-    q/k/v partials, a decoder that `takes_norm`)."""
-    return bool(NORM_IN_DECODER and splits and getattr(fused, "takes_norm", False))
 
 
 def write_kv(
@@ -228,8 +213,8 @@ def _mosaic_decode(fallback: AttentionFn) -> AttentionFn:
 
 def rope_write_decode(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k_cache: jax.Array,
                       v_cache: jax.Array, md: AttentionMetadata, *, num_q_heads: int, sm_scale: float,
-                      sliding_window: int | None, soft_cap: float | None, norm_x: jax.Array | None = None,
-                      norm_eps: float = 1e-6) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+                      sliding_window: int | None, soft_cap: float | None,
+                      ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
     """`FusedDecode` for one query row per sequence slot: kernels_pallas/rope_kv_write.py (summing h's
     split-K partials first when it is given them) ropes q and k,
     writes k and v into the caches and lays q out in the Mosaic decode kernel's padded head groups (one
@@ -241,19 +226,16 @@ def rope_write_decode(h: jax.Array, positions: jax.Array, inv_freq: jax.Array, k
 
     t, kv, _, head_dim = h.shape[-4:]  # h may be [S, T, ...] float32 partial sums (`takes_partials`)
     q_like = jax.ShapeDtypeStruct((t, num_q_heads, head_dim), k_cache.dtype if h.ndim == 5 else h.dtype)
-    if (t != md.kv_lens.shape[0] or not rkw.supports(h, k_cache) or not supports(q_like, k_cache)
-            or (norm_x is not None and not rkw.supports_norm(norm_x, h))):
+    if t != md.kv_lens.shape[0] or not rkw.supports(h, k_cache) or not supports(q_like, k_cache):
         return None
     q4, k_cache, v_cache = rkw.rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
-                                             group_pad=group_pad(num_q_heads // kv), norm_x=norm_x,
-                                             norm_eps=norm_eps)
+                                             group_pad=group_pad(num_q_heads // kv))
     out = paged_decode_attention(q4, k_cache, v_cache, md.kv_lens, md.block_tables, sm_scale=sm_scale,
                                  sliding_window=sliding_window, soft_cap=soft_cap, num_q_heads=num_q_heads)
     return out, k_cache, v_cache
 
 
 rope_write_decode.takes_partials = True  # type: ignore[attr-defined]
-rope_write_decode.takes_norm = True  # type: ignore[attr-defined]
 
 
 def split_decode_rows(ragged: AttentionFn, decode: AttentionFn,
@@ -339,14 +321,9 @@ def _hopper_mosaic_available() -> bool:
     return hopper and mosaic_gpu_available()
 
 
-def rms_scale(x: jax.Array, eps: float) -> jax.Array:
-    """x: [..., D] -> float32 [...]: RMSNorm's row factor rsqrt(mean(x ** 2) + eps)."""
-    x32 = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps)
-
-
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm with float32 statistics. x: [..., D], weight: [D]."""
-    x32 = x.astype(jnp.float32) * rms_scale(x, eps)[..., None]
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     # HF casts back to the activation dtype before the weight multiply; match it for bf16 parity.
     return weight.astype(x.dtype) * x32.astype(x.dtype)

@@ -23,9 +23,7 @@ from rtp_jax.models.attention import (
     decode_qkv_splits,
     fused_decoder,
     kv_writer,
-    norm_in_decoder,
     rms_norm,
-    rms_scale,
 )
 from rtp_jax.models.residual import (
     Hidden,
@@ -180,34 +178,21 @@ class Attention(Module):
         self.cfg = cfg
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv: KVCache,
-                 md: AttentionMetadata, attn_fn: AttentionFn, o_splits: int = 0,
-                 norm: tuple[jax.Array, float] | None = None) -> tuple[jax.Array, KVCache]:
+                 md: AttentionMetadata, attn_fn: AttentionFn, o_splits: int = 0) -> tuple[jax.Array, KVCache]:
         """x: [T, D] -> ([T, D], updated (k_cache, v_cache)); with `o_splits`, o_proj's float32 split-K
-        partials [o_splits, T, D] instead of its output. With `norm` (weight [D], eps), x is the residual
-        stream and attention reads rms_norm(x) (inside the fused decoder where it takes the norm)."""
+        partials [o_splits, T, D] instead of its output."""
         cfg, t = self.cfg, x.shape[0]
         fused = fused_decoder(attn_fn) if self.q_norm is None else None
         splits = 0 if self.qkv_proj.bias is not None else decode_qkv_splits(fused, t, md, x.shape[-1])
-        norm_in = norm is not None and norm_in_decoder(fused, splits)
-        extra: dict[str, Any] = {}
-        if norm is not None and norm_in:
-            extra = {"norm_x": x, "norm_eps": norm[1]}
-            x = x * norm[0].astype(x.dtype)  # the projection reads x * weight; the decoder scales its rows
-        elif norm is not None:
-            x = rms_norm(x, *norm)
         h = self.qkv_proj.project_partials(x, splits) if splits else self.qkv_proj.project(x)
         done = None if fused is None else fused(
             h, positions, inv_freq, kv[0], kv[1], md, num_q_heads=cfg.num_heads, sm_scale=cfg.head_dim**-0.5,
-            sliding_window=cfg.sliding_window, soft_cap=None, **extra)
+            sliding_window=cfg.sliding_window, soft_cap=None)
         if done is not None:
             o, k_cache, v_cache = done
             return self._out(o.reshape(t, cfg.num_heads * cfg.head_dim), o_splits), (k_cache, v_cache)
-        dtype = jnp.result_type(x, self.qkv_proj.weight[...])
-        if extra:  # the fused path declined the partials: their sum, scaled as it would have done
-            scale = rms_scale(extra["norm_x"], extra["norm_eps"])[:, None, None, None]
-            h = (h.astype(jnp.float32).sum(0) * scale).astype(dtype)
-        elif splits:  # the fused path declined these shapes: the unsplit projection's values
-            h = sum_partials(h, dtype)
+        if splits:  # the fused path declined these shapes: the unsplit projection's values
+            h = sum_partials(h, jnp.result_type(x, self.qkv_proj.weight[...]))
         q, k, v = self.qkv_proj.split(h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -271,8 +256,7 @@ class DecoderLayer(Module):
         done together with the norm that follows it, and the layer's output is left `Pending`."""
         add_norm = add_norm_of(attn_fn)
         if add_norm is None and not isinstance(x, Pending):  # XLA's adds and norms
-            ln1 = self.input_layernorm
-            h, kv = self.self_attn(x, positions, inv_freq, kv, md, attn_fn, norm=(ln1.weight[...], ln1.eps))
+            h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv, md, attn_fn)
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x)), kv
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm

@@ -128,36 +128,3 @@ def test_partials_refused_unless_float32_and_a_power_of_two() -> None:
         assert not supports(bad, kc)
         with pytest.raises(ValueError, match="partials"):
             rope_kv_write(bad, pos, inv, kc, vc, slots, group_pad=8, interpret=True)
-
-
-@pytest.mark.parametrize("splits,dtype", [(0, jnp.float32), (4, jnp.float32), (4, jnp.bfloat16)])
-def test_norm_x_scales_each_token_by_its_rms_factor(splits: int, dtype: jnp.dtype) -> None:
-    """With `norm_x`, each token's row of h (its partials summed first) is scaled by
-    rsqrt(mean(norm_x ** 2) + eps) before the rounding and RoPE: the reference equals the plain contract
-    on the scaled h, and the kernel the reference (bf16: within one rounding)."""
-    from rtp_jax.models.attention import rms_scale
-
-    h, pos, inv, kc, vc, slots = _case(2, 4, 64, 5, dtype, seed=11)
-    x = jnp.asarray(np.random.default_rng(12).standard_normal((5, 256)) * 4.0, dtype)
-    hh = _partials(h.astype(jnp.float32), splits) if splits else h
-    out_dtype = kc.dtype if splits else h.dtype
-    scaled = (h.astype(jnp.float32) * rms_scale(x, 1e-5)[:, None, None, None]).astype(out_dtype)
-    want = rope_kv_write_reference(hh, pos, inv, jnp.array(kc), jnp.array(vc), slots, group_pad=8, norm_x=x,
-                                   norm_eps=1e-5)
-    plain = rope_kv_write_reference(scaled, pos, inv, jnp.array(kc), jnp.array(vc), slots, group_pad=8)
-    got = rope_kv_write(hh, pos, inv, jnp.array(kc), jnp.array(vc), slots, group_pad=8, norm_x=x,
-                        norm_eps=1e-5, interpret=not ON_GPU)
-    tol = dict(rtol=2 ** -7, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=TOL, atol=10 * TOL)
-    for g, w, p in zip(got, want, plain, strict=True):
-        np.testing.assert_allclose(_f32(w), _f32(p), **tol)
-        np.testing.assert_allclose(_f32(g), _f32(w), **tol)
-    unscaled = rope_kv_write_reference(hh, pos, inv, jnp.array(kc), jnp.array(vc), slots, group_pad=8)
-    assert not np.allclose(_f32(unscaled[0]), _f32(want[0]), rtol=0.05), "the factor must matter here"
-
-
-def test_norm_x_refused_unless_one_power_of_two_row_per_token() -> None:
-    """norm_x of the wrong row count, or of a width that is not a power of two, is refused by name."""
-    h, pos, inv, kc, vc, slots = _case(2, 4, 64, 3, jnp.float32)
-    for bad in (jnp.ones((2, 128)), jnp.ones((3, 96))):
-        with pytest.raises(ValueError, match="norm_x"):
-            rope_kv_write(h, pos, inv, kc, vc, slots, group_pad=8, norm_x=bad, interpret=True)

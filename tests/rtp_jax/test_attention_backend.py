@@ -237,65 +237,6 @@ def test_mosaic_decode_offers_the_fused_rope_write_path():
         assert fused_decoder(backend.mixed) is None and fused_decoder(backend.decode) is None
 
 
-def _attention_case(qk_norm: bool) -> dict[str, Any]:
-    """A one-layer Attention (4 heads, 2 KV heads, head_dim 32, float32) and a 3-sequence decode step."""
-    from flax import nnx
-
-    from rtp_jax.models.llama import Attention
-    from rtp_jax.models.rope import rope_tables
-
-    cfg = ModelConfig.from_hf_config({
-        "architectures": ["Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM"], "vocab_size": 64,
-        "hidden_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 32})
-    rng = np.random.default_rng(0)
-    seqs, block, blocks = 3, 4, 12
-    kv_lens = jnp.asarray([5, 9, 2], jnp.int32)
-    tables = jnp.asarray(rng.permutation(blocks)[:seqs * 3].reshape(seqs, 3), jnp.int32)
-    positions = kv_lens - 1
-    slots = tables[jnp.arange(seqs), positions // block] * block + positions % block
-    return dict(
-        layer=Attention(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), seqs=seqs,
-        x=jnp.asarray(rng.standard_normal((seqs, 128)), jnp.float32), positions=positions,
-        md=AttentionMetadata(slots, kv_lens, tables, jnp.arange(seqs + 1, dtype=jnp.int32), jnp.int32(seqs)),
-        caches=tuple(jnp.asarray(rng.standard_normal((blocks, block, 2, 32)), jnp.float32) for _ in range(2)),
-        inv_freq=jnp.asarray(rope_tables(cfg)))
-
-
-def _interpreted_fused(calls: list, declines: bool) -> Any:
-    """A `FusedDecode` taking partials and the norm: rope_kv_write (interpreted), then the reference
-    attention; records each call's h shape and whether it was handed the norm; None when `declines`."""
-    from kernels_pallas.rope_kv_write import rope_kv_write
-
-    plain = _from_contract(ragged_paged_attention_reference)
-
-    def fused(h, positions, inv_freq, k_cache, v_cache, md, *, num_q_heads, sm_scale, sliding_window,
-              soft_cap, **norm):
-        calls.append((tuple(h.shape), bool(norm)))
-        if declines:
-            return None
-        q4, k_cache, v_cache = rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
-                                             group_pad=8, interpret=True, **norm)
-        t, kv, _, hd = h.shape[-4:]
-        q = q4[:, :, :num_q_heads // kv].reshape(t, num_q_heads, hd)
-        out = plain(q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
-                    soft_cap=soft_cap)
-        return out, k_cache, v_cache
-
-    fused.takes_partials = True
-    fused.takes_norm = True
-    offering = _from_contract(ragged_paged_attention_reference)
-    offering.fused_decode = fused
-    return offering
-
-
-def _assert_close(got: tuple, want: tuple) -> None:
-    (g, (gk, gv)), (w, (wk, wv)) = got, want
-    for a, b in ((g, w), (gk, wk), (gv, wv)):
-        tol = 2e-3 if jax.default_backend() == "gpu" else 1e-4  # TF32: split and plain GEMMs round apart
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("qk_norm,splits,declines", [(False, 0, False), (True, 0, False), (False, 4, False),
                                                      (True, 4, False), (False, 4, True)])
 def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool, splits: int, declines: bool,
@@ -305,45 +246,56 @@ def test_layer_uses_the_fused_decode_path_with_the_same_result(qk_norm: bool, sp
     equal to the layer's own RoPE, write and attention (here the fused path is rope_kv_write, interpreted,
     then the reference attention). Qwen3-style q/k norms keep the unfused path (the fused kernel has no
     norm). A fused path that declines after being handed partials leaves the layer to sum them itself."""
+    from flax import nnx
+
     import rtp_jax.models.attention as attention
 
     monkeypatch.setattr(attention, "DECODE_QKV_SPLITS", splits)
-    c = _attention_case(qk_norm)
-    calls: list = []
-    offering = _interpreted_fused(calls, declines)
-    args = (c["positions"], c["inv_freq"])
-    want = c["layer"](c["x"], *args, tuple(jnp.array(a) for a in c["caches"]), c["md"],
-                      _from_contract(ragged_paged_attention_reference))
-    got = c["layer"](c["x"], *args, tuple(jnp.array(a) for a in c["caches"]), c["md"], offering)
-    assert calls == ([] if qk_norm else [((splits,) * bool(splits) + (c["seqs"], 2, 4, 32), False)])
-    _assert_close(got, want)
 
+    from kernels_pallas.rope_kv_write import rope_kv_write
+    from rtp_jax.models.llama import Attention
+    from rtp_jax.models.rope import rope_tables
 
-@pytest.mark.parametrize("splits,declines,on", [(4, False, True), (4, True, True), (0, False, True),
-                                                (4, False, False)])
-def test_input_norm_inside_the_fused_decoder_equals_the_norm_first(splits: int, declines: bool, on: bool,
-                                                                   monkeypatch: pytest.MonkeyPatch):
-    """Handed the residual stream and its RMSNorm (`norm=`), the layer gives what it gives for
-    rms_norm(x) * weight: with q/k/v partials and `NORM_IN_DECODER`, the fused decoder gets x and scales
-    the rows itself (the projection reads x * weight); a decoder that then declines leaves the layer to
-    scale the summed partials; without partials, or with the option off, XLA's norm runs first and the
-    decoder is not handed the norm."""
-    import rtp_jax.models.attention as attention
+    cfg = ModelConfig.from_hf_config({
+        "architectures": ["Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM"], "vocab_size": 64,
+        "hidden_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32})
+    layer = Attention(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    seqs, block, blocks = 3, 4, 12
+    x = jnp.asarray(rng.standard_normal((seqs, 128)), jnp.float32)
+    kv_lens = jnp.asarray([5, 9, 2], jnp.int32)
+    tables = jnp.asarray(rng.permutation(blocks)[:seqs * 3].reshape(seqs, 3), jnp.int32)
+    positions = kv_lens - 1
+    slots = tables[jnp.arange(seqs), positions // block] * block + positions % block
+    md = AttentionMetadata(slots, kv_lens, tables, jnp.arange(seqs + 1, dtype=jnp.int32), jnp.int32(seqs))
+    caches = tuple(jnp.asarray(rng.standard_normal((blocks, block, 2, 32)), jnp.float32) for _ in range(2))
+    inv_freq = jnp.asarray(rope_tables(cfg))
+    plain = _from_contract(ragged_paged_attention_reference)
+    calls: list[tuple[int, ...]] = []
 
-    monkeypatch.setattr(attention, "DECODE_QKV_SPLITS", splits)
-    monkeypatch.setattr(attention, "NORM_IN_DECODER", on)
-    c = _attention_case(False)
-    weight = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, 128), jnp.float32)
-    x = c["x"] * 3.0  # a row scale far from 1, so a missing factor shows
-    calls: list = []
-    offering = _interpreted_fused(calls, declines)
-    args = (c["positions"], c["inv_freq"])
-    want = c["layer"](attention.rms_norm(x, weight, 1e-5), *args, tuple(jnp.array(a) for a in c["caches"]),
-                      c["md"], _from_contract(ragged_paged_attention_reference))
-    got = c["layer"](x, *args, tuple(jnp.array(a) for a in c["caches"]), c["md"], offering,
-                     norm=(weight, 1e-5))
-    assert calls == [((splits,) * bool(splits) + (c["seqs"], 2, 4, 32), bool(splits) and on)]
-    _assert_close(got, want)
+    def fused(h, positions, inv_freq, k_cache, v_cache, md, *, num_q_heads, sm_scale, sliding_window,
+              soft_cap):
+        calls.append(tuple(h.shape))
+        if declines:
+            return None
+        q4, k_cache, v_cache = rope_kv_write(h, positions, inv_freq, k_cache, v_cache, md.slot_mapping,
+                                             group_pad=8, interpret=True)
+        t, kv, _, hd = h.shape[-4:]
+        q = q4[:, :, :num_q_heads // kv].reshape(t, num_q_heads, hd)
+        out = plain(q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window,
+                    soft_cap=soft_cap)
+        return out, k_cache, v_cache
+
+    offering = _from_contract(ragged_paged_attention_reference)
+    fused.takes_partials = True
+    offering.fused_decode = fused
+    want, (wk, wv) = layer(x, positions, inv_freq, tuple(jnp.array(c) for c in caches), md, plain)
+    got, (gk, gv) = layer(x, positions, inv_freq, tuple(jnp.array(c) for c in caches), md, offering)
+    assert calls == ([] if qk_norm else [(splits,) * bool(splits) + (seqs, 2, 4, 32)])
+    for g, w in ((got, want), (gk, wk), (gv, wv)):
+        tol = 2e-3 if jax.default_backend() == "gpu" else 1e-4  # TF32: split and plain GEMMs round apart
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)
 
 
 def test_qkv_partials_go_only_to_decode_steps_of_a_decoder_that_takes_them(monkeypatch: pytest.MonkeyPatch):
