@@ -8,7 +8,8 @@ block table's width in tokens, as the engine's max_model_len; default the contex
 slots, the ones past SEQS empty, as the engine pads a decode batch), e.g. `1x384w4096p4` for the engine's
 batch-1 decode in bench/run_all.py. Errors are measured on the non-empty slots. `--splits 1,2,4` adds
 the default tuning with each of these split counts (the default derives its count from the slots and the
-table width, not from the contexts).
+table width, not from the contexts). `--tunings "pages_per_tile=4;num_stages=1;num_splits=4,..."` adds
+the default tuning with these keys fixed, one variant per comma-separated item.
 
 Every variant's output is checked against the pure-JAX reference (relative error) before it is timed.
 Timing as in bench/attention.py (one jit over rotating input sets, median of 10 after warm-up). Writes
@@ -69,13 +70,27 @@ def mgpu_memory_only(case: Case, **tuning: Any):
                                          soft_cap=None, interpret=False, memory_only=True, **tuning)
 
 
-def variants(case: Case, sweep: bool, splits: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+def parse_tunings(spec: str) -> list[dict[str, int]]:
+    """`"pages_per_tile=4;num_stages=1,num_splits=2"` -> [{"pages_per_tile": 4, "num_stages": 1}, ...]."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        pairs = [kv.split("=") for kv in item.split(";") if kv]
+        if any(len(p) != 2 for p in pairs):
+            raise SystemExit(f"--tunings: {item!r} is not KEY=VALUE;KEY=VALUE")
+        out.append({k: int(v) for k, v in pairs})
+    return out
+
+
+def variants(case: Case, sweep: bool, splits: tuple[int, ...] = (),
+             tunings: tuple[dict[str, int], ...] = ()) -> list[dict[str, Any]]:
     """The default tuning first (as the engine derives it: from the slots and the table width), then the
-    default with each of `splits`; with `sweep`, tiles of 64/128 tokens x 2-4 stages x both grid orders."""
+    default with each of `splits`, then with each of `tunings`' keys fixed; with `sweep`, tiles of 64/128
+    tokens x 2-4 stages x both grid orders."""
     bs = case.block_size
     base = default_decode_tuning(len(case.kv_lens), 8, bs, max(max(case.kv_lens), case.table_tokens))
     out = [dict(base)]
     out += [{**base, "num_splits": k} for k in splits if k != base["num_splits"]]
+    out += [cfg for cfg in ({**base, **t} for t in tunings) if cfg not in out]
     if not sweep:
         return out
     for tile, st, inner in itertools.product((64, 128), (2, 3, 4), (True, False)):
@@ -87,7 +102,8 @@ def variants(case: Case, sweep: bool, splits: tuple[int, ...] = ()) -> list[dict
     return out
 
 
-def run_case(case: Case, sweep: bool, splits: tuple[int, ...] = ()) -> dict[str, Any]:
+def run_case(case: Case, sweep: bool, splits: tuple[int, ...] = (),
+             tunings: tuple[dict[str, int], ...] = ()) -> dict[str, Any]:
     copies = int(min(8, max(1, -(-4 * L2_BYTES // max(case.kv_bytes, 1)))))
     sets, case.meta = make_inputs(case, seed=len(case.name), copies=copies)
     live = np.asarray([s for s, n in enumerate(case.kv_lens) if n > 0])  # empty slots: the reference: NaN
@@ -107,7 +123,7 @@ def run_case(case: Case, sweep: bool, splits: tuple[int, ...] = ()) -> dict[str,
             print(f"  {case.name} {name} {cfg} FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
             traceback.print_exc(limit=3)
 
-    for cfg in variants(case, sweep, splits):
+    for cfg in variants(case, sweep, splits, tunings):
         attempt("mgpu", mgpu(case, **cfg), cfg)
     if sweep:
         best = min((x for x in rows if "us" in x), key=lambda x: x["us"], default=None)
@@ -135,8 +151,11 @@ def main() -> None:
     ap.add_argument("--cases", default=DEFAULT_CASES)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--splits", default="", help="split counts to time besides the default's (e.g. 1,2,4)")
+    ap.add_argument("--tunings", default="", help="tunings to time besides the default's, e.g. "
+                    "'pages_per_tile=4;num_stages=1;num_splits=4,num_stages=1'")
     ns = ap.parse_args()
     splits = tuple(int(k) for k in ns.splits.split(",") if k)
+    tunings = tuple(parse_tunings(ns.tunings))
     machine = measure_machine()
     print(f"copy {machine['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 mm "
           f"{machine['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
@@ -151,7 +170,7 @@ def main() -> None:
                 + (f" table {width}" if width else "") + (f" slots {slots}" if slots > s else ""))
         case = Case("decode", name, [1] * slots, [c] * s + [0] * (slots - s), block_size=bs,
                     table_tokens=width)
-        results.append(run_case(case, not ns.no_sweep, splits))
+        results.append(run_case(case, not ns.no_sweep, splits, tunings))
     os.makedirs(ns.out, exist_ok=True)
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, git=git_sha(), machine=machine,
                 command="python3 bench/attention_mgpu.py " + " ".join(sys.argv[1:]))
