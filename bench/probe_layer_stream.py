@@ -1,0 +1,298 @@
+"""Can one persistent kernel stream a decode layer's weights at the copy rate, with a grid-wide barrier
+between the dependent GEMMs? The route left for batch-1 decode >= 90% of the roofline (notes_bench.md,
+16th and 17th sessions) is a decode layer as one or two persistent kernels; this probe measures its
+ceiling before any math is written.
+
+    python3 bench/probe_layer_stream.py --out $OUT [--layers 8]      # GPU (jax >= 0.11, Hopper)
+
+`stream`: G CTAs (one per SM), two warpgroups each. The memory warpgroup streams the CTA's weight tiles of
+every phase by TMA through `stages` shared-memory slots; the consumer warpgroup waits for each slot and
+frees it (memory only: no math). Phases are a Llama-3-8B decode layer's GEMMs in order (q/k/v [6144, 4096],
+o [4096, 4096], gate/up [28672, 4096], down [4096, 14336]) for `--layers` layers; tile i of a phase goes to
+CTA i % G. With `barrier`, after its last tile of each phase every CTA's consumer meets the others at a
+grid barrier (GMEM semaphores) and then reads an x tile from global memory (the next GEMM's input), as a
+layer kernel must; meanwhile the memory warpgroup keeps filling free slots with the next phase's weights,
+which depend on nothing. The figure to read: barrier vs no barrier vs the copy rate. If the barrier
+variant streams near the no-barrier one and near the copy rate (4.1 TB/s on the H200), a persistent
+layer can hide its dependencies and the math is worth writing; if not, the route is closed.
+
+Baselines in the same process: the copy rate (fp32 x + 1, as run_all), XLA reading each weight once
+(a column sum), and XLA's chain of the same GEMMs at T = 4 with a small fusion between them (the engine's
+pattern). Each `stream` variant is checked for its tile count per CTA before it is timed. Prints a table
+last; writes probe_layer_stream.json under --out. On the CPU, `--interpret` runs the no-barrier kernel
+on small shapes in the Mosaic GPU interpreter (the grid barrier's global semaphores are compiled-only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (name, N, K) of one Llama-3-8B decode layer's GEMMs, in the order a layer runs them
+LAYER = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
+T_PAD = 8  # token rows of x, padded
+
+
+def phase_tiles(n: int, k: int, tile_n: int, tile_k: int) -> int:
+    return (n // tile_n) * (k // tile_k)
+
+
+def tiles_per_cta(total: int, cta: Any, ctas: int) -> Any:
+    """How many of a phase's `total` tiles CTA `cta` streams (tile i goes to CTA i % ctas)."""
+    return (total - cta + ctas - 1) // ctas
+
+
+@functools.partial(jax.jit, static_argnames=("ctas", "tile_n", "tile_k", "stages", "barrier", "interpret"))
+def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 64, tile_k: int = 256,
+           stages: int = 4, barrier: bool = True, interpret: bool = False) -> jax.Array:
+    """ws: per GEMM of the layer, its weights stacked over layers [L, N, K] (bf16); x: [T_PAD, >= tile_k].
+    Returns float32 [ctas, 128]: column 0 holds the tiles each CTA's consumer released (the check)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    layers = ws[0].shape[0]
+    shapes = [(w.shape[1], w.shape[2]) for w in ws]
+    totals = [phase_tiles(n, k, tile_n, tile_k) for n, k in shapes]
+
+    def kernel(*refs: Any) -> None:
+        w_refs, (x_ref, o_ref, w_smem, x_smem, o_smem, full, free, x_bar) = refs[:len(ws)], refs[len(ws):]
+        cta = lax.axis_index("c")
+        counts = [tiles_per_cta(t, cta, ctas) for t in totals]
+
+        def tile_src(m: int, layer: Any, j: Any) -> Any:
+            """The weight tile of GEMM m that is this CTA's j-th in its phase."""
+            i = cta + j * ctas
+            cols = shapes[m][1] // tile_k
+            row, col = i // cols, lax.rem(i, cols)
+            return w_refs[m].at[layer, pl.ds(row * tile_n, tile_n), pl.ds(col * tile_k, tile_k)]
+
+        @pl.when(lax.axis_index("wg") == 1)
+        def _memory() -> None:
+            def one_layer(layer: Any, g: Any) -> Any:
+                for m in range(len(ws)):
+                    def fetch(j: Any, g: Any, m: int = m) -> Any:
+                        slot = lax.rem(g, stages)
+
+                        @pl.when(g >= stages)
+                        def _wait() -> None:
+                            plgpu.barrier_wait(free.at[slot])
+
+                        plgpu.copy_gmem_to_smem(tile_src(m, layer, j), w_smem.at[slot], full.at[slot])
+                        return g + 1
+
+                    g = lax.fori_loop(0, counts[m], fetch, g)
+                return g
+
+            total = lax.fori_loop(0, layers, one_layer, jnp.int32(0))
+            for s in range(stages):  # observe each used slot's last release
+                pl.when(s < total)(functools.partial(plgpu.barrier_wait, free.at[s]))
+
+        @pl.when(lax.axis_index("wg") == 0)
+        def _consume() -> None:
+            if barrier:
+                arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
+                release = (pl.get_global(plgpu.SemaphoreType.REGULAR),
+                           pl.get_global(plgpu.SemaphoreType.REGULAR))
+
+            def grid_barrier(parity: Any) -> None:
+                """All CTAs' consumers meet: CTA 0 counts the arrivals, then releases the others. The
+                release semaphore alternates by parity so a fast CTA cannot take a slow one's token."""
+                plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
+
+                @pl.when(cta == 0)
+                def _count() -> None:
+                    plgpu.semaphore_wait(arrive, ctas, memory_scope="gpu")
+                    for p in range(2):
+                        pl.when(parity == p)(functools.partial(
+                            plgpu.semaphore_signal, release[p], ctas - 1, memory_scope="gpu"))
+
+                @pl.when(cta != 0)
+                def _wait() -> None:
+                    for p in range(2):
+                        pl.when(parity == p)(functools.partial(
+                            plgpu.semaphore_wait, release[p], 1, memory_scope="gpu"))
+
+            def one_layer(layer: Any, g: Any) -> Any:
+                for m in range(len(ws)):
+                    def take(j: Any, g: Any) -> Any:
+                        slot = lax.rem(g, stages)
+                        plgpu.barrier_wait(full.at[slot])
+                        plgpu.barrier_arrive(free.at[slot])
+                        return g + 1
+
+                    g = lax.fori_loop(0, counts[m], take, g)
+                    if barrier:
+                        grid_barrier(lax.rem(layer * len(ws) + m, 2))
+                        # the next GEMM's input, written by every CTA before the barrier
+                        plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(0, tile_k)], x_smem, x_bar)
+                        plgpu.barrier_wait(x_bar)
+                return g
+
+            total = lax.fori_loop(0, layers, one_layer, jnp.int32(0))
+            o_smem[...] = jnp.full((128,), total.astype(jnp.float32), jnp.float32)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[cta])
+            plgpu.wait_smem_to_gmem(0)
+
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    call = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((ctas, 128), jnp.float32),
+        scratch_types=[
+            plgpu.SMEM((stages, tile_n, tile_k), ws[0].dtype, transforms=tiled),
+            plgpu.SMEM((T_PAD, tile_k), x.dtype, transforms=tiled),
+            plgpu.SMEM((128,), jnp.float32),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(),
+        ],
+        grid=(ctas,), grid_names=("c",), num_threads=2, thread_name="wg",
+        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
+    )
+    return call(*ws, x)
+
+
+def expected_counts(ws: tuple[jax.Array, ...], ctas: int, tile_n: int, tile_k: int) -> list[int]:
+    """Tiles each CTA should release over all layers."""
+    layers = ws[0].shape[0]
+    totals = [phase_tiles(w.shape[1], w.shape[2], tile_n, tile_k) for w in ws]
+    return [layers * sum(tiles_per_cta(t, c, ctas) for t in totals) for c in range(ctas)]
+
+
+def xla_chain(ws: tuple[jax.Array, ...], x: jax.Array) -> jax.Array:
+    """Per layer, per GEMM: a small fusion on x (an RMSNorm, as before the engine's GEMMs), then
+    y = x @ W.T, the next GEMM's x = y's first K columns plus x's (so each GEMM waits on the last)."""
+    layers = ws[0].shape[0]
+    for layer in range(layers):
+        for w in ws:
+            k = w.shape[2]
+            h = x[:, :k].astype(jnp.float32)
+            h = (h * lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6)).astype(x.dtype)
+            y = jnp.dot(h, w[layer].T, preferred_element_type=jnp.float32)
+            width = x.shape[1]
+            y = y[:, :width] if y.shape[1] >= width else jnp.pad(y, ((0, 0), (0, width - y.shape[1])))
+            x = (y + x.astype(jnp.float32)).astype(x.dtype)
+    return x
+
+
+def xla_read(ws: tuple[jax.Array, ...]) -> jax.Array:
+    """Every weight read once by XLA (a column sum per matrix), no dependencies between them."""
+    return sum(jnp.sum(w, axis=(0, 1), dtype=jnp.float32).sum() for w in ws)
+
+
+def timed(fn: Any, *args: Any, iters: int = 7, warm_s: float = 0.5, sample_s: float = 0.03) -> float:
+    """Median seconds per call after warming the clocks; each sample queues enough calls to last
+    ~`sample_s` before one sync, so launch and host latency stay out (as bench/attention.py's `timed`)."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    calls = 0
+    while time.perf_counter() - t0 < warm_s:
+        jax.block_until_ready(fn(*args))
+        calls += 1
+    per_call = (time.perf_counter() - t0) / max(calls, 1)
+    reps = max(1, min(200, int(sample_s / max(per_call, 1e-6))))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def make_weights(layers: int, scale: int = 1) -> tuple[jax.Array, ...]:
+    """Random bf16 weights [layers, N, K] per GEMM of LAYER (dimensions divided by `scale`)."""
+    key = jax.random.key(0)
+    out = []
+    for _, n, k in LAYER:
+        key, sub = jax.random.split(key)
+        out.append(jax.random.normal(sub, (layers, n // scale, k // scale), jnp.bfloat16))
+    return tuple(out)
+
+
+# (tile_n, tile_k, stages): 32 KiB tiles with 4 or 6 stages (128 / 192 KiB of shared memory), and 16 KiB
+# tiles with 8 stages
+TILINGS = ((64, 256, 4), (64, 256, 6), (64, 128, 8), (128, 128, 6))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--interpret", action="store_true",
+                    help="CPU: small shapes in the interpreter, no barrier")
+    ns = ap.parse_args()
+
+    if ns.interpret:
+        ws = make_weights(1, scale=32)  # [1, 192/128/896/128, 128/128/128/448]
+        x = jnp.ones((T_PAD, 128), jnp.bfloat16)
+        for ctas, tile_n, tile_k, stages in ((3, 64, 64, 2), (5, 64, 64, 3)):
+            got = stream(ws, x, ctas=ctas, tile_n=tile_n, tile_k=tile_k, stages=stages, barrier=False,
+                         interpret=True)
+            want = expected_counts(ws, ctas, tile_n, tile_k)
+            print(f"interpret ctas={ctas} stages={stages}: tiles per CTA {got[:, 0].tolist()} (want {want})")
+            assert got[:, 0].tolist() == [float(c) for c in want]
+        return
+
+    from run_all import copy_bandwidth
+
+    sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    ws = make_weights(ns.layers)
+    nbytes = sum(w.nbytes for w in ws)
+    x = jax.random.normal(jax.random.key(1), (T_PAD, 14336), jnp.bfloat16)
+    x4 = x[:4]  # [4, 14336]: every GEMM reads its first K columns
+    rows: list[dict[str, Any]] = []
+    copy = copy_bandwidth()
+    print(f"{jax.devices()[0].device_kind}: {sms} SMs, copy {copy:.2f} TB/s, weights {nbytes / 1e9:.2f} GB "
+          f"({ns.layers} layers)", flush=True)
+
+    def record(name: str, secs: float, **extra: Any) -> None:
+        rows.append(dict(variant=name, us_per_layer=secs / ns.layers * 1e6, TBps=nbytes / secs / 1e12,
+                         **extra))
+        print(f"  {name:40s} {secs / ns.layers * 1e6:8.1f} us/layer {nbytes / secs / 1e12:5.2f} TB/s",
+              flush=True)
+
+    record("xla_read (column sums)", timed(jax.jit(xla_read), ws))
+    record("xla_chain (T=4, norm + dot)", timed(jax.jit(xla_chain), ws, x4))
+    # every no-barrier variant first: a barrier variant that hung (a CTA not resident) would cut the rest
+    for (tile_n, tile_k, stages), barrier in ((t, b) for b in (False, True) for t in TILINGS):
+        name = f"stream {tile_n}x{tile_k} s{stages} {'barrier' if barrier else 'no barrier'}"
+        fn = functools.partial(stream, ctas=sms, tile_n=tile_n, tile_k=tile_k, stages=stages, barrier=barrier)
+        try:
+            got = jax.block_until_ready(fn(ws, x))
+            want = expected_counts(ws, sms, tile_n, tile_k)
+            ok = got[:, 0].tolist() == [float(c) for c in want]
+            record(name, timed(fn, ws, x), tiles_ok=ok)
+        except Exception as e:  # noqa: BLE001 - keep the other variants' figures
+            rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
+            print(f"  {name} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+    os.makedirs(ns.out, exist_ok=True)
+    info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, sms=sms, copy_TBps=copy,
+                weight_bytes=nbytes, layers=ns.layers, git=os.environ.get("RTP_GIT_SHA", ""),
+                command="python3 bench/probe_layer_stream.py " + " ".join(sys.argv[1:]))
+    Path(ns.out, "probe_layer_stream.json").write_text(json.dumps({**info, "rows": rows}, indent=1))
+    print("\n| variant | us per layer | TB/s | tiles ok |\n|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | failed | | |")
+        else:
+            print(f"| {r['variant']} | {r['us_per_layer']:.1f} | {r['TBps']:.2f} | {r.get('tiles_ok', '')} |")
+    print(f"copy {copy:.2f} TB/s: one layer's 436 MB at that rate takes {436e6 / copy / 1e6:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
