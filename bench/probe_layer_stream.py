@@ -12,7 +12,10 @@ o [4096, 4096], gate/up [28672, 4096], down [4096, 14336]) for `--layers` layers
 CTA i % G. With `barrier`, after its last tile of each phase every CTA's consumer meets the others at a
 grid barrier (GMEM semaphores) and then reads an x tile from global memory (the next GEMM's input), as a
 layer kernel must; meanwhile the memory warpgroup keeps filling free slots with the next phase's weights,
-which depend on nothing. The figure to read: barrier vs no barrier vs the copy rate. If the barrier
+which depend on nothing. With `math`, the consumer also runs each tile through the tensor cores (wgmma of
+the [tile_n, tile_k] weight tile against a fixed x tile, accumulated per CTA and checked against XLA), the
+GEMV's work on every streamed byte without its data flow. The figure to read: barrier vs no barrier vs
+the copy rate, with and without the math. If the barrier
 variant streams near the no-barrier one and near the copy rate (4.1 TB/s on the H200), a persistent
 layer can hide its dependencies and the math is worth writing; if not, the route is closed.
 
@@ -56,11 +59,15 @@ def tiles_per_cta(total: int, cta: Any, ctas: int) -> Any:
     return (total - cta + ctas - 1) // ctas
 
 
-@functools.partial(jax.jit, static_argnames=("ctas", "tile_n", "tile_k", "stages", "barrier", "interpret"))
+@functools.partial(jax.jit, static_argnames=("ctas", "tile_n", "tile_k", "stages", "barrier", "math",
+                                             "interpret"))
 def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 64, tile_k: int = 256,
-           stages: int = 4, barrier: bool = True, interpret: bool = False) -> jax.Array:
+           stages: int = 4, barrier: bool = True, math: bool = False,
+           interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """ws: per GEMM of the layer, its weights stacked over layers [L, N, K] (bf16); x: [T_PAD, >= tile_k].
-    Returns float32 [ctas, 128]: column 0 holds the tiles each CTA's consumer released (the check)."""
+    Returns (float32 [ctas, 128]: column 0 holds the tiles each CTA's consumer released, float32
+    [ctas, tile_n, T_PAD]: with `math`, the sum over the CTA's tiles of tile @ x[:, :tile_k].T by wgmma, the
+    GEMV's tensor-core work on every streamed byte without its data flow; zeros without)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -69,7 +76,8 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
     totals = [phase_tiles(n, k, tile_n, tile_k) for n, k in shapes]
 
     def kernel(*refs: Any) -> None:
-        w_refs, (x_ref, o_ref, w_smem, x_smem, o_smem, full, free, x_bar) = refs[:len(ws)], refs[len(ws):]
+        w_refs = refs[:len(ws)]
+        x_ref, o_ref, acc_ref, w_smem, x_smem, o_smem, acc_smem, full, free, x_bar = refs[len(ws):]
         cta = lax.axis_index("c")
         counts = [tiles_per_cta(t, cta, ctas) for t in totals]
 
@@ -126,35 +134,50 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
                         pl.when(parity == p)(functools.partial(
                             plgpu.semaphore_wait, release[p], 1, memory_scope="gpu"))
 
-            def one_layer(layer: Any, g: Any) -> Any:
+            def load_x() -> None:
+                plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(0, tile_k)], x_smem, x_bar)
+                plgpu.barrier_wait(x_bar)
+
+            def one_layer(layer: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
                 for m in range(len(ws)):
-                    def take(j: Any, g: Any) -> Any:
+                    def take(j: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+                        g, acc = carry
                         slot = lax.rem(g, stages)
                         plgpu.barrier_wait(full.at[slot])
-                        plgpu.barrier_arrive(free.at[slot])
-                        return g + 1
+                        if math:
+                            def scope(ref: Any) -> Any:
+                                plgpu.wgmma(ref, w_smem.at[slot], x_smem.transpose((1, 0)))
+                                return ref[...]
 
-                    g = lax.fori_loop(0, counts[m], take, g)
+                            acc = acc + pl.run_scoped(scope, plgpu.ACC((tile_n, T_PAD), jnp.float32))
+                        plgpu.barrier_arrive(free.at[slot])
+                        return g + 1, acc
+
+                    carry = lax.fori_loop(0, counts[m], take, carry)
                     if barrier:
                         grid_barrier(lax.rem(layer * len(ws) + m, 2))
-                        # the next GEMM's input, written by every CTA before the barrier
-                        plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(0, tile_k)], x_smem, x_bar)
-                        plgpu.barrier_wait(x_bar)
-                return g
+                        load_x()  # the next GEMM's input, written by every CTA before the barrier
+                return carry
 
-            total = lax.fori_loop(0, layers, one_layer, jnp.int32(0))
+            load_x()
+            acc0 = plgpu.layout_cast(jnp.zeros((tile_n, T_PAD), jnp.float32), plgpu.Layout.WGMMA)
+            total, acc = lax.fori_loop(0, layers, one_layer, (jnp.int32(0), acc0))
             o_smem[...] = jnp.full((128,), total.astype(jnp.float32), jnp.float32)
+            acc_smem[...] = acc
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[cta])
+            plgpu.copy_smem_to_gmem(acc_smem, acc_ref.at[cta])
             plgpu.wait_smem_to_gmem(0)
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     call = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((ctas, 128), jnp.float32),
+        kernel, out_type=(jax.ShapeDtypeStruct((ctas, 128), jnp.float32),
+                          jax.ShapeDtypeStruct((ctas, tile_n, T_PAD), jnp.float32)),
         scratch_types=[
             plgpu.SMEM((stages, tile_n, tile_k), ws[0].dtype, transforms=tiled),
             plgpu.SMEM((T_PAD, tile_k), x.dtype, transforms=tiled),
             plgpu.SMEM((128,), jnp.float32),
+            plgpu.SMEM((tile_n, T_PAD), jnp.float32),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(),
@@ -163,6 +186,25 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
     return call(*ws, x)
+
+
+def relative_error(got: jax.Array, want: jax.Array) -> float:
+    return float(jnp.linalg.norm((got - want).ravel()) / jnp.maximum(jnp.linalg.norm(want.ravel()), 1e-30))
+
+
+def expected_acc(ws: tuple[jax.Array, ...], x: jax.Array, ctas: int, tile_n: int,
+                 tile_k: int) -> jax.Array:
+    """float32 [ctas, tile_n, T_PAD]: `stream(math=True)`'s sum over each CTA's tiles of tile @ x.T."""
+    xt = x[:, :tile_k].astype(jnp.float32)
+    out = jnp.zeros((ctas, tile_n, T_PAD), jnp.float32)
+    for w in ws:
+        layers, n, k = w.shape
+        tiles = w.reshape(layers, n // tile_n, tile_n, k // tile_k, tile_k).transpose(0, 1, 3, 2, 4)
+        tiles = tiles.reshape(layers, -1, tile_n, tile_k).astype(jnp.float32)  # tile i = (row, col) row-major
+        per_tile = jnp.einsum("lind,td->lint", tiles, xt)  # [L, tiles, tile_n, T_PAD]
+        owner = jnp.arange(per_tile.shape[1]) % ctas
+        out = out + jax.ops.segment_sum(per_tile.sum(0), owner, num_segments=ctas)
+    return out
 
 
 def expected_counts(ws: tuple[jax.Array, ...], ctas: int, tile_n: int, tile_k: int) -> list[int]:
@@ -239,13 +281,16 @@ def main() -> None:
 
     if ns.interpret:
         ws = make_weights(1, scale=32)  # [1, 192/128/896/128, 128/128/128/448]
-        x = jnp.ones((T_PAD, 128), jnp.bfloat16)
+        x = jax.random.normal(jax.random.key(1), (T_PAD, 128), jnp.bfloat16)
         for ctas, tile_n, tile_k, stages in ((3, 64, 64, 2), (5, 64, 64, 3)):
-            got = stream(ws, x, ctas=ctas, tile_n=tile_n, tile_k=tile_k, stages=stages, barrier=False,
-                         interpret=True)
-            want = expected_counts(ws, ctas, tile_n, tile_k)
-            print(f"interpret ctas={ctas} stages={stages}: tiles per CTA {got[:, 0].tolist()} (want {want})")
-            assert got[:, 0].tolist() == [float(c) for c in want]
+            for math in (False, True):
+                counts, acc = stream(ws, x, ctas=ctas, tile_n=tile_n, tile_k=tile_k, stages=stages,
+                                     barrier=False, math=math, interpret=True)
+                want = expected_counts(ws, ctas, tile_n, tile_k)
+                err = relative_error(acc, expected_acc(ws, x, ctas, tile_n, tile_k)) if math else 0.0
+                print(f"interpret ctas={ctas} stages={stages} math={math}: tiles per CTA "
+                      f"{counts[:, 0].tolist()} (want {want}), acc rel err {err:.1e}")
+                assert counts[:, 0].tolist() == [float(c) for c in want] and err < 1e-2
         return
 
     from run_all import copy_bandwidth
@@ -268,15 +313,22 @@ def main() -> None:
 
     record("xla_read (column sums)", timed(jax.jit(xla_read), ws))
     record("xla_chain (T=4, norm + dot)", timed(jax.jit(xla_chain), ws, x4))
-    # every no-barrier variant first: a barrier variant that hung (a CTA not resident) would cut the rest
-    for (tile_n, tile_k, stages), barrier in ((t, b) for b in (False, True) for t in TILINGS):
-        name = f"stream {tile_n}x{tile_k} s{stages} {'barrier' if barrier else 'no barrier'}"
-        fn = functools.partial(stream, ctas=sms, tile_n=tile_n, tile_k=tile_k, stages=stages, barrier=barrier)
+    # Every no-barrier variant first: a barrier variant that hung (a CTA not resident) would cut the rest.
+    # The math variants need 64-row tiles (one wgmma M).
+    plan = [(t, False, False) for t in TILINGS] + [(t, False, True) for t in TILINGS if t[0] == 64]
+    plan += [(t, True, m) for t, _, m in plan]
+    for (tile_n, tile_k, stages), barrier, math in plan:
+        name = (f"stream {tile_n}x{tile_k} s{stages} {'barrier' if barrier else 'no barrier'}"
+                f"{' math' if math else ''}")
+        fn = functools.partial(stream, ctas=sms, tile_n=tile_n, tile_k=tile_k, stages=stages,
+                               barrier=barrier, math=math)
         try:
-            got = jax.block_until_ready(fn(ws, x))
-            want = expected_counts(ws, sms, tile_n, tile_k)
-            ok = got[:, 0].tolist() == [float(c) for c in want]
-            record(name, timed(fn, ws, x), tiles_ok=ok)
+            counts, acc = jax.block_until_ready(fn(ws, x))
+            ok = counts[:, 0].tolist() == [float(c) for c in expected_counts(ws, sms, tile_n, tile_k)]
+            extra: dict[str, Any] = dict(tiles_ok=ok)
+            if math:
+                extra["acc_rel_err"] = relative_error(acc, expected_acc(ws, x, sms, tile_n, tile_k))
+            record(name, timed(fn, ws, x), **extra)
         except Exception as e:  # noqa: BLE001 - keep the other variants' figures
             rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
             print(f"  {name} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
@@ -285,12 +337,14 @@ def main() -> None:
                 weight_bytes=nbytes, layers=ns.layers, git=os.environ.get("RTP_GIT_SHA", ""),
                 command="python3 bench/probe_layer_stream.py " + " ".join(sys.argv[1:]))
     Path(ns.out, "probe_layer_stream.json").write_text(json.dumps({**info, "rows": rows}, indent=1))
-    print("\n| variant | us per layer | TB/s | tiles ok |\n|---|---|---|---|")
+    print("\n| variant | us per layer | TB/s | tiles ok | math rel err |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['variant']} | failed | | |")
+            print(f"| {r['variant']} | failed | | | |")
         else:
-            print(f"| {r['variant']} | {r['us_per_layer']:.1f} | {r['TBps']:.2f} | {r.get('tiles_ok', '')} |")
+            err = f"{r['acc_rel_err']:.1e}" if "acc_rel_err" in r else ""
+            print(f"| {r['variant']} | {r['us_per_layer']:.1f} | {r['TBps']:.2f} | {r.get('tiles_ok', '')} "
+                  f"| {err} |")
     print(f"copy {copy:.2f} TB/s: one layer's 436 MB at that rate takes {436e6 / copy / 1e6:.1f} us")
 
 
