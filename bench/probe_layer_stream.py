@@ -19,11 +19,16 @@ the copy rate, with and without the math. If the barrier
 variant streams near the no-barrier one and near the copy rate (4.1 TB/s on the H200), a persistent
 layer can hide its dependencies and the math is worth writing; if not, the route is closed.
 
+Then `gemv_chain` (bench/layer_chain_mgpu.py): the same phases with their data flow, y_p = x_p @ W_p.T
+and x_{p+1} = y_p's first K columns, 128 row blocks of W per GEMM (one per CTA, whole K), a grid barrier
+after each phase; checked against XLA's chain of the same dots and timed beside it.
+
 Baselines in the same process: the copy rate (fp32 x + 1, as run_all), XLA reading each weight once
 (a column sum), and XLA's chain of the same GEMMs at T = 4 with a small fusion between them (the engine's
 pattern). Each `stream` variant is checked for its tile count per CTA before it is timed. Prints a table
-last; writes probe_layer_stream.json under --out. On the CPU, `--interpret` runs the no-barrier kernel
-on small shapes in the Mosaic GPU interpreter (the grid barrier's global semaphores are compiled-only).
+last; writes probe_layer_stream.json under --out. On the CPU (jax >= 0.11), `--interpret` runs the
+no-barrier kernels on small shapes in the Mosaic GPU interpreter, and the chain with one CTA (the grid
+barrier's global semaphores are compiled-only).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from jax import lax
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from layer_chain_mgpu import gemv_chain, gemv_chain_reference, grid_barrier  # noqa: E402
 
 # (name, N, K) of one Llama-3-8B decode layer's GEMMs, in the order a layer runs them
 LAYER = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
@@ -116,24 +123,6 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
                 release = (pl.get_global(plgpu.SemaphoreType.REGULAR),
                            pl.get_global(plgpu.SemaphoreType.REGULAR))
 
-            def grid_barrier(parity: Any) -> None:
-                """All CTAs' consumers meet: CTA 0 counts the arrivals, then releases the others. The
-                release semaphore alternates by parity so a fast CTA cannot take a slow one's token."""
-                plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
-
-                @pl.when(cta == 0)
-                def _count() -> None:
-                    plgpu.semaphore_wait(arrive, ctas, memory_scope="gpu")
-                    for p in range(2):
-                        pl.when(parity == p)(functools.partial(
-                            plgpu.semaphore_signal, release[p], ctas - 1, memory_scope="gpu"))
-
-                @pl.when(cta != 0)
-                def _wait() -> None:
-                    for p in range(2):
-                        pl.when(parity == p)(functools.partial(
-                            plgpu.semaphore_wait, release[p], 1, memory_scope="gpu"))
-
             def load_x() -> None:
                 plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(0, tile_k)], x_smem, x_bar)
                 plgpu.barrier_wait(x_bar)
@@ -155,7 +144,7 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
 
                     carry = lax.fori_loop(0, counts[m], take, carry)
                     if barrier:
-                        grid_barrier(lax.rem(layer * len(ws) + m, 2))
+                        grid_barrier(arrive, release, cta, ctas, lax.rem(layer * len(ws) + m, 2))
                         load_x()  # the next GEMM's input, written by every CTA before the barrier
                 return carry
 
@@ -291,6 +280,13 @@ def main() -> None:
                 print(f"interpret ctas={ctas} stages={stages} math={math}: tiles per CTA "
                       f"{counts[:, 0].tolist()} (want {want}), acc rel err {err:.1e}")
                 assert counts[:, 0].tolist() == [float(c) for c in want] and err < 1e-2
+        x0 = x[:, :ws[0].shape[2]]
+        ys = gemv_chain(ws, x0, ctas=1, blocks=4, tile_k=64, stages=3, barrier=False, interpret=True)
+        want_ys = gemv_chain_reference(ws, x0)
+        errs = [relative_error(ys[p, :, :w.shape[1]].astype(jnp.float32),
+                               want_ys[p, :, :w.shape[1]].astype(jnp.float32)) for p, w in enumerate(ws)]
+        print(f"interpret gemv_chain (1 CTA, 4 blocks per phase): rel err per phase {errs}")
+        assert max(errs) < 1e-2
         return
 
     from run_all import copy_bandwidth
@@ -329,6 +325,21 @@ def main() -> None:
             if math:
                 extra["acc_rel_err"] = relative_error(acc, expected_acc(ws, x, sms, tile_n, tile_k))
             record(name, timed(fn, ws, x), **extra)
+        except Exception as e:  # noqa: BLE001 - keep the other variants' figures
+            rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
+            print(f"  {name} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+    # The GEMV chain with its data flow (bench/layer_chain_mgpu.py): 128 row blocks per GEMM, one per CTA.
+    x0 = x[:, :ws[0].shape[2]]
+    want_ys = jax.jit(gemv_chain_reference)(ws, x0)
+    record("xla gemv chain (no norms)", timed(jax.jit(gemv_chain_reference), ws, x0))
+    for stages in (4, 5):
+        name = f"gemv_chain 128 blocks tile_k 64 s{stages} barrier"
+        fn = functools.partial(gemv_chain, ctas=sms, blocks=128, tile_k=64, stages=stages, barrier=True)
+        try:
+            ys = jax.block_until_ready(fn(ws, x0))
+            errs = [relative_error(ys[p, :, :n].astype(jnp.float32), want_ys[p, :, :n].astype(jnp.float32))
+                    for p, n in enumerate([w.shape[1] for w in ws] * ns.layers)]
+            record(name, timed(fn, ws, x0), acc_rel_err=max(errs))
         except Exception as e:  # noqa: BLE001 - keep the other variants' figures
             rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
             print(f"  {name} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)

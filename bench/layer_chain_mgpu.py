@@ -1,0 +1,214 @@
+"""A chain of dependent decode GEMVs in one persistent Mosaic GPU kernel (a probe, not an engine kernel).
+
+The data flow a persistent decode layer needs, without its norms and attention: phase p computes
+y_p = x_p @ W_p.T for T_PAD token rows (bf16 out), and phase p + 1 reads x_{p+1} = y_p[:, :K_{p+1}], the
+phases being a Llama decode layer's GEMMs (q/k/v, o, gate/up, down) over layers. Each phase's N is cut into
+`blocks` row blocks of W (tile_n = N / blocks rows, a multiple of 8); CTA c computes blocks c, c + G, ...
+over the whole K, so no split-K sum is needed. Per CTA, two warpgroups:
+  memory:   streams the CTA's W tiles [tile_n, tile_k] of every phase by TMA through `stages` slots, running
+            ahead across phase boundaries (weights depend on nothing);
+  consumer: per block, x tiles [T_PAD, tile_k] from the previous phase's output by TMA into the first
+            rows of a zero-padded [64, tile_k] buffer (wgmma's A; `xstages` ahead), acc [64, tile_n] +=
+            x @ W_tile.T by wgmma (W as K-major B), then rows 0..T_PAD of acc as bf16 to the phase's output
+            by TMA; after each phase, a grid barrier (`grid_barrier`) so that every block of y_p is
+            written before any CTA reads x_{p+1}.
+`ys`: [phases, T_PAD, N_max] bf16, every phase's output. `gemv_chain_reference` is the same in XLA.
+With ctas=1 the barrier is not needed (one CTA computes every block in order), which is how the Mosaic GPU
+interpreter checks the data flow on a CPU (its global semaphores are compiled-only).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+T_PAD = 8  # token rows, padded
+A_ROWS = 64  # wgmma's M: x's rows padded
+
+
+def grid_barrier(arrive: Any, release: tuple[Any, Any], cta: Any, ctas: int, parity: Any) -> None:
+    """All CTAs meet (one warpgroup each): CTA 0 counts `ctas` arrivals, then releases the others. The
+    release semaphore alternates by `parity` (0/1 for consecutive barriers), so a fast CTA at the next
+    barrier cannot take the token of a slow one still leaving this one. Every semaphore is back at 0 after."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
+
+    @pl.when(cta == 0)
+    def _count() -> None:
+        plgpu.semaphore_wait(arrive, ctas, memory_scope="gpu")
+        for p in range(2):
+            pl.when(parity == p)(functools.partial(plgpu.semaphore_signal, release[p], ctas - 1,
+                                                   memory_scope="gpu"))
+
+    @pl.when(cta != 0)
+    def _wait() -> None:
+        for p in range(2):
+            pl.when(parity == p)(functools.partial(plgpu.semaphore_wait, release[p], 1, memory_scope="gpu"))
+
+
+def tile_rows(ws: tuple[jax.Array, ...], blocks: int) -> list[int]:
+    """W rows per block for each GEMM; raises where `blocks` does not cut N into multiples of 8 <= 256."""
+    rows = []
+    for w in ws:
+        n = w.shape[1]
+        if n % blocks or (n // blocks) % 8 or n // blocks > 256:
+            raise ValueError(f"blocks={blocks} must cut N={n} into row blocks of a multiple of 8, <= 256")
+        rows.append(n // blocks)
+    return rows
+
+
+def gemv_chain_reference(ws: tuple[jax.Array, ...], x0: jax.Array) -> jax.Array:
+    """XLA's version: [phases, T_PAD, N_max] bf16, each phase's y (bf16) = x @ W.T in float32."""
+    n_max = max(w.shape[1] for w in ws)
+    ys, x = [], x0
+    for layer in range(ws[0].shape[0]):
+        for w in ws:
+            y = jnp.dot(x[:, :w.shape[2]], w[layer].T, preferred_element_type=jnp.float32).astype(x0.dtype)
+            ys.append(jnp.pad(y, ((0, 0), (0, n_max - y.shape[1]))))
+            x = y
+    return jnp.stack(ys)
+
+
+@functools.partial(jax.jit, static_argnames=("ctas", "blocks", "tile_k", "stages", "xstages", "barrier",
+                                             "interpret"))
+def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, blocks: int = 128, tile_k: int = 64,
+               stages: int = 5, xstages: int = 2, barrier: bool = True, interpret: bool = False) -> jax.Array:
+    """ws: per GEMM of the layer [L, N, K] bf16 (each K <= the previous GEMM's N); x0: [T_PAD, K_0] bf16."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    layers, num = ws[0].shape[0], len(ws)
+    rows = tile_rows(ws, blocks)
+    ks = [w.shape[2] for w in ws]
+    if any(k % tile_k for k in ks) or x0.shape != (T_PAD, ks[0]):
+        raise ValueError(f"K {ks} must be multiples of tile_k={tile_k}; x0 must be [{T_PAD}, {ks[0]}]")
+    if barrier is False and ctas > 1:
+        raise ValueError("without the grid barrier only one CTA may run (its blocks in order)")
+    n_max, max_rows = max(w.shape[1] for w in ws), max(rows)
+    smem = stages * max_rows * tile_k * 2 + xstages * A_ROWS * tile_k * 2 + sum(A_ROWS * r * 2 for r in rows)
+    if smem > 227 * 1024:
+        raise ValueError(f"{smem} bytes of shared memory: lower stages or tile_k")
+    dtype = x0.dtype
+
+    def kernel(*refs: Any) -> None:
+        w_refs = refs[:num]
+        x0_ref, ys_ref, w_smem, x_smem, *y_smems, full, free, x_full = refs[num:]
+        cta = lax.axis_index("c")
+        my_blocks = (blocks - cta + ctas - 1) // ctas
+
+        @pl.when(lax.axis_index("wg") == 1)
+        def _memory() -> None:
+            def one_layer(layer: Any, g: Any) -> Any:
+                for m in range(num):
+                    steps = ks[m] // tile_k
+
+                    def fetch(i: Any, g: Any, m: int = m, steps: int = steps) -> Any:
+                        block, j = cta + (i // steps) * ctas, lax.rem(i, steps)
+                        slot = lax.rem(g, stages)
+
+                        @pl.when(g >= stages)
+                        def _wait() -> None:
+                            plgpu.barrier_wait(free.at[slot])
+
+                        src = w_refs[m].at[layer, pl.ds(block * rows[m], rows[m]), pl.ds(j * tile_k, tile_k)]
+                        plgpu.copy_gmem_to_smem(src, w_smem.at[slot, pl.ds(0, rows[m])], full.at[slot])
+                        return g + 1
+
+                    g = lax.fori_loop(0, my_blocks * steps, fetch, g)
+                return g
+
+            total = lax.fori_loop(0, layers, one_layer, jnp.int32(0))
+            for s in range(stages):  # observe each used slot's last release
+                pl.when(s < total)(functools.partial(plgpu.barrier_wait, free.at[s]))
+
+        @pl.when(lax.axis_index("wg") == 0)
+        def _consume() -> None:
+            if barrier:
+                arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
+                release = (pl.get_global(plgpu.SemaphoreType.REGULAR),
+                           pl.get_global(plgpu.SemaphoreType.REGULAR))
+            x_smem[...] = jnp.zeros((xstages, A_ROWS, tile_k), dtype)  # rows >= T_PAD stay zero
+            plgpu.commit_smem()
+
+            def one_layer(layer: Any, g: Any) -> Any:
+                for m in range(num):
+                    p = layer * num + m
+                    steps, n_rows = ks[m] // tile_k, rows[m]
+
+                    def load_x(j: Any, m: int = m, p: Any = p, layer: Any = layer) -> None:
+                        xs = lax.rem(j, xstages)
+                        dst = x_smem.at[xs, pl.ds(0, T_PAD)]
+                        if m == 0:  # a layer's first GEMM reads the previous layer's last output, or x0
+                            @pl.when(layer == 0)
+                            def _first() -> None:
+                                plgpu.copy_gmem_to_smem(x0_ref.at[:, pl.ds(j * tile_k, tile_k)], dst,
+                                                        x_full.at[xs])
+
+                            @pl.when(layer > 0)
+                            def _later() -> None:
+                                plgpu.copy_gmem_to_smem(ys_ref.at[p - 1, :, pl.ds(j * tile_k, tile_k)], dst,
+                                                        x_full.at[xs])
+                        else:
+                            plgpu.copy_gmem_to_smem(ys_ref.at[p - 1, :, pl.ds(j * tile_k, tile_k)], dst,
+                                                    x_full.at[xs])
+
+                    def one_block(b: Any, g: Any, m: int = m, p: Any = p, steps: int = steps,
+                                  n_rows: int = n_rows, load_x: Any = load_x) -> Any:
+                        block = cta + b * ctas
+                        for j in range(min(xstages, steps)):
+                            load_x(jnp.int32(j))
+
+                        def step(j: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+                            g, acc = carry
+                            slot, xs = lax.rem(g, stages), lax.rem(j, xstages)
+                            plgpu.barrier_wait(full.at[slot])
+                            plgpu.barrier_wait(x_full.at[xs])
+
+                            def scope(ref: Any) -> Any:
+                                plgpu.wgmma(ref, x_smem.at[xs],
+                                            w_smem.at[slot, pl.ds(0, n_rows)].transpose((1, 0)))
+                                return ref[...]
+
+                            acc = acc + pl.run_scoped(scope, plgpu.ACC((A_ROWS, n_rows), jnp.float32))
+                            plgpu.barrier_arrive(free.at[slot])
+                            pl.when(j + xstages < steps)(functools.partial(load_x, j + xstages))
+                            return g + 1, acc
+
+                        acc0 = plgpu.layout_cast(jnp.zeros((A_ROWS, n_rows), jnp.float32), plgpu.Layout.WGMMA)
+                        g, acc = lax.fori_loop(0, steps, step, (g, acc0))
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's store read it
+                        y_smems[m][...] = acc.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(y_smems[m].at[pl.ds(0, T_PAD)],
+                                                ys_ref.at[p, :, pl.ds(block * n_rows, n_rows)])
+                        return g
+
+                    g = lax.fori_loop(0, my_blocks, one_block, g)
+                    plgpu.wait_smem_to_gmem(0)  # this phase's outputs are in global memory
+                    if barrier:
+                        grid_barrier(arrive, release, cta, ctas, lax.rem(p, 2))
+                return g
+
+            lax.fori_loop(0, layers, one_layer, jnp.int32(0))
+
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    call = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((layers * num, T_PAD, n_max), dtype),
+        scratch_types=[
+            plgpu.SMEM((stages, max_rows, tile_k), dtype, transforms=tiled),
+            plgpu.SMEM((xstages, A_ROWS, tile_k), dtype, transforms=tiled),
+            *[plgpu.SMEM((A_ROWS, r), dtype) for r in rows],  # one per GEMM: contiguous TMA sources
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=xstages),
+        ],
+        grid=(ctas,), grid_names=("c",), num_threads=2, thread_name="wg",
+        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
+    )
+    return call(*ws, x0)
