@@ -52,6 +52,37 @@ def grid_barrier(arrive: Any, release: tuple[Any, Any], cta: Any, ctas: int, par
             pl.when(parity == p)(functools.partial(plgpu.semaphore_wait, release[p], 1, memory_scope="gpu"))
 
 
+def barrier_semaphores() -> tuple[Any, tuple[Any, Any]]:
+    """`grid_barrier`'s global semaphores (arrive, (release even, release odd)), zero between launches."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    sem = functools.partial(pl.get_global, plgpu.SemaphoreType.REGULAR)
+    return sem(), (sem(), sem())
+
+
+def fill(src: Any, dst: Any, full: Any, free: Any, g: Any, stages: int) -> Any:
+    """The producer's g-th slot fill: wait until the consumer freed slot g % stages (from the second round
+    on), then copy `src` into `dst(slot)` by TMA, completing `full[slot]`. Returns g + 1."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    slot = lax.rem(g, stages)
+    pl.when(g >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+    plgpu.copy_gmem_to_smem(src, dst(slot), full.at[slot])
+    return g + 1
+
+
+def drain(free: Any, stages: int, used: Any) -> None:
+    """A producer that waited on `free[slot]` before each reuse observes every used slot's last release,
+    so no barrier phase is left unobserved at exit (`used`: how many slot fills it issued)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    for s in range(stages):
+        pl.when(s < used)(functools.partial(plgpu.barrier_wait, free.at[s]))
+
+
 def tile_rows(ws: tuple[jax.Array, ...], blocks: int) -> list[int]:
     """W rows per block for each GEMM; raises where `blocks` does not cut N into multiples of 8 <= 256."""
     rows = []
@@ -110,29 +141,19 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, blocks: i
 
                     def fetch(i: Any, g: Any, m: int = m, steps: int = steps) -> Any:
                         block, j = cta + (i // steps) * ctas, lax.rem(i, steps)
-                        slot = lax.rem(g, stages)
-
-                        @pl.when(g >= stages)
-                        def _wait() -> None:
-                            plgpu.barrier_wait(free.at[slot])
-
                         src = w_refs[m].at[layer, pl.ds(block * rows[m], rows[m]), pl.ds(j * tile_k, tile_k)]
-                        plgpu.copy_gmem_to_smem(src, w_smem.at[slot, pl.ds(0, rows[m])], full.at[slot])
-                        return g + 1
+                        return fill(src, lambda slot, m=m: w_smem.at[slot, pl.ds(0, rows[m])], full, free, g,
+                                    stages)
 
                     g = lax.fori_loop(0, my_blocks * steps, fetch, g)
                 return g
 
-            total = lax.fori_loop(0, layers, one_layer, jnp.int32(0))
-            for s in range(stages):  # observe each used slot's last release
-                pl.when(s < total)(functools.partial(plgpu.barrier_wait, free.at[s]))
+            drain(free, stages, lax.fori_loop(0, layers, one_layer, jnp.int32(0)))
 
         @pl.when(lax.axis_index("wg") == 0)
         def _consume() -> None:
             if barrier:
-                arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
-                release = (pl.get_global(plgpu.SemaphoreType.REGULAR),
-                           pl.get_global(plgpu.SemaphoreType.REGULAR))
+                arrive, release = barrier_semaphores()
             x_smem[...] = jnp.zeros((xstages, A_ROWS, tile_k), dtype)  # rows >= T_PAD stay zero
             plgpu.commit_smem()
 

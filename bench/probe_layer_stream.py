@@ -50,7 +50,14 @@ from jax import lax
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from layer_chain_mgpu import gemv_chain, gemv_chain_reference, grid_barrier  # noqa: E402
+from layer_chain_mgpu import (  # noqa: E402
+    barrier_semaphores,
+    drain,
+    fill,
+    gemv_chain,
+    gemv_chain_reference,
+    grid_barrier,
+)
 
 # (name, N, K) of one Llama-3-8B decode layer's GEMMs, in the order a layer runs them
 LAYER = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
@@ -100,28 +107,18 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
             def one_layer(layer: Any, g: Any) -> Any:
                 for m in range(len(ws)):
                     def fetch(j: Any, g: Any, m: int = m) -> Any:
-                        slot = lax.rem(g, stages)
-
-                        @pl.when(g >= stages)
-                        def _wait() -> None:
-                            plgpu.barrier_wait(free.at[slot])
-
-                        plgpu.copy_gmem_to_smem(tile_src(m, layer, j), w_smem.at[slot], full.at[slot])
-                        return g + 1
+                        dst = lambda slot: w_smem.at[slot]  # noqa: E731
+                        return fill(tile_src(m, layer, j), dst, full, free, g, stages)
 
                     g = lax.fori_loop(0, counts[m], fetch, g)
                 return g
 
-            total = lax.fori_loop(0, layers, one_layer, jnp.int32(0))
-            for s in range(stages):  # observe each used slot's last release
-                pl.when(s < total)(functools.partial(plgpu.barrier_wait, free.at[s]))
+            drain(free, stages, lax.fori_loop(0, layers, one_layer, jnp.int32(0)))
 
         @pl.when(lax.axis_index("wg") == 0)
         def _consume() -> None:
             if barrier:
-                arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
-                release = (pl.get_global(plgpu.SemaphoreType.REGULAR),
-                           pl.get_global(plgpu.SemaphoreType.REGULAR))
+                arrive, release = barrier_semaphores()
 
             def load_x() -> None:
                 plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(0, tile_k)], x_smem, x_bar)
