@@ -83,6 +83,22 @@ def drain(free: Any, stages: int, used: Any) -> None:
         pl.when(s < used)(functools.partial(plgpu.barrier_wait, free.at[s]))
 
 
+def stream_weights(layers: int, num: int, count: Any, src: Any, dst: Any, full: Any, free: Any,
+                   stages: int) -> None:
+    """A memory warpgroup's whole job: for each layer and each of its `num` GEMMs m, `count(m)` slot fills
+    of `src(m, layer, i)` into `dst(m, slot)` (running ahead across phases: weights depend on nothing),
+    then `drain`."""
+    def one_layer(layer: Any, g: Any) -> Any:
+        for m in range(num):
+            def one(i: Any, g: Any, m: int = m) -> Any:
+                return fill(src(m, layer, i), functools.partial(dst, m), full, free, g, stages)
+
+            g = lax.fori_loop(0, count(m), one, g)
+        return g
+
+    drain(free, stages, lax.fori_loop(0, layers, one_layer, jnp.int32(0)))
+
+
 def tile_rows(ws: tuple[jax.Array, ...], blocks: int) -> list[int]:
     """W rows per block for each GEMM; raises where `blocks` does not cut N into multiples of 8 <= 256."""
     rows = []
@@ -133,22 +149,15 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, blocks: i
         cta = lax.axis_index("c")
         my_blocks = (blocks - cta + ctas - 1) // ctas
 
-        @pl.when(lax.axis_index("wg") == 1)
-        def _memory() -> None:
-            def one_layer(layer: Any, g: Any) -> Any:
-                for m in range(num):
-                    steps = ks[m] // tile_k
+        def src(m: int, layer: Any, i: Any) -> Any:
+            """This CTA's i-th W tile of GEMM m: block-major, K steps within a block."""
+            steps = ks[m] // tile_k
+            block, j = cta + (i // steps) * ctas, lax.rem(i, steps)
+            return w_refs[m].at[layer, pl.ds(block * rows[m], rows[m]), pl.ds(j * tile_k, tile_k)]
 
-                    def fetch(i: Any, g: Any, m: int = m, steps: int = steps) -> Any:
-                        block, j = cta + (i // steps) * ctas, lax.rem(i, steps)
-                        src = w_refs[m].at[layer, pl.ds(block * rows[m], rows[m]), pl.ds(j * tile_k, tile_k)]
-                        return fill(src, lambda slot, m=m: w_smem.at[slot, pl.ds(0, rows[m])], full, free, g,
-                                    stages)
-
-                    g = lax.fori_loop(0, my_blocks * steps, fetch, g)
-                return g
-
-            drain(free, stages, lax.fori_loop(0, layers, one_layer, jnp.int32(0)))
+        pl.when(lax.axis_index("wg") == 1)(functools.partial(
+            stream_weights, layers, num, lambda m: my_blocks * (ks[m] // tile_k), src,
+            lambda m, slot: w_smem.at[slot, pl.ds(0, rows[m])], full, free, stages))
 
         @pl.when(lax.axis_index("wg") == 0)
         def _consume() -> None:

@@ -52,11 +52,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from layer_chain_mgpu import (  # noqa: E402
     barrier_semaphores,
-    drain,
-    fill,
     gemv_chain,
     gemv_chain_reference,
     grid_barrier,
+    stream_weights,
 )
 
 # (name, N, K) of one Llama-3-8B decode layer's GEMMs, in the order a layer runs them
@@ -102,18 +101,9 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
             row, col = i // cols, lax.rem(i, cols)
             return w_refs[m].at[layer, pl.ds(row * tile_n, tile_n), pl.ds(col * tile_k, tile_k)]
 
-        @pl.when(lax.axis_index("wg") == 1)
-        def _memory() -> None:
-            def one_layer(layer: Any, g: Any) -> Any:
-                for m in range(len(ws)):
-                    def fetch(j: Any, g: Any, m: int = m) -> Any:
-                        dst = lambda slot: w_smem.at[slot]  # noqa: E731
-                        return fill(tile_src(m, layer, j), dst, full, free, g, stages)
-
-                    g = lax.fori_loop(0, counts[m], fetch, g)
-                return g
-
-            drain(free, stages, lax.fori_loop(0, layers, one_layer, jnp.int32(0)))
+        pl.when(lax.axis_index("wg") == 1)(functools.partial(
+            stream_weights, layers, len(ws), lambda m: counts[m], tile_src, lambda m, slot: w_smem.at[slot],
+            full, free, stages))
 
         @pl.when(lax.axis_index("wg") == 0)
         def _consume() -> None:
