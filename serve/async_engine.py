@@ -345,13 +345,17 @@ class AsyncEngine:
                                       core.kv.prefix_cache_queries, core.kv.prefix_cache_hits)
 
     def _fail_all(self, message: str) -> None:
-        for rid, t in list(self._tracked.items()):
-            t.post(RequestUpdate(rid, [], True, 0, error=message))
+        # Abort every request in the engine before telling any client: a client that sees its error must
+        # find its request gone (and its KV blocks freed), not still running until this loop gets there.
+        tracked = list(self._tracked.items())
+        self._tracked.clear()
+        for rid, _ in tracked:
             try:
                 self.engine.abort_request(rid)
             except Exception:  # noqa: BLE001 - best effort: the engine is already in trouble
                 log.exception("abort after engine failure failed")
-        self._tracked.clear()
+        for rid, t in tracked:
+            t.post(RequestUpdate(rid, [], True, 0, error=message))
         while True:  # adds still queued will never be processed: release their waiters
             try:
                 cmd = self._commands.get_nowait()

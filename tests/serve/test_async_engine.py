@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +33,7 @@ class FakeEngine:
         self.outputs: dict[str, tuple[RequestOutput, SamplingParams]] = {}
         self.fail_next = False
         self.gate: threading.Event | None = None
+        self.abort_delay_s = 0.0
         scheduler = SimpleNamespace(waiting=[], running=[])
         kv = SimpleNamespace(usage=0.0, num_free_blocks=10, prefix_cache_queries=0, prefix_cache_hits=0)
         config = SimpleNamespace(model=SimpleNamespace(vocab_size=512),
@@ -48,6 +50,7 @@ class FakeEngine:
         return out
 
     def abort_request(self, request_id: str) -> None:
+        time.sleep(self.abort_delay_s)
         self.outputs.pop(request_id, None)
         for q in (self.core.scheduler.waiting, self.core.scheduler.running):
             if request_id in q:
@@ -119,6 +122,28 @@ def test_stream_and_engine_failure_keeps_serving() -> None:
     finally:
         engine.shutdown()
     assert not engine.is_alive
+
+
+def test_failed_requests_are_aborted_before_their_clients_hear_of_it() -> None:
+    """After an engine step fails, the request in flight is gone from the engine by the time its client
+    sees the error (aborts first, then the errors), even when aborting is slow."""
+    fake = FakeEngine()
+    fake.abort_delay_s = 0.2  # with the error posted first, the client would look while the abort sleeps
+    engine = AsyncEngine(fake)  # type: ignore[arg-type]
+    engine.start()
+    try:
+        async def main() -> None:
+            fake.fail_next = True
+            stream = await engine.add_request("e", {"prompt_token_ids": [1]}, SamplingParams(max_tokens=3))
+            with pytest.raises(EngineError, match="device on fire"):
+                async for _ in stream:
+                    pass
+            assert not fake.outputs, "the client heard of the failure before its request was aborted"
+
+        _run(main())
+        assert engine.is_alive
+    finally:
+        engine.shutdown()
 
 
 def test_backpressure_burst() -> None:
