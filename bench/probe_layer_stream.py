@@ -3,7 +3,7 @@ between the dependent GEMMs? The route left for batch-1 decode >= 90% of the roo
 16th and 17th sessions) is a decode layer as one or two persistent kernels; this probe measures its
 ceiling before any math is written.
 
-    python3 bench/probe_layer_stream.py --out $OUT [--layers 8]      # GPU (jax >= 0.11, Hopper)
+    python3 bench/probe_layer_stream.py --out $OUT [--layers 8] [--parts stream,chain]  # GPU (jax >= 0.11)
 
 `stream`: G CTAs (one per SM), two warpgroups each. The memory warpgroup streams the CTA's weight tiles of
 every phase by TMA through `stages` shared-memory slots; the consumer warpgroup waits for each slot and
@@ -251,6 +251,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--parts", default="baseline,stream,barrier,chain",
+                    help="comma list of baseline,stream,barrier,chain; run a part that may hang (a grid "
+                         "barrier whose CTAs are not all resident) in its own process under `timeout`")
     ap.add_argument("--interpret", action="store_true",
                     help="CPU: small shapes in the interpreter, no barrier")
     ns = ap.parse_args()
@@ -294,12 +297,15 @@ def main() -> None:
         print(f"  {name:40s} {secs / ns.layers * 1e6:8.1f} us/layer {nbytes / secs / 1e12:5.2f} TB/s",
               flush=True)
 
-    record("xla_read (column sums)", timed(jax.jit(xla_read), ws))
-    record("xla_chain (T=4, norm + dot)", timed(jax.jit(xla_chain), ws, x4))
+    parts = set(ns.parts.split(","))
+    if "baseline" in parts:
+        record("xla_read (column sums)", timed(jax.jit(xla_read), ws))
+        record("xla_chain (T=4, norm + dot)", timed(jax.jit(xla_chain), ws, x4))
     # Every no-barrier variant first: a barrier variant that hung (a CTA not resident) would cut the rest.
     # The math variants need 64-row tiles (one wgmma M).
-    plan = [(t, False, False) for t in TILINGS] + [(t, False, True) for t in TILINGS if t[0] == 64]
-    plan += [(t, True, m) for t, _, m in plan]
+    no_barrier = [(t, False, False) for t in TILINGS] + [(t, False, True) for t in TILINGS if t[0] == 64]
+    plan = (no_barrier if "stream" in parts else []) + (
+        [(t, True, m) for t, _, m in no_barrier] if "barrier" in parts else [])
     for (tile_n, tile_k, stages), barrier, math in plan:
         name = (f"stream {tile_n}x{tile_k} s{stages} {'barrier' if barrier else 'no barrier'}"
                 f"{' math' if math else ''}")
@@ -318,8 +324,9 @@ def main() -> None:
     # The GEMV chain with its data flow (bench/layer_chain_mgpu.py): 128 row blocks per GEMM, one per CTA.
     x0 = x[:, :ws[0].shape[2]]
     want_ys = jax.jit(gemv_chain_reference)(ws, x0)
-    record("xla gemv chain (no norms)", timed(jax.jit(gemv_chain_reference), ws, x0))
-    for stages in (4, 5):
+    if "chain" in parts:
+        record("xla gemv chain (no norms)", timed(jax.jit(gemv_chain_reference), ws, x0))
+    for stages in (4, 5) if "chain" in parts else ():
         name = f"gemv_chain 128 blocks tile_k 64 s{stages} barrier"
         fn = functools.partial(gemv_chain, ctas=sms, blocks=128, tile_k=64, stages=stages, barrier=True)
         try:
@@ -334,7 +341,8 @@ def main() -> None:
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, sms=sms, copy_TBps=copy,
                 weight_bytes=nbytes, layers=ns.layers, git=os.environ.get("RTP_GIT_SHA", ""),
                 command="python3 bench/probe_layer_stream.py " + " ".join(sys.argv[1:]))
-    Path(ns.out, "probe_layer_stream.json").write_text(json.dumps({**info, "rows": rows}, indent=1))
+    out = Path(ns.out, f"probe_layer_stream_{ns.parts.replace(',', '_')}.json")
+    out.write_text(json.dumps({**info, "rows": rows}, indent=1))
     print("\n| variant | us per layer | TB/s | tiles ok | math rel err |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
