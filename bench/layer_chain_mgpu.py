@@ -30,35 +30,49 @@ T_PAD = 8  # token rows, padded
 A_ROWS = 64  # wgmma's M: x's rows padded
 
 
-def grid_barrier(arrive: Any, release: tuple[Any, Any], cta: Any, ctas: int, parity: Any) -> None:
-    """All CTAs meet (one warpgroup each): CTA 0 counts `ctas` arrivals, then releases the others. The
-    release semaphore alternates by `parity` (0/1 for consecutive barriers), so a fast CTA at the next
-    barrier cannot take the token of a slow one still leaving this one. Every semaphore is back at 0 after."""
+def grid_barrier(sems: tuple[Any, Any], cta: Any, ctas: int, epoch: Any) -> None:
+    """All CTAs meet (one warpgroup each) for the `epoch`-th time in this launch (1, 2, ...): each adds 1 to
+    `arrive`; CTA 0 alone waits for `ctas` arrivals (taking them back by compare-and-swap), then bumps the
+    generation `gen`; every CTA polls `gen` by plain loads until it reaches `epoch`. Only one CTA ever
+    spins with compare-and-swap: 131 CTAs each taking a release token by CAS from one address cost ~27 us
+    per barrier on an H200 (the retries are quadratic), where loads of a word in L2 do not contend.
+    `barrier_exit` returns `gen` to 0 before the kernel ends."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    arrive, gen = sems
     plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
 
     @pl.when(cta == 0)
     def _count() -> None:
         plgpu.semaphore_wait(arrive, ctas, memory_scope="gpu")
-        for p in range(2):
-            pl.when(parity == p)(functools.partial(plgpu.semaphore_signal, release[p], ctas - 1,
-                                                   memory_scope="gpu"))
+        plgpu.semaphore_signal(gen, 1, memory_scope="gpu")
 
-    @pl.when(cta != 0)
-    def _wait() -> None:
-        for p in range(2):
-            pl.when(parity == p)(functools.partial(plgpu.semaphore_wait, release[p], 1, memory_scope="gpu"))
+    plgpu.semaphore_wait(gen, epoch, decrement=False, memory_scope="gpu")
 
 
-def barrier_semaphores() -> tuple[Any, tuple[Any, Any]]:
-    """`grid_barrier`'s global semaphores (arrive, (release even, release odd)), zero between launches."""
+def barrier_exit(sems: tuple[Any, Any], cta: Any, ctas: int, epochs: Any) -> None:
+    """After a CTA's last `grid_barrier` (`epochs` of them): once every CTA has left its last poll of `gen`,
+    CTA 0 takes `gen` back to 0, so the semaphores are zero for the next launch."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    arrive, gen = sems
+    plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
+
+    @pl.when(cta == 0)
+    def _reset() -> None:
+        plgpu.semaphore_wait(arrive, ctas, memory_scope="gpu")
+        plgpu.semaphore_signal(gen, -epochs, memory_scope="gpu")  # u32 add wraps: gen - epochs = 0
+
+
+def barrier_semaphores() -> tuple[Any, Any]:
+    """`grid_barrier`'s global semaphores (arrive, gen), zero between launches."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     sem = functools.partial(pl.get_global, plgpu.SemaphoreType.REGULAR)
-    return sem(), (sem(), sem())
+    return sem(), sem()
 
 
 def fill(src: Any, dst: Any, full: Any, free: Any, g: Any, stages: int) -> Any:
@@ -162,7 +176,7 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, blocks: i
         @pl.when(lax.axis_index("wg") == 0)
         def _consume() -> None:
             if barrier:
-                arrive, release = barrier_semaphores()
+                sems = barrier_semaphores()
             x_smem[...] = jnp.zeros((xstages, A_ROWS, tile_k), dtype)  # rows >= T_PAD stay zero
             plgpu.commit_smem()
 
@@ -222,10 +236,12 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, blocks: i
                     g = lax.fori_loop(0, my_blocks, one_block, g)
                     plgpu.wait_smem_to_gmem(0)  # this phase's outputs are in global memory
                     if barrier:
-                        grid_barrier(arrive, release, cta, ctas, lax.rem(p, 2))
+                        grid_barrier(sems, cta, ctas, p + 1)
                 return g
 
             lax.fori_loop(0, layers, one_layer, jnp.int32(0))
+            if barrier:
+                barrier_exit(sems, cta, ctas, layers * num)
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     call = plgpu.kernel(

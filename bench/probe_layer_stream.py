@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from layer_chain_mgpu import (  # noqa: E402
+    barrier_exit,
     barrier_semaphores,
     gemv_chain,
     gemv_chain_reference,
@@ -108,7 +109,7 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
         @pl.when(lax.axis_index("wg") == 0)
         def _consume() -> None:
             if barrier:
-                arrive, release = barrier_semaphores()
+                sems = barrier_semaphores()
 
             def load_x() -> None:
                 plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(0, tile_k)], x_smem, x_bar)
@@ -131,13 +132,15 @@ def stream(ws: tuple[jax.Array, ...], x: jax.Array, *, ctas: int, tile_n: int = 
 
                     carry = lax.fori_loop(0, counts[m], take, carry)
                     if barrier:
-                        grid_barrier(arrive, release, cta, ctas, lax.rem(layer * len(ws) + m, 2))
+                        grid_barrier(sems, cta, ctas, layer * len(ws) + m + 1)
                         load_x()  # the next GEMM's input, written by every CTA before the barrier
                 return carry
 
             load_x()
             acc0 = plgpu.layout_cast(jnp.zeros((tile_n, T_PAD), jnp.float32), plgpu.Layout.WGMMA)
             total, acc = lax.fori_loop(0, layers, one_layer, (jnp.int32(0), acc0))
+            if barrier:
+                barrier_exit(sems, cta, ctas, layers * len(ws))
             o_smem[...] = jnp.full((128,), total.astype(jnp.float32), jnp.float32)
             acc_smem[...] = acc
             plgpu.commit_smem()
@@ -326,9 +329,10 @@ def main() -> None:
     want_ys = jax.jit(gemv_chain_reference)(ws, x0)
     if "chain" in parts:
         record("xla gemv chain (no norms)", timed(jax.jit(gemv_chain_reference), ws, x0))
-    for stages in (4, 5) if "chain" in parts else ():
-        name = f"gemv_chain 128 blocks tile_k 64 s{stages} barrier"
-        fn = functools.partial(gemv_chain, ctas=sms, blocks=128, tile_k=64, stages=stages, barrier=True)
+    for stages, xstages in ((5, 2), (4, 6)) if "chain" in parts else ():
+        name = f"gemv_chain 128 blocks tile_k 64 s{stages} x{xstages} barrier"
+        fn = functools.partial(gemv_chain, ctas=sms, blocks=128, tile_k=64, stages=stages, xstages=xstages,
+                               barrier=True)
         try:
             ys = jax.block_until_ready(fn(ws, x0))
             errs = [relative_error(ys[p, :, :n].astype(jnp.float32), want_ys[p, :, :n].astype(jnp.float32))
