@@ -1,20 +1,26 @@
 """A chain of dependent decode GEMVs in one persistent Mosaic GPU kernel (a probe, not an engine kernel).
 
 The data flow a persistent decode layer needs, without its norms and attention: phase p computes
-y_p = x_p @ W_p.T for T_PAD token rows (bf16 out), and phase p + 1 reads x_{p+1} = y_p[:, :K_{p+1}], the
-phases being a Llama decode layer's GEMMs (q/k/v, o, gate/up, down) over layers. Each phase's N is cut into
-`blocks` row blocks of W (tile_n = N / blocks rows, a multiple of 8); CTA c computes blocks c, c + G, ...
-over the whole K, so no split-K sum is needed. Per CTA, two warpgroups:
-  memory:   streams the CTA's W tiles [tile_n, tile_k] of every phase by TMA through `stages` slots, running
-            ahead across phase boundaries (weights depend on nothing);
-  consumer: per block, x tiles [T_PAD, tile_k] from the previous phase's output by TMA into the first
-            rows of a zero-padded [64, tile_k] buffer (wgmma's A; `xstages` ahead), acc [64, tile_n] +=
-            x @ W_tile.T by wgmma (W as K-major B), then rows 0..T_PAD of acc as bf16 to the phase's output
-            by TMA; after each phase, a grid barrier (`grid_barrier`) so that every block of y_p is
-            written before any CTA reads x_{p+1}.
+y_p = x_p @ W_p.T for T_PAD token rows (bf16), and phase p + 1 reads x_{p+1} = y_p[:, :K_{p+1}],
+the phases being a Llama decode layer's GEMMs (q/k/v, o, gate/up, down) over layers. A phase's W is cut
+into [tile_n, tile_k] tiles, numbered row-major (row block, K chunk); CTA c takes the contiguous range
+[total * c / G, total * (c + 1) / G), so every CTA streams the same bytes in every phase (the split-K a
+GEMV needs to keep 132 SMs busy on a 4096-row GEMM). Per CTA, two warpgroups:
+  memory:   streams the CTA's W tiles of every phase by TMA through `stages` slots, running ahead across
+            phase boundaries (weights depend on nothing);
+  consumer: per tile, the x chunk [T_PAD, tile_k] of the previous phase's output by TMA (`xstages`
+            ahead) into the first rows of a zero-padded [64, tile_k] buffer (wgmma's A),
+            acc [64, tile_n] += x @ W_tile.T by wgmma (W as K-major B); at the end of its share of a row
+            block, rows 0..T_PAD of acc are added into y_p in global memory by a bf16 TMA reduce-add (the
+            partial sums of the 2-3 CTAs sharing a row block; a float32 y would need an [8, tile_k]
+            float32 -> bf16 register pass into the swizzled A buffer, which Mosaic's layout inference does
+            not place). It also zeroes its share of y_{p+1}, and after each
+            phase meets the others at a grid barrier (`grid_barrier`): every partial sum of y_p is in
+            global memory before any CTA reads x_{p+1}.
 `ys`: [phases, T_PAD, N_max] bf16, every phase's output. `gemv_chain_reference` is the same in XLA.
-With ctas=1 the barrier is not needed (one CTA computes every block in order), which is how the Mosaic GPU
-interpreter checks the data flow on a CPU (its global semaphores are compiled-only).
+With ctas=1 the barrier is not needed and a plain TMA store stands for the reduce-add (one CTA flushes each
+row block once), which is how the Mosaic GPU interpreter checks the data flow on a CPU (its global
+semaphores and reduce-adds are compiled-only).
 """
 
 from __future__ import annotations
@@ -113,19 +119,13 @@ def stream_weights(layers: int, num: int, count: Any, src: Any, dst: Any, full: 
     drain(free, stages, lax.fori_loop(0, layers, one_layer, jnp.int32(0)))
 
 
-def tile_rows(ws: tuple[jax.Array, ...], blocks: int) -> list[int]:
-    """W rows per block for each GEMM; raises where `blocks` does not cut N into multiples of 8 <= 256."""
-    rows = []
-    for w in ws:
-        n = w.shape[1]
-        if n % blocks or (n // blocks) % 8 or n // blocks > 256:
-            raise ValueError(f"blocks={blocks} must cut N={n} into row blocks of a multiple of 8, <= 256")
-        rows.append(n // blocks)
-    return rows
+def share(total: int, cta: Any, ctas: int) -> tuple[Any, Any]:
+    """CTA `cta`'s contiguous range [start, end) of a phase's `total` tiles (sizes differ by at most 1)."""
+    return total * cta // ctas, total * (cta + 1) // ctas
 
 
 def gemv_chain_reference(ws: tuple[jax.Array, ...], x0: jax.Array) -> jax.Array:
-    """XLA's version: [phases, T_PAD, N_max] bf16, each phase's y (bf16) = x @ W.T in float32."""
+    """XLA's version: [phases, T_PAD, N_max] bf16, y = x @ W.T in float32 rounded to bf16, x_next = y."""
     n_max = max(w.shape[1] for w in ws)
     ys, x = [], x0
     for layer in range(ws[0].shape[0]):
@@ -136,120 +136,140 @@ def gemv_chain_reference(ws: tuple[jax.Array, ...], x0: jax.Array) -> jax.Array:
     return jnp.stack(ys)
 
 
-@functools.partial(jax.jit, static_argnames=("ctas", "blocks", "tile_k", "stages", "xstages", "barrier",
+@functools.partial(jax.jit, static_argnames=("ctas", "tile_n", "tile_k", "stages", "xstages", "barrier",
                                              "interpret"))
-def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, blocks: int = 128, tile_k: int = 64,
-               stages: int = 5, xstages: int = 2, barrier: bool = True, interpret: bool = False) -> jax.Array:
+def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: int = 64, tile_k: int = 256,
+               stages: int = 4, xstages: int = 2, barrier: bool = True, interpret: bool = False) -> jax.Array:
     """ws: per GEMM of the layer [L, N, K] bf16 (each K <= the previous GEMM's N); x0: [T_PAD, K_0] bf16."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     layers, num = ws[0].shape[0], len(ws)
-    rows = tile_rows(ws, blocks)
-    ks = [w.shape[2] for w in ws]
-    if any(k % tile_k for k in ks) or x0.shape != (T_PAD, ks[0]):
-        raise ValueError(f"K {ks} must be multiples of tile_k={tile_k}; x0 must be [{T_PAD}, {ks[0]}]")
+    ns, ks = [w.shape[1] for w in ws], [w.shape[2] for w in ws]
+    if any(n % tile_n for n in ns) or any(k % tile_k for k in ks) or x0.shape != (T_PAD, ks[0]):
+        raise ValueError(f"N {ns} must be multiples of tile_n={tile_n}, K {ks} of tile_k={tile_k}; "
+                         f"x0 must be [{T_PAD}, {ks[0]}]")
     if barrier is False and ctas > 1:
-        raise ValueError("without the grid barrier only one CTA may run (its blocks in order)")
-    n_max, max_rows = max(w.shape[1] for w in ws), max(rows)
-    smem = stages * max_rows * tile_k * 2 + xstages * A_ROWS * tile_k * 2 + sum(A_ROWS * r * 2 for r in rows)
+        raise ValueError("without the grid barrier only one CTA may run (its tiles in order)")
+    smem = (stages * tile_n * tile_k + xstages * A_ROWS * tile_k + A_ROWS * tile_n + T_PAD * tile_n) * 2
     if smem > 227 * 1024:
-        raise ValueError(f"{smem} bytes of shared memory: lower stages or tile_k")
-    dtype = x0.dtype
+        raise ValueError(f"{smem} bytes of shared memory: lower stages, xstages or the tile")
+    n_max, dtype, phases = max(ns), ws[0].dtype, layers * num
+    cols = [k // tile_k for k in ks]  # K chunks per row block
+    totals = [n // tile_n * c for n, c in zip(ns, cols, strict=True)]
+    reduce_add = None if interpret else "add"
 
     def kernel(*refs: Any) -> None:
         w_refs = refs[:num]
-        x0_ref, ys_ref, w_smem, x_smem, *y_smems, full, free, x_full = refs[num:]
+        x0_ref, ys_ref, w_smem, x_pad, y_out, zeros, full, free, x_full = refs[num:]
         cta = lax.axis_index("c")
-        my_blocks = (blocks - cta + ctas - 1) // ctas
 
         def src(m: int, layer: Any, i: Any) -> Any:
-            """This CTA's i-th W tile of GEMM m: block-major, K steps within a block."""
-            steps = ks[m] // tile_k
-            block, j = cta + (i // steps) * ctas, lax.rem(i, steps)
-            return w_refs[m].at[layer, pl.ds(block * rows[m], rows[m]), pl.ds(j * tile_k, tile_k)]
+            """This CTA's i-th W tile of GEMM m."""
+            t = share(totals[m], cta, ctas)[0] + i
+            row, chunk = t // cols[m], lax.rem(t, cols[m])
+            return w_refs[m].at[layer, pl.ds(row * tile_n, tile_n), pl.ds(chunk * tile_k, tile_k)]
+
+        def count(m: int) -> Any:
+            start, end = share(totals[m], cta, ctas)
+            return end - start
 
         pl.when(lax.axis_index("wg") == 1)(functools.partial(
-            stream_weights, layers, num, lambda m: my_blocks * (ks[m] // tile_k), src,
-            lambda m, slot: w_smem.at[slot, pl.ds(0, rows[m])], full, free, stages))
+            stream_weights, layers, num, count, src, lambda m, slot: w_smem.at[slot], full, free, stages))
 
         @pl.when(lax.axis_index("wg") == 0)
         def _consume() -> None:
-            if barrier:
-                sems = barrier_semaphores()
-            x_smem[...] = jnp.zeros((xstages, A_ROWS, tile_k), dtype)  # rows >= T_PAD stay zero
+            sems = barrier_semaphores() if barrier else None
+            x_pad[...] = jnp.zeros((xstages, A_ROWS, tile_k), dtype)  # rows >= T_PAD stay zero
+            zeros[...] = jnp.zeros((T_PAD, tile_n), dtype)
             plgpu.commit_smem()
+
+            def zero_share(p: Any, m: int) -> None:
+                """Zero this CTA's column blocks c, c + G, ... of y_p (GEMM m's output) before any adds."""
+                def one(b: Any, _: Any) -> Any:
+                    plgpu.copy_smem_to_gmem(zeros, ys_ref.at[p, :, pl.ds((cta + b * ctas) * tile_n, tile_n)])
+                    return _
+
+                lax.fori_loop(0, (ns[m] // tile_n - cta + ctas - 1) // ctas, one, None)
+                plgpu.wait_smem_to_gmem(0)
+
+            zero_share(jnp.int32(0), 0)
+            if barrier:
+                grid_barrier(sems, cta, ctas, 1)
 
             def one_layer(layer: Any, g: Any) -> Any:
                 for m in range(num):
                     p = layer * num + m
-                    steps, n_rows = ks[m] // tile_k, rows[m]
+                    start, end = share(totals[m], cta, ctas)
+                    c_m = cols[m]
 
-                    def load_x(j: Any, m: int = m, p: Any = p, layer: Any = layer) -> None:
-                        xs = lax.rem(j, xstages)
-                        dst = x_smem.at[xs, pl.ds(0, T_PAD)]
+                    def load_x(t: Any, m: int = m, p: Any = p, layer: Any = layer,
+                               start: Any = start) -> None:
+                        xs = lax.rem(t - start, xstages)
+                        chunk = pl.ds(lax.rem(t, cols[m]) * tile_k, tile_k)
+                        dst = x_pad.at[xs, pl.ds(0, T_PAD)]
                         if m == 0:  # a layer's first GEMM reads the previous layer's last output, or x0
-                            @pl.when(layer == 0)
-                            def _first() -> None:
-                                plgpu.copy_gmem_to_smem(x0_ref.at[:, pl.ds(j * tile_k, tile_k)], dst,
-                                                        x_full.at[xs])
-
-                            @pl.when(layer > 0)
-                            def _later() -> None:
-                                plgpu.copy_gmem_to_smem(ys_ref.at[p - 1, :, pl.ds(j * tile_k, tile_k)], dst,
-                                                        x_full.at[xs])
+                            pl.when(layer == 0)(lambda: plgpu.copy_gmem_to_smem(
+                                x0_ref.at[:, chunk], dst, x_full.at[xs]))
+                            pl.when(layer > 0)(lambda: plgpu.copy_gmem_to_smem(
+                                ys_ref.at[p - 1, :, chunk], dst, x_full.at[xs]))
                         else:
-                            plgpu.copy_gmem_to_smem(ys_ref.at[p - 1, :, pl.ds(j * tile_k, tile_k)], dst,
-                                                    x_full.at[xs])
+                            plgpu.copy_gmem_to_smem(ys_ref.at[p - 1, :, chunk], dst, x_full.at[xs])
 
-                    def one_block(b: Any, g: Any, m: int = m, p: Any = p, steps: int = steps,
-                                  n_rows: int = n_rows, load_x: Any = load_x) -> Any:
-                        block = cta + b * ctas
-                        for j in range(min(xstages, steps)):
-                            load_x(jnp.int32(j))
+                    for j in range(xstages):
+                        pl.when(start + j < end)(functools.partial(load_x, start + j))
 
-                        def step(j: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+                    def one_row(r: Any, g: Any, m: int = m, p: Any = p, start: Any = start, end: Any = end,
+                                c_m: int = c_m, load_x: Any = load_x) -> Any:
+                        def step(c: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
                             g, acc = carry
-                            slot, xs = lax.rem(g, stages), lax.rem(j, xstages)
-                            plgpu.barrier_wait(full.at[slot])
+                            t = r * c_m + c
+                            slot, xs = lax.rem(g, stages), lax.rem(t - start, xstages)
                             plgpu.barrier_wait(x_full.at[xs])
+                            plgpu.barrier_wait(full.at[slot])
 
                             def scope(ref: Any) -> Any:
-                                plgpu.wgmma(ref, x_smem.at[xs],
-                                            w_smem.at[slot, pl.ds(0, n_rows)].transpose((1, 0)))
+                                plgpu.wgmma(ref, x_pad.at[xs], w_smem.at[slot].transpose((1, 0)))
                                 return ref[...]
 
-                            acc = acc + pl.run_scoped(scope, plgpu.ACC((A_ROWS, n_rows), jnp.float32))
+                            acc = acc + pl.run_scoped(scope, plgpu.ACC((A_ROWS, tile_n), jnp.float32))
                             plgpu.barrier_arrive(free.at[slot])
-                            pl.when(j + xstages < steps)(functools.partial(load_x, j + xstages))
+                            pl.when(t + xstages < end)(functools.partial(load_x, t + xstages))
                             return g + 1, acc
 
-                        acc0 = plgpu.layout_cast(jnp.zeros((A_ROWS, n_rows), jnp.float32), plgpu.Layout.WGMMA)
-                        g, acc = lax.fori_loop(0, steps, step, (g, acc0))
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's store read it
-                        y_smems[m][...] = acc.astype(dtype)
+                        acc0 = plgpu.layout_cast(jnp.zeros((A_ROWS, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+                        lo, hi = jnp.maximum(start - r * c_m, 0), jnp.minimum(end - r * c_m, c_m)
+                        g, acc = lax.fori_loop(lo, hi, step, (g, acc0))
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last flush read y_out
+                        y_out[...] = acc.astype(dtype)
                         plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(y_smems[m].at[pl.ds(0, T_PAD)],
-                                                ys_ref.at[p, :, pl.ds(block * n_rows, n_rows)])
+                        plgpu.copy_smem_to_gmem(y_out.at[pl.ds(0, T_PAD)],
+                                                ys_ref.at[p, :, pl.ds(r * tile_n, tile_n)],
+                                                reduction_op=reduce_add)
                         return g
 
-                    g = lax.fori_loop(0, my_blocks, one_block, g)
-                    plgpu.wait_smem_to_gmem(0)  # this phase's outputs are in global memory
+                    g = lax.fori_loop(start // c_m, (end + c_m - 1) // c_m, one_row, g)
+                    if m + 1 < num:
+                        zero_share(p + 1, m + 1)
+                    else:
+                        pl.when(layer + 1 < layers)(functools.partial(zero_share, p + 1, 0))
+                    plgpu.wait_smem_to_gmem(0)  # this phase's partial sums are in global memory
                     if barrier:
-                        grid_barrier(sems, cta, ctas, p + 1)
+                        grid_barrier(sems, cta, ctas, p + 2)
                 return g
 
             lax.fori_loop(0, layers, one_layer, jnp.int32(0))
             if barrier:
-                barrier_exit(sems, cta, ctas, layers * num)
+                barrier_exit(sems, cta, ctas, phases + 1)
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     call = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((layers * num, T_PAD, n_max), dtype),
+        kernel, out_type=jax.ShapeDtypeStruct((phases, T_PAD, n_max), dtype),
         scratch_types=[
-            plgpu.SMEM((stages, max_rows, tile_k), dtype, transforms=tiled),
+            plgpu.SMEM((stages, tile_n, tile_k), dtype, transforms=tiled),
             plgpu.SMEM((xstages, A_ROWS, tile_k), dtype, transforms=tiled),
-            *[plgpu.SMEM((A_ROWS, r), dtype) for r in rows],  # one per GEMM: contiguous TMA sources
+            plgpu.SMEM((A_ROWS, tile_n), dtype),
+            plgpu.SMEM((T_PAD, tile_n), dtype),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=xstages),

@@ -241,13 +241,17 @@ def make_weights(layers: int, scale: int = 1) -> tuple[jax.Array, ...]:
     out = []
     for _, n, k in LAYER:
         key, sub = jax.random.split(key)
-        out.append(jax.random.normal(sub, (layers, n // scale, k // scale), jnp.bfloat16))
+        # scaled by K ** -0.5 so that a chain of GEMMs neither overflows nor vanishes
+        w = jax.random.normal(sub, (layers, n // scale, k // scale), jnp.float32) * (k // scale) ** -0.5
+        out.append(w.astype(jnp.bfloat16))
     return tuple(out)
 
 
 # (tile_n, tile_k, stages): 32 KiB tiles with 4 or 6 stages (128 / 192 KiB of shared memory), and 16 KiB
 # tiles with 8 stages
 TILINGS = ((64, 256, 4), (64, 256, 6), (64, 128, 8), (128, 128, 6))
+# gemv_chain's (tile_n, tile_k, stages, xstages)
+CHAINS = ((64, 256, 4, 2), (64, 128, 8, 4), (64, 128, 6, 6))
 
 
 def main() -> None:
@@ -274,11 +278,12 @@ def main() -> None:
                       f"{counts[:, 0].tolist()} (want {want}), acc rel err {err:.1e}")
                 assert counts[:, 0].tolist() == [float(c) for c in want] and err < 1e-2
         x0 = x[:, :ws[0].shape[2]]
-        ys = gemv_chain(ws, x0, ctas=1, blocks=4, tile_k=64, stages=3, barrier=False, interpret=True)
+        ys = gemv_chain(ws, x0, ctas=1, tile_n=64, tile_k=64, stages=3, xstages=2, barrier=False,
+                        interpret=True)
         want_ys = gemv_chain_reference(ws, x0)
         errs = [relative_error(ys[p, :, :w.shape[1]].astype(jnp.float32),
                                want_ys[p, :, :w.shape[1]].astype(jnp.float32)) for p, w in enumerate(ws)]
-        print(f"interpret gemv_chain (1 CTA, 4 blocks per phase): rel err per phase {errs}")
+        print(f"interpret gemv_chain (1 CTA, 64x64 tiles): rel err per phase {errs}")
         assert max(errs) < 1e-2
         return
 
@@ -324,15 +329,15 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - keep the other variants' figures
             rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
             print(f"  {name} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
-    # The GEMV chain with its data flow (bench/layer_chain_mgpu.py): 128 row blocks per GEMM, one per CTA.
+    # The GEMV chain with its data flow (bench/layer_chain_mgpu.py): contiguous split-K shares per CTA.
     x0 = x[:, :ws[0].shape[2]]
     want_ys = jax.jit(gemv_chain_reference)(ws, x0)
     if "chain" in parts:
         record("xla gemv chain (no norms)", timed(jax.jit(gemv_chain_reference), ws, x0))
-    for stages, xstages in ((5, 2), (4, 6)) if "chain" in parts else ():
-        name = f"gemv_chain 128 blocks tile_k 64 s{stages} x{xstages} barrier"
-        fn = functools.partial(gemv_chain, ctas=sms, blocks=128, tile_k=64, stages=stages, xstages=xstages,
-                               barrier=True)
+    for tile_n, tile_k, stages, xstages in CHAINS if "chain" in parts else ():
+        name = f"gemv_chain {tile_n}x{tile_k} s{stages} x{xstages} barrier"
+        fn = functools.partial(gemv_chain, ctas=sms, tile_n=tile_n, tile_k=tile_k, stages=stages,
+                               xstages=xstages, barrier=True)
         try:
             ys = jax.block_until_ready(fn(ws, x0))
             errs = [relative_error(ys[p, :, :n].astype(jnp.float32), want_ys[p, :, :n].astype(jnp.float32))
