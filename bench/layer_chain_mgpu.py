@@ -249,10 +249,9 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: i
                         return g
 
                     g = lax.fori_loop(start // c_m, (end + c_m - 1) // c_m, one_row, g)
-                    if m + 1 < num:
-                        zero_share(p + 1, m + 1)
-                    else:
-                        pl.when(layer + 1 < layers)(functools.partial(zero_share, p + 1, 0))
+                    # Unconditional: the last phase zeroes a spare output. The same stores inside a `pl.when`
+                    # (skip the last layer) hung on an H200 once a grid barrier followed (even with 1 CTA).
+                    zero_share(p + 1, (m + 1) % num)
                     plgpu.wait_smem_to_gmem(0)  # this phase's partial sums are in global memory
                     if barrier:
                         grid_barrier(sems, cta, ctas, p + 2)
@@ -264,7 +263,7 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: i
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     call = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((phases, T_PAD, n_max), dtype),
+        kernel, out_type=jax.ShapeDtypeStruct((phases + 1, T_PAD, n_max), dtype),
         scratch_types=[
             plgpu.SMEM((stages, tile_n, tile_k), dtype, transforms=tiled),
             plgpu.SMEM((xstages, A_ROWS, tile_k), dtype, transforms=tiled),
@@ -277,4 +276,4 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: i
         grid=(ctas,), grid_names=("c",), num_threads=2, thread_name="wg",
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    return call(*ws, x0)
+    return call(*ws, x0)[:phases]
