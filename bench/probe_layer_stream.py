@@ -20,13 +20,14 @@ variant streams near the no-barrier one and near the copy rate (4.1 TB/s on the 
 layer can hide its dependencies and the math is worth writing; if not, the route is closed.
 
 Then `gemv_chain` (bench/layer_chain_mgpu.py): the same phases with their data flow, y_p = x_p @ W_p.T
-and x_{p+1} = y_p's first K columns, 128 row blocks of W per GEMM (one per CTA, whole K), a grid barrier
-after each phase; checked against XLA's chain of the same dots and timed beside it.
+and x_{p+1} = y_p's first K columns, each CTA a contiguous share of the phase's [64, tile_k] W tiles
+(split-K partial sums added by TMA reduce-add), a grid barrier after each phase; checked against XLA's
+chain of the same dots and timed beside it. First GPU results: results/probe_layer_stream_5d973f3.md.
 
 Baselines in the same process: the copy rate (fp32 x + 1, as run_all), XLA reading each weight once
 (a column sum), and XLA's chain of the same GEMMs at T = 4 with a small fusion between them (the engine's
 pattern). Each `stream` variant is checked for its tile count per CTA before it is timed. Prints a table
-last; writes probe_layer_stream.json under --out. On the CPU (jax >= 0.11), `--interpret` runs the
+last; writes probe_layer_stream_<parts>.json under --out. On the CPU (jax >= 0.11), `--interpret` runs the
 no-barrier kernels on small shapes in the Mosaic GPU interpreter, and the chain with one CTA (the grid
 barrier's global semaphores are compiled-only).
 """
