@@ -125,12 +125,14 @@ def share(total: int, cta: Any, ctas: int) -> tuple[Any, Any]:
 
 
 def gemv_chain_reference(ws: tuple[jax.Array, ...], x0: jax.Array) -> jax.Array:
-    """XLA's version: [phases, T_PAD, N_max] bf16, y = x @ W.T in float32 rounded to bf16, x_next = y."""
+    """XLA's version: [phases, T_PAD, N_max] of x0's dtype, y = bf16(x) @ W.T in float32 (rounded to bf16
+    for a bf16 x0), x_next = y."""
     n_max = max(w.shape[1] for w in ws)
     ys, x = [], x0
     for layer in range(ws[0].shape[0]):
         for w in ws:
-            y = jnp.dot(x[:, :w.shape[2]], w[layer].T, preferred_element_type=jnp.float32).astype(x0.dtype)
+            y = jnp.dot(x[:, :w.shape[2]].astype(w.dtype), w[layer].T,
+                        preferred_element_type=jnp.float32).astype(x0.dtype)
             ys.append(jnp.pad(y, ((0, 0), (0, n_max - y.shape[1]))))
             x = y
     return jnp.stack(ys)
@@ -140,7 +142,10 @@ def gemv_chain_reference(ws: tuple[jax.Array, ...], x0: jax.Array) -> jax.Array:
                                              "interpret"))
 def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: int = 64, tile_k: int = 256,
                stages: int = 4, xstages: int = 2, barrier: bool = True, interpret: bool = False) -> jax.Array:
-    """ws: per GEMM of the layer [L, N, K] bf16 (each K <= the previous GEMM's N); x0: [T_PAD, K_0] bf16."""
+    """ws: per GEMM of the layer [L, N, K] bf16 (each K <= the previous GEMM's N); x0: [T_PAD, K_0], bf16 or
+    float32. With a float32 x0, y and the partial sums stay float32: x chunks land in a plain [64, tile_k]
+    float32 buffer and go to the wgmma as bf16 from registers (the pass a norm or silu * up would use).
+    The interpreter has no register-A wgmma, so the float32 chain is checked on the GPU only."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -151,7 +156,10 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: i
                          f"x0 must be [{T_PAD}, {ks[0]}]")
     if barrier is False and ctas > 1:
         raise ValueError("without the grid barrier only one CTA may run (its tiles in order)")
-    smem = (stages * tile_n * tile_k + xstages * A_ROWS * tile_k + A_ROWS * tile_n + T_PAD * tile_n) * 2
+    xf32 = x0.dtype == jnp.float32
+    ydt = x0.dtype
+    smem = (stages * tile_n * tile_k * 2 + (xstages * A_ROWS * tile_k + A_ROWS * tile_n + T_PAD * tile_n)
+            * ydt.itemsize)
     if smem > 227 * 1024:
         raise ValueError(f"{smem} bytes of shared memory: lower stages, xstages or the tile")
     n_max, dtype, phases = max(ns), ws[0].dtype, layers * num
@@ -180,8 +188,8 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: i
         @pl.when(lax.axis_index("wg") == 0)
         def _consume() -> None:
             sems = barrier_semaphores() if barrier else None
-            x_pad[...] = jnp.zeros((xstages, A_ROWS, tile_k), dtype)  # rows >= T_PAD stay zero
-            zeros[...] = jnp.zeros((T_PAD, tile_n), dtype)
+            x_pad[...] = jnp.zeros((xstages, A_ROWS, tile_k), ydt)  # rows >= T_PAD stay zero
+            zeros[...] = jnp.zeros((T_PAD, tile_n), ydt)
             plgpu.commit_smem()
 
             def zero_share(p: Any, m: int) -> None:
@@ -228,8 +236,13 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: i
                             plgpu.barrier_wait(x_full.at[xs])
                             plgpu.barrier_wait(full.at[slot])
 
+                            if xf32:
+                                a = plgpu.layout_cast(x_pad[xs], plgpu.Layout.WGMMA).astype(dtype)
+                            else:
+                                a = x_pad.at[xs]
+
                             def scope(ref: Any) -> Any:
-                                plgpu.wgmma(ref, x_pad.at[xs], w_smem.at[slot].transpose((1, 0)))
+                                plgpu.wgmma(ref, a, w_smem.at[slot].transpose((1, 0)))
                                 return ref[...]
 
                             acc = acc + pl.run_scoped(scope, plgpu.ACC((A_ROWS, tile_n), jnp.float32))
@@ -241,7 +254,7 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: i
                         lo, hi = jnp.maximum(start - r * c_m, 0), jnp.minimum(end - r * c_m, c_m)
                         g, acc = lax.fori_loop(lo, hi, step, (g, acc0))
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last flush read y_out
-                        y_out[...] = acc.astype(dtype)
+                        y_out[...] = acc.astype(ydt)
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(y_out.at[pl.ds(0, T_PAD)],
                                                 ys_ref.at[p, :, pl.ds(r * tile_n, tile_n)],
@@ -263,12 +276,12 @@ def gemv_chain(ws: tuple[jax.Array, ...], x0: jax.Array, *, ctas: int, tile_n: i
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     call = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((phases + 1, T_PAD, n_max), dtype),
+        kernel, out_type=jax.ShapeDtypeStruct((phases + 1, T_PAD, n_max), ydt),
         scratch_types=[
             plgpu.SMEM((stages, tile_n, tile_k), dtype, transforms=tiled),
-            plgpu.SMEM((xstages, A_ROWS, tile_k), dtype, transforms=tiled),
-            plgpu.SMEM((A_ROWS, tile_n), dtype),
-            plgpu.SMEM((T_PAD, tile_n), dtype),
+            plgpu.SMEM((xstages, A_ROWS, tile_k), ydt, transforms=() if xf32 else tiled),
+            plgpu.SMEM((A_ROWS, tile_n), ydt),
+            plgpu.SMEM((T_PAD, tile_n), ydt),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=xstages),

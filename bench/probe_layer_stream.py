@@ -253,6 +253,7 @@ def make_weights(layers: int, scale: int = 1) -> tuple[jax.Array, ...]:
 TILINGS = ((64, 256, 4), (64, 256, 6), (64, 128, 8), (128, 128, 6))
 # gemv_chain's (tile_n, tile_k, stages, xstages)
 CHAINS = ((64, 256, 4, 2), (64, 128, 8, 4), (64, 128, 6, 6))
+CHAINS_F32 = ((64, 128, 8, 2), (64, 256, 4, 1), (64, 128, 6, 3))  # float32 x buffers: 32-64 KiB a stage
 
 
 def main() -> None:
@@ -260,8 +261,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--parts", default="baseline,stream,barrier,chain",
-                    help="comma list of baseline,stream,barrier,chain; run a part that may hang (a grid "
-                         "barrier whose CTAs are not all resident) in its own process under `timeout`")
+                    help="comma list of baseline,stream,barrier,chain,chain32 (float32 y); run a part that "
+                         "may hang (a grid barrier whose CTAs are not all resident) in its own process under "
+                         "`timeout`")
     ap.add_argument("--interpret", action="store_true",
                     help="CPU: small shapes in the interpreter, no barrier")
     ns = ap.parse_args()
@@ -332,18 +334,21 @@ def main() -> None:
             print(f"  {name} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
     # The GEMV chain with its data flow (bench/layer_chain_mgpu.py): contiguous split-K shares per CTA.
     x0 = x[:, :ws[0].shape[2]]
-    want_ys = jax.jit(gemv_chain_reference)(ws, x0)
     if "chain" in parts:
         record("xla gemv chain (no norms)", timed(jax.jit(gemv_chain_reference), ws, x0))
-    for tile_n, tile_k, stages, xstages in CHAINS if "chain" in parts else ():
-        name = f"gemv_chain {tile_n}x{tile_k} s{stages} x{xstages} barrier"
+    # bf16 y (partial sums added in bf16), then float32 y (x as bf16 from registers)
+    plan_chain = [(x0, c) for c in CHAINS if "chain" in parts]
+    plan_chain += [(x0.astype(jnp.float32), c) for c in CHAINS_F32 if "chain32" in parts]
+    for x0_, (tile_n, tile_k, stages, xstages) in plan_chain:
+        want_ys = jax.jit(gemv_chain_reference)(ws, x0_)
+        name = f"gemv_chain {x0_.dtype.name} {tile_n}x{tile_k} s{stages} x{xstages} barrier"
         fn = functools.partial(gemv_chain, ctas=sms, tile_n=tile_n, tile_k=tile_k, stages=stages,
                                xstages=xstages, barrier=True)
         try:
-            ys = jax.block_until_ready(fn(ws, x0))
+            ys = jax.block_until_ready(fn(ws, x0_))
             errs = [relative_error(ys[p, :, :n].astype(jnp.float32), want_ys[p, :, :n].astype(jnp.float32))
                     for p, n in enumerate([w.shape[1] for w in ws] * ns.layers)]
-            record(name, timed(fn, ws, x0), acc_rel_err=max(errs))
+            record(name, timed(fn, ws, x0_), acc_rel_err=max(errs))
         except Exception as e:  # noqa: BLE001 - keep the other variants' figures
             rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
             print(f"  {name} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
