@@ -11,13 +11,14 @@ GEMV needs to keep 132 SMs busy on a 4096-row GEMM). Per CTA, two warpgroups:
   consumer: per tile, the x chunk [T_PAD, tile_k] of the previous phase's output by TMA (`xstages`
             ahead) into the first rows of a zero-padded [64, tile_k] buffer (wgmma's A),
             acc [64, tile_n] += x @ W_tile.T by wgmma (W as K-major B); at the end of its share of a row
-            block, rows 0..T_PAD of acc are added into y_p in global memory by a bf16 TMA reduce-add (the
-            partial sums of the 2-3 CTAs sharing a row block; a float32 y would need an [8, tile_k]
-            float32 -> bf16 register pass into the swizzled A buffer, which Mosaic's layout inference does
-            not place). It also zeroes its share of y_{p+1}, and after each
-            phase meets the others at a grid barrier (`grid_barrier`): every partial sum of y_p is in
-            global memory before any CTA reads x_{p+1}.
-`ys`: [phases, T_PAD, N_max] bf16, every phase's output. `gemv_chain_reference` is the same in XLA.
+            block, rows 0..T_PAD of acc are added into y_p in global memory by a TMA reduce-add (the
+            partial sums of the 2-3 CTAs sharing a row block). It also zeroes its share of y_{p+1}, and
+            after each phase meets the others at a grid barrier (`grid_barrier`): every partial sum of
+            y_p is in global memory before any CTA reads x_{p+1}.
+y is bf16 or float32 (x0's dtype). A float32 x chunk goes to the wgmma as bf16 from registers, read out of a
+plain [64, tile_k] float32 buffer: Mosaic's layout inference places no [8, tile_k] float32 -> bf16 pass
+into the swizzled A buffer.
+`ys`: [phases, T_PAD, N_max] of x0's dtype, every phase's output. `gemv_chain_reference` is the same in XLA.
 With ctas=1 the barrier is not needed and a plain TMA store stands for the reduce-add (one CTA flushes each
 row block once), which is how the Mosaic GPU interpreter checks the data flow on a CPU (its global
 semaphores and reduce-adds are compiled-only).
