@@ -38,9 +38,7 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,9 @@ from jax import lax
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from attention import timed as timed_sets  # noqa: E402
 from layer_chain_mgpu import (  # noqa: E402
+    T_PAD,
     barrier_exit,
     barrier_semaphores,
     gemv_chain,
@@ -62,7 +62,6 @@ from layer_chain_mgpu import (  # noqa: E402
 
 # (name, N, K) of one Llama-3-8B decode layer's GEMMs, in the order a layer runs them
 LAYER = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
-T_PAD = 8  # token rows of x, padded
 
 
 def phase_tiles(n: int, k: int, tile_n: int, tile_k: int) -> int:
@@ -215,25 +214,9 @@ def xla_read(ws: tuple[jax.Array, ...]) -> jax.Array:
     return sum(jnp.sum(w, axis=(0, 1), dtype=jnp.float32).sum() for w in ws)
 
 
-def timed(fn: Any, *args: Any, iters: int = 7, warm_s: float = 0.5, sample_s: float = 0.03) -> float:
-    """Median seconds per call after warming the clocks; each sample queues enough calls to last
-    ~`sample_s` before one sync, so launch and host latency stay out (as bench/attention.py's `timed`)."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    calls = 0
-    while time.perf_counter() - t0 < warm_s:
-        jax.block_until_ready(fn(*args))
-        calls += 1
-    per_call = (time.perf_counter() - t0) / max(calls, 1)
-    reps = max(1, min(200, int(sample_s / max(per_call, 1e-6))))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times)
+def timed(fn: Any, *args: Any) -> float:
+    """Median seconds per call of fn(*args), timed as bench/attention.py times its kernels."""
+    return timed_sets(fn, [args], iters=7)[0]
 
 
 def make_weights(layers: int, scale: int = 1) -> tuple[jax.Array, ...]:
