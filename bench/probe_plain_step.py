@@ -19,6 +19,7 @@ Variants (name = layout, rows, mode):
   oi4       4 rows per GEMM (the engine pads batch-1 decode to 4 sequence slots); row 0 is the sequence
   oi1_call  one jitted call per step from Python (cache donated): the host dispatch on top
   oi1_gemms a bound: the same step without norms, RoPE or attention (GEMMs, residual adds, silu * up)
+With --gemm-chains, each GEMM shape is also timed alone per layout (a chain over the layers, 1 and 4 rows).
 Prints a table last; writes probe_plain_step.json under --out.
 """
 
@@ -182,17 +183,41 @@ def run_variant(s: Shape, v: Variant, w: dict[str, Any], repeats: int) -> dict[s
             "step_ms_all": [t * 1e3 for t in times[1:]], "compile_s": compile_s, "last_tokens": toks}
 
 
-def read_once_TBps(w: dict[str, Any]) -> float:
-    """XLA reading every layer weight once (a column sum each, one program): the read-only stream rate."""
-    mats = [lw[k] for lw in w["layers"] for k in ("qkv", "o", "gate_up", "down")]
-    f = jax.jit(lambda ms: [jnp.sum(m, axis=0, dtype=jnp.float32) for m in ms])
-    jax.block_until_ready(f(mats))
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(mats))
-        times.append(time.perf_counter() - t0)
-    return sum(m.nbytes for m in mats) / statistics.median(times) / 1e12
+def gemm_chains(w: dict[str, Any], layout: str, rows: tuple[int, ...] = (1, 4)) -> list[dict[str, Any]]:
+    """Each decode GEMM shape alone: a chain over the 32 layers' weights of that name (x_{l+1} from y_l, so
+    each GEMM waits for the last as in a step; lm_head: 8 passes over its one 1 GB matrix), T rows; us per
+    GEMM and the rate it streams its weight at. Median of 7 timed calls after a warm-up of 10."""
+    out = []
+    named = {k: [lw[k] for lw in w["layers"]] for k in ("qkv", "o", "gate_up", "down")}
+    named["lm_head"] = [w["lm_head"]] * 8
+
+    def chain(ms: list[jax.Array], x: jax.Array) -> jax.Array:
+        k_in = x.shape[1]
+        for m in ms:
+            y = linear(x, m, layout)
+            x = jnp.tile(y, (1, -(-k_in // y.shape[1])))[:, :k_in]
+        return x
+
+    f = jax.jit(chain)
+    for name, mats in named.items():
+        k_in = mats[0].shape[1] if layout == "oi" else mats[0].shape[0]
+        for t in rows:
+            x = jnp.ones((t, k_in), jnp.bfloat16)
+            for _ in range(10):
+                r = f(mats, x)
+            jax.block_until_ready(r)
+            times = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    r = f(mats, x)
+                jax.block_until_ready(r)
+                times.append((time.perf_counter() - t0) / 5 / len(mats))
+            us = statistics.median(times) * 1e6
+            tbps = mats[0].nbytes / us / 1e6
+            out.append({"layout": layout, "gemm": name, "rows": t, "us": us, "TBps": tbps})
+            print(f"chain {layout} {name} T={t}: {us:.1f} us, {tbps:.2f} TB/s", flush=True)
+    return out
 
 
 def main() -> None:
@@ -201,13 +226,14 @@ def main() -> None:
     p.add_argument("--variants", default="oi1,io1,oi4,oi1_call,oi1_gemms")
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gemm-chains", action="store_true", help="also time each GEMM shape alone per layout")
     ns = p.parse_args()
     from run_all import copy_bandwidth
 
     s = SHAPES[ns.shape]
     variants = [parse_variant(n) for n in ns.variants.split(",")]
     res: dict[str, Any] = {"device": str(jax.devices()[0]), "jax": jax.__version__, "shape": ns.shape,
-                           "command": " ".join(sys.argv), "variants": []}
+                           "command": " ".join(sys.argv), "variants": [], "gemm_chains": []}
     res["copy_bw_TBps"] = copy_bandwidth()
     weights: dict[str, dict[str, Any]] = {}
     for v in variants:
@@ -219,19 +245,25 @@ def main() -> None:
         kv_bytes = 2 * s.layers * s.kv_heads * s.head_dim * 2 * (PROMPT + NEW // 2)
         res["step_bytes"] = layer_bytes + w["lm_head"].nbytes + w["norm"].nbytes + kv_bytes
         res["roofline_tok_s"] = res["copy_bw_TBps"] * 1e12 / res["step_bytes"]
-        if "read_once_TBps" not in res:
-            res["read_once_TBps"] = read_once_TBps(w)
+        if ns.gemm_chains and not any(c["layout"] == v.layout for c in res["gemm_chains"]):
+            res["gemm_chains"] += gemm_chains(w, v.layout)
         r = run_variant(s, v, w, ns.repeats)
         r["pct_roofline"] = 100 * r["tok_s"] / res["roofline_tok_s"]
         res["variants"].append(r)
         print(f"{v.name}: {r['tok_s']:.1f} tok/s ({r['step_ms']:.3f} ms/step, {r['pct_roofline']:.1f}% of "
               f"{res['roofline_tok_s']:.1f}; compile {r['compile_s']:.1f} s)", flush=True)
         Path(ns.out, "probe_plain_step.json").write_text(json.dumps(res, indent=1))
-    print(f"\ncopy {res['copy_bw_TBps']:.3f} TB/s, XLA read-once {res['read_once_TBps']:.3f} TB/s, "
-          f"step bytes {res['step_bytes'] / 1e9:.3f} GB, roofline {res['roofline_tok_s']:.1f} tok/s")
+    print(f"\ncopy {res['copy_bw_TBps']:.3f} TB/s, step bytes {res['step_bytes'] / 1e9:.3f} GB, "
+          f"roofline {res['roofline_tok_s']:.1f} tok/s")
     print("| variant | tok/s | ms/step | % roofline |\n|---|---|---|---|")
     for r in res["variants"]:
         print(f"| {r['variant']} | {r['tok_s']:.1f} | {r['step_ms']:.3f} | {r['pct_roofline']:.1f} |")
+    if res["gemm_chains"]:
+        print("\n| GEMM | rows | oi us (TB/s) | io us (TB/s) |\n|---|---|---|---|")
+        for c in (c for c in res["gemm_chains"] if c["layout"] == "oi"):
+            cells = [f"{d['us']:.1f} ({d['TBps']:.2f})" for d in res["gemm_chains"]
+                     if (d["gemm"], d["rows"]) == (c["gemm"], c["rows"])]
+            print(f"| {c['gemm']} | {c['rows']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
