@@ -31,6 +31,8 @@ Variants:
   gate_up_major gate/up's GEMM output as [2, T, hidden] instead of [T, 2, hidden]
   qkv_split:S decode steps project q/k/v as S float32 split-K partials that rope_kv_write sums
               (`attention.DECODE_QKV_SPLITS`, 4 by default; 0: XLA's split-K with its own reduction kernel)
+  w_in_major[:A/B] GEMM weights held with their contraction axis most major in device memory (physically
+              [in, out]; shapes and code unchanged); optionally only those whose path contains A or B
   no_norms    every RMSNorm replaced by the identity: a timing bound on folding the norms into their
               neighbours (the first tokens differ from base by construction)
   no_attn_kernel decode layers skip the Mosaic attention kernel and its split merge (q roped, K/V written,
@@ -103,6 +105,9 @@ for p in parts:
     if p == "gate_up_major":  # gate/up output [2, T, hidden]: silu * up may fuse into down's operand
         import probe_patches
         probe_patches.gate_up_major()
+    if p == "w_in_major" or p.startswith("w_in_major:"):  # GEMM weights physically [in, out]
+        import probe_patches
+        probe_patches.weights_in_major(p.split(":", 1)[1].split("/") if ":" in p else None)
     if p == "no_norms":  # a timing bound: every RMSNorm the identity (tokens differ)
         import probe_patches
         probe_patches.no_layer_norms()
