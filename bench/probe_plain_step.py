@@ -11,7 +11,8 @@ The plain step is Llama in ~40 lines of jnp (no Pallas, no paging): RMSNorm, fus
 written into a dense [layers, seq, kv_heads, head_dim] cache by dynamic_update_slice, attention as two
 einsums over the whole cache with a mask, o_proj + residual, RMSNorm, fused gate/up, silu * up, down +
 residual; final norm, lm_head, greedy argmax fed back as the next token. Random bf16 weights made on the
-device. 128-token context at the start, 256 steps, as the engine's batch-1 benchmark.
+device. 256 steps from position 128, as the engine's batch-1 benchmark; the first 128 cache rows are zeros
+(a prompt's bytes and mask, no prefill), and each step reads all 384 rows under its mask.
 
 Variants (name = layout, rows, mode):
   oi1       weights [out, in] (HF's, as the engine stores them), 1 row, 256 steps in one `fori_loop`
