@@ -13,6 +13,8 @@ einsums over the whole cache with a mask, o_proj + residual, RMSNorm, fused gate
 residual; final norm, lm_head, greedy argmax fed back as the next token. Random bf16 weights made on the
 device. 256 steps from position 128, as the engine's batch-1 benchmark; the first 128 cache rows are zeros
 (a prompt's bytes and mask, no prefill), and each step reads all 384 rows under its mask.
+Its norm and RoPE are its own on purpose: the engine's (rtp_jax/models/attention.py `rms_norm`, rope.py
+`apply_rope`) carry tuning for XLA, and this is the untuned reference.
 
 Variants (name = layout, rows, mode):
   oi1       weights [out, in] (HF's, as the engine stores them), 1 row, 256 steps in one `fori_loop`
