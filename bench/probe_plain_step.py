@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import timed  # noqa: E402  (bench/attention.py)
 
 PROMPT, NEW = 128, 256
 
@@ -189,7 +190,7 @@ def run_variant(s: Shape, v: Variant, w: dict[str, Any], repeats: int) -> dict[s
 def gemm_chains(w: dict[str, Any], layout: str, rows: tuple[int, ...] = (1, 4)) -> list[dict[str, Any]]:
     """Each decode GEMM shape alone: a chain over the 32 layers' weights of that name (x_{l+1} from y_l, so
     each GEMM waits for the last as in a step; lm_head: 8 passes over its one 1 GB matrix), T rows; us per
-    GEMM and the rate it streams its weight at. Median of 7 timed calls after a warm-up of 10."""
+    GEMM and the rate it streams its weight at, timed by bench/attention.py's `timed`."""
     out = []
     named = {k: [lw[k] for lw in w["layers"]] for k in ("qkv", "o", "gate_up", "down")}
     named["lm_head"] = [w["lm_head"]] * 8
@@ -201,22 +202,11 @@ def gemm_chains(w: dict[str, Any], layout: str, rows: tuple[int, ...] = (1, 4)) 
             x = jnp.tile(y, (1, -(-k_in // y.shape[1])))[:, :k_in]
         return x
 
-    f = jax.jit(chain)
     for name, mats in named.items():
         k_in = mats[0].shape[1] if layout == "oi" else mats[0].shape[0]
         for t in rows:
-            x = jnp.ones((t, k_in), jnp.bfloat16)
-            for _ in range(10):
-                r = f(mats, x)
-            jax.block_until_ready(r)
-            times = []
-            for _ in range(7):
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    r = f(mats, x)
-                jax.block_until_ready(r)
-                times.append((time.perf_counter() - t0) / 5 / len(mats))
-            us = statistics.median(times) * 1e6
+            sec, _ = timed(chain, [(mats, jnp.ones((t, k_in), jnp.bfloat16))])
+            us = sec / len(mats) * 1e6
             tbps = mats[0].nbytes / us / 1e6
             out.append({"layout": layout, "gemm": name, "rows": t, "us": us, "TBps": tbps})
             print(f"chain {layout} {name} T={t}: {us:.1f} us, {tbps:.2f} TB/s", flush=True)
